@@ -1,0 +1,126 @@
+"""The model configuration and its named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+from omnilm.config import ConfigError, from_dict, read_mapping
+
+Family = Literal["gpt2", "llama", "qwen2"]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape and flavour of omnilm's decoder-only transformer.
+
+    ``family`` picks the architecture and the Hugging Face class a checkpoint maps to:
+    ``gpt2`` = learned positions, LayerNorm, GELU MLP, biases, tied embeddings;
+    ``llama`` / ``qwen2`` = RoPE, RMSNorm, SwiGLU, grouped-query attention (qwen2 adds QKV biases).
+    The family fixes those choices; the remaining fields are free.
+    """
+
+    family: Family = "llama"
+    vocab_size: int = 2048
+    n_layer: int = 4
+    n_head: int = 4
+    #: Key/value heads for grouped-query attention; must divide ``n_head`` (None = ``n_head``, plain MHA).
+    n_kv_head: int | None = None
+    d_model: int = 128
+    #: Hidden width of the MLP (None = 4·d_model for gpt2, else the SwiGLU size ≈ 8/3·d_model rounded up to 64).
+    d_ff: int | None = None
+    #: Per-head width (None = d_model // n_head).
+    head_dim: int | None = None
+    #: Longest sequence: size of the learned position table (gpt2) and the default KV-cache length.
+    max_seq_len: int = 1024
+    #: RoPE base frequency (llama/qwen2 only).
+    rope_theta: float = 10000.0
+    #: Epsilon of LayerNorm / RMSNorm.
+    norm_eps: float = 1e-5
+    #: Biases on the q/k/v projections (forced on for gpt2 and qwen2).
+    qkv_bias: bool = False
+    #: Share the token embedding with the output head.
+    tie_embeddings: bool = True
+    #: Dropout on attention probabilities and residual branches during training.
+    dropout: float = 0.0
+    #: Standard deviation of the normal initialisation of weight matrices.
+    init_std: float = 0.02
+    #: Special token ids written into config.json / generation_config.json (None = not set).
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+    pad_token_id: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.family not in ("gpt2", "llama", "qwen2"):
+            raise ConfigError(f"unknown model family {self.family!r}; expected gpt2, llama or qwen2")
+        if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+            raise ConfigError(f"n_kv_head={self.n_kv_head} must divide n_head={self.n_head}")
+        if self.head_dim is None and self.d_model % self.n_head:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.family == "gpt2" and (self.n_kv_head not in (None, self.n_head)):
+            raise ConfigError("gpt2 family has no grouped-query attention (n_kv_head must equal n_head)")
+
+    # Derived sizes, resolved once here so the model never re-implements the defaults.
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.d_model // self.n_head
+
+    @property
+    def ff_dim(self) -> int:
+        if self.d_ff is not None:
+            return self.d_ff
+        if self.family == "gpt2":
+            return 4 * self.d_model
+        return 64 * ((8 * self.d_model // 3 + 63) // 64)
+
+    @property
+    def uses_rope(self) -> bool:
+        return self.family != "gpt2"
+
+    @property
+    def linear_bias(self) -> bool:
+        """Biases on every linear layer (GPT-2 style)."""
+        return self.family == "gpt2"
+
+    @property
+    def attn_qkv_bias(self) -> bool:
+        return self.family in ("gpt2", "qwen2") or self.qkv_bias
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # ≈1M parameters: fast enough for unit tests and smoke runs.
+    "tiny": ModelConfig(family="llama", vocab_size=2048, n_layer=4, n_head=4, n_kv_head=2, d_model=128,
+                        max_seq_len=512),
+    # GPT-2 small (124M), the shapes of the original release.
+    "gpt2-124m": ModelConfig(family="gpt2", vocab_size=50257, n_layer=12, n_head=12, d_model=768,
+                             max_seq_len=1024, bos_token_id=50256, eos_token_id=50256),
+    # A small Llama (≈10M with an 8k vocabulary), untied, GQA: a good size for CPU experiments.
+    "llama-tiny": ModelConfig(family="llama", vocab_size=8192, n_layer=6, n_head=8, n_kv_head=4, d_model=256,
+                              max_seq_len=2048, tie_embeddings=False),
+    # Qwen2.5-0.5B's real shapes (random weights unless loaded from a checkpoint).
+    "qwen2.5-0.5b": ModelConfig(family="qwen2", vocab_size=151936, n_layer=24, n_head=14, n_kv_head=2,
+                                d_model=896, d_ff=4864, max_seq_len=32768, rope_theta=1_000_000.0,
+                                norm_eps=1e-6, tie_embeddings=True, bos_token_id=151643,
+                                eos_token_id=151643),
+}
+
+
+def get_preset(name: str, **overrides: object) -> ModelConfig:
+    """A named preset, optionally with some fields replaced."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; available: {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
+
+
+def load_model_config(path: str | Path) -> ModelConfig:
+    """Load a ModelConfig from YAML/JSON; a ``preset`` key starts from that preset."""
+    values = read_mapping(path)
+    preset = values.pop("preset", None)
+    if preset is not None:
+        return get_preset(preset, **values)
+    return from_dict(ModelConfig, values, source=str(path))

@@ -1,0 +1,360 @@
+"""Checkpoints in the Hugging Face layout (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM).
+
+A model folder holds ``config.json``, ``model.safetensors`` (or shards plus
+``model.safetensors.index.json``), ``generation_config.json`` and, when given a tokenizer,
+``tokenizer.json`` + ``tokenizer_config.json``. Folders written here load with
+``transformers.AutoModelForCausalLM.from_pretrained`` and folders written by transformers load
+here. Only safetensors are read: pickle-based ``pytorch_model.bin`` files are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from omnilm.model.config import ModelConfig
+from omnilm.model.transformer import Transformer
+from omnilm.utils.atomic import atomic_path, write_json_atomic
+
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+
+HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+
+
+class CheckpointError(ValueError):
+    """A model folder cannot be read or does not match the model it should fill."""
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json <-> ModelConfig
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """The config.json of ``config`` for its Hugging Face architecture."""
+    common = {
+        "architectures": [HF_ARCHITECTURES[config.family]],
+        "model_type": config.family,
+        "vocab_size": config.vocab_size,
+        "tie_word_embeddings": config.tie_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+        "initializer_range": config.init_std,
+        "dtype": "float32",
+    }
+    if config.family == "gpt2":
+        if config.head_dim not in (None, config.d_model // config.n_head):
+            raise CheckpointError("gpt2 checkpoints need head_dim == d_model // n_head")
+        return common | {
+            "n_embd": config.d_model, "n_layer": config.n_layer, "n_head": config.n_head,
+            "n_inner": config.ff_dim, "n_positions": config.max_seq_len, "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.norm_eps, "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout, "attn_pdrop": config.dropout,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False,
+            "reorder_and_upcast_attn": False,
+        }
+    if config.family == "llama" and config.qkv_bias:
+        raise CheckpointError("a llama-family model with qkv_bias has no LlamaForCausalLM equivalent; "
+                              "use family 'qwen2' for QKV biases")
+    hf = common | {
+        "hidden_size": config.d_model, "intermediate_size": config.ff_dim,
+        "num_hidden_layers": config.n_layer, "num_attention_heads": config.n_head,
+        "num_key_value_heads": config.kv_heads, "head_dim": config.dim_per_head,
+        "hidden_act": "silu", "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps, "attention_dropout": config.dropout,
+        # Both spellings: transformers 5 reads rope_parameters, 4.x reads rope_theta.
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+    }
+    if config.family == "llama":
+        hf |= {"attention_bias": False, "mlp_bias": False}
+    else:
+        hf |= {"use_sliding_window": False}
+    return hf
+
+
+def _require(hf: dict[str, Any], key: str, source: str) -> Any:
+    if key not in hf:
+        raise CheckpointError(f"{source}: config.json lacks {key!r}")
+    return hf[key]
+
+
+def _rope_theta(hf: dict[str, Any], source: str) -> float:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise CheckpointError(f"{source}: unsupported RoPE scaling type {rope_type!r} (only 'default')")
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
+    """A ModelConfig from a Hugging Face config.json dict; unsupported features are errors."""
+    model_type = hf.get("model_type")
+    ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in ids.items()}
+    if model_type == "gpt2":
+        act = hf.get("activation_function", "gelu_new")
+        if act not in ("gelu_new", "gelu_pytorch_tanh"):
+            raise CheckpointError(f"{source}: unsupported gpt2 activation {act!r} (omnilm uses tanh-GELU)")
+        if hf.get("scale_attn_by_inverse_layer_idx") or hf.get("reorder_and_upcast_attn"):
+            raise CheckpointError(f"{source}: gpt2 attention variants scale_attn_by_inverse_layer_idx / "
+                                  "reorder_and_upcast_attn are not supported")
+        d = _require(hf, "n_embd", source)
+        return ModelConfig(
+            family="gpt2", vocab_size=_require(hf, "vocab_size", source), n_layer=_require(hf, "n_layer", source),
+            n_head=_require(hf, "n_head", source), d_model=d, d_ff=hf.get("n_inner") or 4 * d,
+            max_seq_len=hf.get("n_positions", 1024), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+            tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02),
+            **ids)
+    if model_type in ("llama", "qwen2"):
+        if hf.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"{source}: unsupported activation {hf.get('hidden_act')!r} (expected silu)")
+        if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
+            raise CheckpointError(f"{source}: llama attention_bias/mlp_bias are not supported")
+        if model_type == "qwen2" and hf.get("use_sliding_window"):
+            raise CheckpointError(f"{source}: qwen2 sliding-window attention is not supported")
+        n_head = _require(hf, "num_attention_heads", source)
+        d = _require(hf, "hidden_size", source)
+        return ModelConfig(
+            family=model_type, vocab_size=_require(hf, "vocab_size", source),
+            n_layer=_require(hf, "num_hidden_layers", source), n_head=n_head,
+            n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d,
+            d_ff=_require(hf, "intermediate_size", source), head_dim=hf.get("head_dim") or d // n_head,
+            max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=_rope_theta(hf, source),
+            norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2",
+            tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
+            init_std=hf.get("initializer_range", 0.02), **ids)
+    raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; omnilm reads gpt2, llama and qwen2")
+
+
+# ---------------------------------------------------------------------------------------------
+# parameter names and layouts
+
+
+def _llama_name(name: str) -> str:
+    """omnilm parameter name -> Llama/Qwen2 name (a one-to-one renaming)."""
+    if name in ("tok_emb.weight", "norm_f.weight"):
+        return {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}[name]
+    if name.startswith("blocks."):
+        return ("model.layers." + name[len("blocks."):]).replace(".norm1.", ".input_layernorm.").replace(
+            ".norm2.", ".post_attention_layernorm.").replace(".attn.", ".self_attn.")
+    return name  # lm_head.weight
+
+
+def _gpt2_state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """GPT-2 keeps q/k/v fused in ``c_attn`` and stores linears as Conv1D (in, out) matrices."""
+    out = {"transformer.wte.weight": state["tok_emb.weight"], "transformer.wpe.weight": state["pos_emb.weight"]}
+    for suffix in ("weight", "bias"):
+        out[f"transformer.ln_f.{suffix}"] = state[f"norm_f.{suffix}"]
+    for i in range(config.n_layer):
+        ours, hf = f"blocks.{i}.", f"transformer.h.{i}."
+        qkv = [state[f"{ours}attn.{p}_proj.weight"] for p in "qkv"]
+        out[hf + "attn.c_attn.weight"] = torch.cat(qkv, 0).t()
+        out[hf + "attn.c_attn.bias"] = torch.cat([state[f"{ours}attn.{p}_proj.bias"] for p in "qkv"], 0)
+        for hf_name, our_name in (("attn.c_proj", "attn.o_proj"), ("mlp.c_fc", "mlp.up_proj"),
+                                  ("mlp.c_proj", "mlp.down_proj")):
+            out[f"{hf}{hf_name}.weight"] = state[f"{ours}{our_name}.weight"].t()
+            out[f"{hf}{hf_name}.bias"] = state[f"{ours}{our_name}.bias"]
+        for hf_name, our_name in (("ln_1", "norm1"), ("ln_2", "norm2")):
+            for suffix in ("weight", "bias"):
+                out[f"{hf}{hf_name}.{suffix}"] = state[f"{ours}{our_name}.{suffix}"]
+    if not config.tie_embeddings:
+        out["lm_head.weight"] = state["lm_head.weight"]
+    return out
+
+
+def _gpt2_state_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    # Original GPT-2 files have no "transformer." prefix and carry causal-mask buffers; accept both.
+    hf = {(k[len("transformer."):] if k.startswith("transformer.") else k): v for k, v in hf.items()
+          if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+    out: dict[str, torch.Tensor] = {}
+    renames = {"wte.weight": "tok_emb.weight", "wpe.weight": "pos_emb.weight", "ln_f.weight": "norm_f.weight",
+               "ln_f.bias": "norm_f.bias", "lm_head.weight": "lm_head.weight"}
+    layer_renames = {"ln_1": "norm1", "ln_2": "norm2", "attn.c_proj": "attn.o_proj", "mlp.c_fc": "mlp.up_proj",
+                     "mlp.c_proj": "mlp.down_proj"}
+    for key, tensor in hf.items():
+        if key in renames:
+            out[renames[key]] = tensor
+            continue
+        parts = key.split(".")
+        if parts[0] != "h" or len(parts) < 4:
+            out[key] = tensor  # reported as unexpected by the caller
+            continue
+        ours, module, suffix = f"blocks.{parts[1]}.", ".".join(parts[2:-1]), parts[-1]
+        if module == "attn.c_attn":
+            # Split into q/k/v; weights go back from Conv1D (in, out) to Linear (out, in).
+            chunks = tensor.chunk(3, dim=-1)
+            for p, chunk in zip("qkv", chunks, strict=True):
+                out[f"{ours}attn.{p}_proj.{suffix}"] = chunk.t() if suffix == "weight" else chunk
+        elif module in layer_renames:
+            is_linear_weight = suffix == "weight" and not module.startswith("ln_")
+            out[f"{ours}{layer_renames[module]}.{suffix}"] = tensor.t() if is_linear_weight else tensor
+        else:
+            out[key] = tensor
+    return out
+
+
+def state_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names and layouts (contiguous, tied head omitted)."""
+    state = {k: v.detach() for k, v in model.state_dict().items()}
+    if model.config.family == "gpt2":
+        out = _gpt2_state_to_hf(state, model.config)
+    else:
+        out = {_llama_name(k): v for k, v in state.items()
+               if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def state_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Hugging Face weights renamed to omnilm's names (unknown names are kept, to be reported)."""
+    if config.family == "gpt2":
+        return _gpt2_state_from_hf(hf, config)
+    reverse = {_llama_name(k): k for k in _expected_shapes(config)}
+    return {reverse.get(k, k): v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+
+
+def _expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:
+    with torch.device("meta"):
+        model = Transformer(config)
+    return {k: v.shape for k, v in model.state_dict().items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# save / load
+
+
+def _shard(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    return shards
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+
+
+def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = None,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Write ``model`` (and optionally its tokenizer) as a Hugging Face model folder.
+
+    Every file is written atomically; weights above ``max_shard_bytes`` are split into
+    ``model-0000i-of-0000n.safetensors`` shards with an index, which is written last.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = state_to_hf(model)
+    shards = _shard(tensors, max_shard_bytes)
+    old_shards = set(folder.glob("model-*-of-*.safetensors"))
+    if len(shards) == 1:
+        _write_safetensors(folder / SAFETENSORS_FILE, shards[0])
+        (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(folder / name, shard)
+            old_shards.discard(folder / name)
+            weight_map |= dict.fromkeys(shard, name)
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        write_json_atomic(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        (folder / SAFETENSORS_FILE).unlink(missing_ok=True)
+    for stale in old_shards:
+        stale.unlink()
+    config = model.config
+    write_json_atomic(folder / "config.json", config_to_hf(config) | {"dtype": _dtype_name(model)})
+    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    write_json_atomic(folder / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
+    if tokenizer is not None:
+        tokenizer.save(folder)
+    return folder
+
+
+def _dtype_name(model: Transformer) -> str:
+    return str(model.tok_emb.weight.dtype).removeprefix("torch.")
+
+
+def read_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a model folder (single file or sharded), read with safetensors (no pickle)."""
+    folder = Path(folder)
+    if (folder / SAFETENSORS_FILE).is_file():
+        files = [folder / SAFETENSORS_FILE]
+    elif (folder / SAFETENSORS_INDEX).is_file():
+        index = json.loads((folder / SAFETENSORS_INDEX).read_text())
+        files = [folder / name for name in dict.fromkeys(index["weight_map"].values())]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{folder}: shard file(s) named in {SAFETENSORS_INDEX} are missing: {missing}")
+    elif any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
+        raise CheckpointError(f"{folder}: only pickle-based weights (*.bin/*.pt) found; omnilm reads safetensors "
+                              "only (convert with transformers: save_pretrained(..., safe_serialization=True))")
+    else:
+        raise CheckpointError(f"{folder}: missing file {SAFETENSORS_FILE} (or {SAFETENSORS_INDEX})")
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face model folder."""
+    path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{folder}: missing file config.json")
+    return config_from_hf(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+
+
+def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> Transformer:
+    """Load a Hugging Face model folder (omnilm's or transformers') into a Transformer.
+
+    Checks every tensor: missing, unexpected and wrongly shaped ones are named in the error.
+    ``dtype`` None keeps the stored precision.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
+    config = read_config(folder)
+    state = state_from_hf(read_hf_tensors(folder), config)
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = _expected_shapes(config)
+    if config.tie_embeddings:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+             for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensor(s) {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) {unexpected}")
+    if wrong:
+        problems.append(f"shape mismatch {wrong}")
+    if problems:
+        raise CheckpointError(f"{folder}: " + "; ".join(problems))
+    with torch.device("meta"):
+        model = Transformer(config)
+    if dtype is not None:
+        state = {k: v.to(dtype) for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model.to(device).eval()
