@@ -1,0 +1,48 @@
+"""The ``omnilm`` command: one entry point whose verbs live with their life-cycle stage.
+
+Each stage module exposes ``register(subparsers)``; heavy imports (torch, ...) happen inside the
+verb handlers so that ``omnilm --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from omnilm import __version__
+from omnilm.infer import cli as infer_cli
+from omnilm.model import cli as model_cli
+from omnilm.recipe import cli as recipe_cli
+
+STAGES = (recipe_cli, infer_cli, model_cli)
+
+
+class UserError(Exception):
+    """An error caused by the command's input: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="omnilm", description="Take a language model through its whole life, from raw text to serving.")
+    parser.add_argument("--version", action="version", version=f"omnilm {__version__}")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for stage in STAGES:
+        stage.register(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except (UserError, FileNotFoundError, ValueError) as err:
+        print(f"omnilm {args.verb}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

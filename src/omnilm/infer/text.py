@@ -1,0 +1,74 @@
+"""Text in, text out: prompts are tokenized, generated, and decoded as a stream of deltas."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from omnilm.infer.detokenize import StreamingDecoder
+from omnilm.infer.generate import FINISHED, beam_search, generate_ids
+from omnilm.infer.sampling import SamplingParams
+from omnilm.model.hf import load_pretrained
+from omnilm.model.transformer import Transformer
+from omnilm.tokenizer import Tokenizer
+
+
+class TextGenerator:
+    """A model and its tokenizer, ready to continue text prompts."""
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        eos = {tokenizer.eos_id, model.config.eos_token_id}
+        self.eos_ids = sorted(i for i in eos if i is not None)
+        pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> TextGenerator:
+        """Load a model folder (weights + tokenizer.json)."""
+        return cls(load_pretrained(folder, dtype=dtype, device=device), Tokenizer.from_dir(folder))
+
+    def stream_batch(self, prompts: Sequence[str], params: SamplingParams) -> Iterator[list[str]]:
+        """Yield, step by step, each prompt's new text (empty strings where nothing is final yet)."""
+        prompt_ids = self.tokenizer.encode_batch(list(prompts))
+        decoders = [StreamingDecoder(self.tokenizer, params.stop) for _ in prompts]
+        if params.num_beams > 1:
+            yield [self._beam_text(ids, params, decoder) for ids, decoder in zip(prompt_ids, decoders, strict=True)]
+            return
+        stop_flags = [False] * len(prompts)
+        for tokens in generate_ids(self.model, prompt_ids, params, self.eos_ids, self.pad_id, stop_flags):
+            deltas = []
+            for row, token in enumerate(tokens.tolist()):
+                if token == FINISHED or token in self.eos_ids:
+                    deltas.append("")
+                    continue
+                deltas.append(decoders[row].push(token))
+                stop_flags[row] = decoders[row].stopped
+            yield deltas
+        yield [d.finish() for d in decoders]
+
+    def _beam_text(self, prompt_ids: list[int], params: SamplingParams, decoder: StreamingDecoder) -> str:
+        tokens = beam_search(self.model, prompt_ids, params.num_beams, params.max_new_tokens, self.eos_ids,
+                             params.length_penalty)
+        pieces = [decoder.push(token) for token in tokens if token not in self.eos_ids]
+        return "".join(pieces) + decoder.finish()
+
+    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+        """Yield the continuation of one prompt piece by piece, as soon as each piece is final."""
+        for deltas in self.stream_batch([prompt], params):
+            if deltas[0]:
+                yield deltas[0]
+
+    def generate(self, prompts: str | Sequence[str], params: SamplingParams) -> list[str]:
+        """The continuation of each prompt (batched with left padding)."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = [""] * len(prompts)
+        for deltas in self.stream_batch(prompts, params):
+            texts = [t + d for t, d in zip(texts, deltas, strict=True)]
+        return texts
+

@@ -1,0 +1,94 @@
+"""A thin wrapper over a ``tokenizers.Tokenizer`` that knows the model folder's special tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tokenizers import Tokenizer as BackendTokenizer
+
+from omnilm.utils.atomic import write_json_atomic, write_text_atomic
+
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = (EOS_TOKEN, IM_START, IM_END, PAD_TOKEN)
+
+
+def _token_text(value: Any) -> str | None:
+    """tokenizer_config.json stores special tokens as strings or as {"content": ...} dicts."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value
+
+
+class Tokenizer:
+    """Text <-> token ids, backed by the ``tokenizers`` library (``tokenizer.json``)."""
+
+    def __init__(self, backend: BackendTokenizer, eos_token: str | None = EOS_TOKEN,
+                 bos_token: str | None = None, pad_token: str | None = PAD_TOKEN,
+                 extra_config: dict[str, Any] | None = None) -> None:
+        self.backend = backend
+        self.eos_token, self.bos_token, self.pad_token = eos_token, bos_token, pad_token
+        self.extra_config = dict(extra_config or {})
+
+    @classmethod
+    def from_dir(cls, folder: str | Path) -> Tokenizer:
+        """Load ``tokenizer.json`` (+ ``tokenizer_config.json`` if present) from a model folder."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{folder}: missing file tokenizer.json")
+        backend = BackendTokenizer.from_file(str(path))
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+        vocab = backend.get_vocab(with_added_tokens=True)
+
+        def special(key: str, fallback: str | None) -> str | None:
+            value = _token_text(config.get(key))
+            if value is None and fallback in vocab:
+                value = fallback
+            return value
+
+        extra = {k: v for k, v in config.items() if k not in ("eos_token", "bos_token", "pad_token")}
+        return cls(backend, special("eos_token", EOS_TOKEN), special("bos_token", None),
+                   special("pad_token", PAD_TOKEN), extra)
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` (loadable by ``transformers.AutoTokenizer``)."""
+        folder = Path(folder)
+        write_text_atomic(folder / "tokenizer.json", self.backend.to_str())
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                  "model_max_length": 1_000_000} | self.extra_config
+        config |= {"eos_token": self.eos_token, "bos_token": self.bos_token, "pad_token": self.pad_token}
+        write_json_atomic(folder / "tokenizer_config.json", config)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @property
+    def pad_id(self) -> int | None:
+        return self.token_to_id(self.pad_token)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; special-token strings in the text map to their ids."""
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
