@@ -31,6 +31,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -142,11 +143,12 @@ def check_length(name: str, tokens: torch.Tensor, batch: int, new_tokens: int) -
         raise RuntimeError(f"{name} produced {tuple(tokens.shape)} tokens, expected {(batch, new_tokens)}")
 
 
+@torch.inference_mode()
 def run_case(omni: Transformer, hf: torch.nn.Module, prompts: torch.Tensor,
              work: Workload) -> tuple[float, float, bool]:
     """Best tokens/s of each implementation and whether their tokens agree."""
-    run_omni = lambda: omnilm_generate(omni, prompts, work.new_tokens)  # noqa: E731
-    run_hf = lambda: hf_generate(hf, prompts, work.new_tokens)  # noqa: E731
+    run_omni = partial(omnilm_generate, omni, prompts, work.new_tokens)
+    run_hf = partial(hf_generate, hf, prompts, work.new_tokens)
     omni_tokens, hf_tokens = run_omni(), run_hf()  # warm-up
     batch = prompts.shape[0]
     check_length("omnilm", omni_tokens, batch, work.new_tokens)
@@ -243,11 +245,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
     work = Workload(args.prompt_len, args.new_tokens, args.repeats)
     results: list[Result] = []
-    with torch.inference_mode():
-        for shape in args.shapes:
-            results += bench_shape(shape, args.dtypes, args.batch_sizes, work, args.quick, args.seed)
+    for shape in args.shapes:
+        results += bench_shape(shape, args.dtypes, args.batch_sizes, work, args.quick, args.seed)
     report = "\n\n".join([header(work, args.quick), table(results), environment()]) + "\n"
     print()
     print(report, end="")
