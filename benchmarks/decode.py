@@ -39,6 +39,7 @@ import transformers
 from transformers import AutoModelForCausalLM
 
 from omnilm.infer.generate import generate_ids
+from omnilm.infer.layout import prepare_for_decoding
 from omnilm.infer.sampling import SamplingParams
 from omnilm.model.config import ModelConfig, get_preset
 from omnilm.model.hf import save_pretrained
@@ -94,10 +95,9 @@ def build_reference(config: ModelConfig, folder: Path, seed: int) -> Transformer
 
 
 def omnilm_in_dtype(reference: Transformer, dtype: torch.dtype) -> Transformer:
-    """``reference`` cast to ``dtype`` (a copy, so the float32 original stays intact for later dtypes)."""
-    if dtype == torch.float32:
-        return reference
-    return copy.deepcopy(reference).to(dtype).eval()
+    """``reference`` cast to ``dtype`` and laid out for decoding, as ``omnilm generate`` does (a copy, so the
+    float32 original stays intact for later dtypes)."""
+    return prepare_for_decoding(copy.deepcopy(reference).to(dtype))
 
 
 def load_hf(folder: Path, dtype: torch.dtype) -> torch.nn.Module:

@@ -11,15 +11,14 @@ import sys
 from collections.abc import Sequence
 
 from omnilm import __version__
+from omnilm.data import cli as data_cli
+from omnilm.errors import UserError
 from omnilm.infer import cli as infer_cli
 from omnilm.model import cli as model_cli
 from omnilm.recipe import cli as recipe_cli
+from omnilm.tokenizer import cli as tokenizer_cli
 
-STAGES = (recipe_cli, infer_cli, model_cli)
-
-
-class UserError(Exception):
-    """An error caused by the command's input: printed without a traceback, exit code 2."""
+STAGES = (recipe_cli, data_cli, tokenizer_cli, model_cli, infer_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

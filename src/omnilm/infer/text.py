@@ -9,6 +9,7 @@ import torch
 
 from omnilm.infer.detokenize import StreamingDecoder
 from omnilm.infer.generate import FINISHED, beam_search, generate_ids
+from omnilm.infer.layout import prepare_for_decoding
 from omnilm.infer.sampling import SamplingParams
 from omnilm.model.hf import load_pretrained
 from omnilm.model.transformer import Transformer
@@ -19,7 +20,7 @@ class TextGenerator:
     """A model and its tokenizer, ready to continue text prompts."""
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
-        self.model = model.eval()
+        self.model = prepare_for_decoding(model)
         self.tokenizer = tokenizer
         eos = {tokenizer.eos_id, model.config.eos_token_id}
         self.eos_ids = sorted(i for i in eos if i is not None)

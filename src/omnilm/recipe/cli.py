@@ -23,7 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_recipe(args: argparse.Namespace) -> int:
-    from omnilm.cli import UserError
+    from omnilm.errors import UserError
 
     if args.recipe != "demo":
         raise UserError(f"recipe {args.recipe!r}: running recipes is not part of this build yet")
