@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Literal
 
@@ -117,10 +117,15 @@ def get_preset(name: str, **overrides: object) -> ModelConfig:
     return replace(PRESETS[name], **overrides)  # type: ignore[arg-type]
 
 
-def load_model_config(path: str | Path) -> ModelConfig:
-    """Load a ModelConfig from YAML/JSON; a ``preset`` key starts from that preset."""
-    values = read_mapping(path)
+def load_model_config(source: str | Path | dict) -> ModelConfig:
+    """A ModelConfig from a YAML/JSON file or a mapping; a ``preset`` key starts from that preset."""
+    values = dict(source) if isinstance(source, dict) else read_mapping(source)
+    name = "model config" if isinstance(source, dict) else str(source)
     preset = values.pop("preset", None)
     if preset is not None:
+        known = {f.name for f in fields(ModelConfig)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{name}: unknown key(s) {unknown} for ModelConfig")
         return get_preset(preset, **values)
-    return from_dict(ModelConfig, values, source=str(path))
+    return from_dict(ModelConfig, values, source=name)

@@ -201,9 +201,10 @@ def _gpt2_state_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return out
 
 
-def state_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names and layouts (contiguous, tied head omitted)."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
+def state_to_hf(model: Transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights (or ``state``, omnilm-named, e.g. gathered from shards) under Hugging Face names and
+    layouts (contiguous, tied head omitted)."""
+    state = {k: v.detach() for k, v in (model.state_dict() if state is None else state).items()}
     if model.config.family == "gpt2":
         out = _gpt2_state_to_hf(state, model.config)
     else:
@@ -249,15 +250,17 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = None,
-                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> Path:
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``model`` (and optionally its tokenizer) as a Hugging Face model folder.
 
     Every file is written atomically; weights above ``max_shard_bytes`` are split into
-    ``model-0000i-of-0000n.safetensors`` shards with an index, which is written last.
+    ``model-0000i-of-0000n.safetensors`` shards with an index, which is written last. ``state`` replaces the
+    model's own tensors (a full state dict gathered from a sharded model).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = state_to_hf(model)
+    tensors = state_to_hf(model, state)
     shards = _shard(tensors, max_shard_bytes)
     old_shards = set(folder.glob("model-*-of-*.safetensors"))
     if len(shards) == 1:
@@ -276,7 +279,7 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = Non
     for stale in old_shards:
         stale.unlink()
     config = model.config
-    write_json_atomic(folder / "config.json", config_to_hf(config) | {"dtype": _dtype_name(model)})
+    write_json_atomic(folder / "config.json", config_to_hf(config) | {"dtype": _dtype_name(tensors)})
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     write_json_atomic(folder / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
     if tokenizer is not None:
@@ -284,8 +287,8 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = Non
     return folder
 
 
-def _dtype_name(model: Transformer) -> str:
-    return str(model.tok_emb.weight.dtype).removeprefix("torch.")
+def _dtype_name(tensors: dict[str, torch.Tensor]) -> str:
+    return str(next(iter(tensors.values())).dtype).removeprefix("torch.")
 
 
 def read_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:

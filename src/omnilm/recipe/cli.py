@@ -4,28 +4,29 @@ from __future__ import annotations
 
 import argparse
 
-DEMO_PLAN = """\
-omnilm run (demo recipe) will, offline, into {out}/:
-  1. synthesise a biography corpus and QA data          (data pipeline)
-  2. train a byte-level BPE tokenizer                     (tokenizer)
-  3. pre-train a small decoder-only model                 (trainer)
-  4. fine-tune (SFT) and align (DPO) it                   (post-training)
-  5. evaluate and write report.md with plots              (eval)
-Stages available in this build: model, checkpoints and generation (`omnilm init`, `omnilm generate`).
-The training stages are not part of this build yet, so nothing was run."""
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run a recipe (default: the built-in demo, end to end)")
     p.add_argument("recipe", nargs="?", default="demo", help="recipe YAML file or built-in name (default: demo)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
-    p.set_defaults(handler=run_recipe)
+    p.add_argument("--preset", default=None, help="a size preset declared by the recipe (demo: smoke)")
+    p.set_defaults(handler=run_recipe_cli)
 
 
-def run_recipe(args: argparse.Namespace) -> int:
-    from omnilm.errors import UserError
+def run_recipe_cli(args: argparse.Namespace) -> int:
+    from omnilm.eval.report import write_report
+    from omnilm.recipe.recipe import load_recipe
+    from omnilm.recipe.runner import run_recipe
 
-    if args.recipe != "demo":
-        raise UserError(f"recipe {args.recipe!r}: running recipes is not part of this build yet")
-    print(DEMO_PLAN.format(out=args.out or "runs/demo"))
+    recipe = load_recipe(args.recipe, preset=args.preset)
+    name = recipe.name + (f"-{args.preset}" if args.preset else "")
+    out = args.out or f"runs/{name}"
+    summary = run_recipe(recipe, out)
+    if "interrupted" in summary:
+        print(f"omnilm run: interrupted in stage {summary['interrupted']}; run the same command again to resume")
+        return 130
+    report = write_report(out, summary)
+    print(f"omnilm run: done in {summary['seconds']:.0f} s; report: {report}; model: {out}/final")
+    if summary.get("retention"):
+        print(summary["retention"])
     return 0

@@ -1,0 +1,1 @@
+"""Evaluation: losses, bits per byte, attribute accuracy, plots and reports."""

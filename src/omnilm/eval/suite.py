@@ -1,0 +1,80 @@
+"""Named evaluations declared by recipe stages, run on any model folder.
+
+Types:
+  ``attributes``  biography attribute recall on held-out templates (``data``: eval.jsonl; ``seen``: a
+                  train.jsonl whose ``person_id`` s restrict the probe to people the model saw; ``max_examples``)
+  ``val_loss``    loss and bits per byte on the ``val`` split of a tokenised dataset (``data``; ``batches``,
+                  ``batch_size``, ``seq_len``)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnilm.config import ConfigError
+
+EvalFn = Callable[[Any, Any, dict[str, Any]], dict[str, float]]
+EVAL_TYPES: dict[str, EvalFn] = {}
+HEADLINE = {"attributes": "accuracy", "val_loss": "val_loss"}  # the metric a retention table shows
+
+
+def register_eval(name: str, headline: str) -> Callable[[EvalFn], EvalFn]:
+    def decorate(fn: EvalFn) -> EvalFn:
+        EVAL_TYPES[name] = fn
+        HEADLINE[name] = headline
+        return fn
+
+    return decorate
+
+
+def seen_people(train_jsonl: str | Path) -> set[int]:
+    from omnilm.eval.attributes import read_jsonl
+
+    return {r["person_id"] for r in read_jsonl(train_jsonl) if r.get("person_id") is not None}
+
+
+@register_eval("attributes", "accuracy")
+def attributes_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.eval.attributes import evaluate_attributes, read_jsonl
+
+    records = read_jsonl(spec["data"])
+    if spec.get("seen"):
+        seen = seen_people(spec["seen"])
+        records = [r for r in records if r.get("person_id") in seen]
+    limit = spec.get("max_examples")
+    if limit and len(records) > limit:
+        records = random.Random(0).sample(records, limit)
+    return evaluate_attributes(model, tokenizer, records)
+
+
+@register_eval("val_loss", "val_loss")
+def val_loss_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.data.loader import BatchLoader, TokenDataset
+    from omnilm.objectives.lm import evaluate_lm, token_byte_lengths
+
+    dataset = TokenDataset.open(spec["data"], "val")
+    seq_len = min(int(spec.get("seq_len", 256)), model.config.max_seq_len)
+    loader = BatchLoader(dataset, int(spec.get("batch_size", 16)), seq_len, seed=int(spec.get("seed", 1)))
+    batches = [loader.next_batch() for _ in range(int(spec.get("batches", 8)))]
+    return evaluate_lm(model, batches, token_byte_lengths(tokenizer))
+
+
+def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Every eval in ``specs`` (name -> spec with ``type``) on the model folder ``model_dir``."""
+    from omnilm.model.hf import load_pretrained
+    from omnilm.tokenizer import Tokenizer
+
+    model = load_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_dir(model_dir)
+    results = {}
+    for name, spec in specs.items():
+        fn = EVAL_TYPES.get(spec.get("type", ""))
+        if fn is None:
+            raise ConfigError(f"eval {name!r}: unknown type {spec.get('type')!r} (known: {', '.join(EVAL_TYPES)})")
+        results[name] = fn(model, tokenizer, spec)
+    return results

@@ -1,0 +1,1 @@
+"""Training objectives: each turns a batch into a loss; the trainer does the rest."""

@@ -1,0 +1,51 @@
+"""Causal language modelling: next-token cross-entropy."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean next-token loss over a (B, T+1) token batch: inputs = tokens[:, :-1], targets = tokens[:, 1:]."""
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    return loss, {}
+
+
+def token_byte_lengths(tokenizer) -> torch.Tensor:  # noqa: ANN001 - omnilm.tokenizer.Tokenizer
+    """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.
+
+    In byte-level BPE every character of a token's string stands for exactly one byte.
+    """
+    backend = tokenizer.backend
+    special = {t.content for t in backend.get_added_tokens_decoder().values()}
+    lengths = torch.zeros(tokenizer.vocab_size, dtype=torch.long)
+    for token, index in backend.get_vocab(with_added_tokens=True).items():
+        lengths[index] = 0 if token in special else len(token)
+    return lengths
+
+
+@torch.no_grad()
+def evaluate_lm(model: nn.Module, batches: list[torch.Tensor], byte_lengths: torch.Tensor | None = None,
+                ) -> dict[str, float]:
+    """Validation loss (nats/token) and, given token byte lengths, bits per byte over fixed batches."""
+    total_nats, total_tokens, total_bytes = 0.0, 0, 0
+    for tokens in batches:
+        tokens = tokens.to(next(model.parameters()).device)
+        logits = model(tokens[:, :-1])
+        targets = tokens[:, 1:]
+        nats = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="sum")
+        total_nats += float(nats)
+        total_tokens += targets.numel()
+        if byte_lengths is not None:
+            total_bytes += int(byte_lengths.to(targets.device)[targets].sum())
+    result = {"val_loss": total_nats / max(total_tokens, 1)}
+    if byte_lengths is not None and total_bytes:
+        result["val_bpb"] = total_nats / (math.log(2) * total_bytes)
+    return result

@@ -1,0 +1,110 @@
+"""Data-preparation jobs of a recipe: synthesise, clean, train the tokenizer, tokenise.
+
+Each job writes into ``<run>/<out>`` (``out`` defaults to the job's name) and leaves a marker
+``.omnilm-job.json`` holding its settings; a job whose marker matches its settings is skipped, one whose
+settings changed runs again. Relative paths in a job are relative to the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omnilm.config import ConfigError
+from omnilm.utils.atomic import write_json_atomic
+
+MARKER = ".omnilm-job.json"
+JobFn = Callable[[dict[str, Any], Path, Path], dict[str, Any]]
+JOBS: dict[str, JobFn] = {}
+
+
+def job(name: str) -> Callable[[JobFn], JobFn]:
+    def decorate(fn: JobFn) -> JobFn:
+        JOBS[name] = fn
+        return fn
+
+    return decorate
+
+
+def _paths(values: Any, root: Path) -> list[str]:
+    items = [values] if isinstance(values, str) else list(values or [])
+    return [item if os.path.isabs(item) else str(root / item) for item in items]
+
+
+def _take(spec: dict[str, Any], allowed: set[str], name: str) -> dict[str, Any]:
+    unknown = sorted(set(spec) - allowed)
+    if unknown:
+        raise ConfigError(f"job {name!r}: unknown setting(s) {unknown}; allowed: {sorted(allowed)}")
+    return spec
+
+
+@job("synth_bios")
+def synth_bios(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    from omnilm.config import from_dict
+    from omnilm.data.synth.bios import BiosConfig, write_bios
+
+    return write_bios(from_dict(BiosConfig, spec, source="synth_bios job"), out)
+
+
+@job("synth_arithmetic")
+def synth_arithmetic(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    from omnilm.config import from_dict
+    from omnilm.data.synth.arithmetic import ArithmeticConfig, write_arithmetic
+
+    return write_arithmetic(from_dict(ArithmeticConfig, spec, source="synth_arithmetic job"), out)
+
+
+@job("tokenizer")
+def train_tokenizer(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    from omnilm.data.sources import iter_documents
+    from omnilm.tokenizer import train_bpe
+
+    _take(spec, {"data", "vocab_size", "text_field", "min_frequency"}, "tokenizer")
+    texts = (d.text for d in iter_documents(_paths(spec["data"], root), spec.get("text_field", "text")))
+    tokenizer = train_bpe(texts, int(spec["vocab_size"]), min_frequency=int(spec.get("min_frequency", 2)))
+    tokenizer.save(out)
+    return {"vocab_size": tokenizer.vocab_size}
+
+
+@job("tokenize")
+def tokenize(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    from omnilm.data.tokenize import tokenize_corpus
+
+    _take(spec, {"data", "tokenizer", "val_fraction", "workers", "text_field", "seed"}, "tokenize")
+    options = {k: spec[k] for k in ("val_fraction", "workers", "text_field", "seed") if k in spec}
+    return tokenize_corpus(_paths(spec["data"], root), _paths(spec["tokenizer"], root)[0], out, **options)
+
+
+@job("prepare")
+def prepare(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    from omnilm.config import from_dict
+    from omnilm.data.prepare import PrepareConfig, prepare
+
+    spec = dict(spec)
+    inputs = _paths(spec.pop("data"), root)
+    return prepare(inputs, out, from_dict(PrepareConfig, spec, source="prepare job"))
+
+
+def run_job(name: str, spec: dict[str, Any], root: Path, log: Callable[[str], Any] = print) -> dict[str, Any]:
+    """Run one preparation job unless its output is already complete with the same settings."""
+    spec = dict(spec)
+    kind = spec.pop("job", None)
+    if kind not in JOBS:
+        raise ConfigError(f"job {name!r}: unknown job type {kind!r} (known: {', '.join(sorted(JOBS))})")
+    out = Path(_paths(spec.pop("out", name), root)[0])
+    marker = out / MARKER
+    settings = {"job": kind} | spec
+    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("settings") == settings:
+        log(f"[{name}] {kind}: already done, skipped")
+        return json.loads(marker.read_text(encoding="utf-8")).get("result", {})
+    log(f"[{name}] {kind} -> {out}")
+    began = time.perf_counter()
+    out.mkdir(parents=True, exist_ok=True)
+    result = JOBS[kind](spec, out, root) or {}
+    result = json.loads(json.dumps(result, default=str))
+    write_json_atomic(marker, {"settings": settings, "result": result, "seconds": time.perf_counter() - began})
+    return result

@@ -1,0 +1,107 @@
+"""Hyperparameters of one training run (one stage). Every default is documented here, once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from omnilm.config import ConfigError
+
+
+@dataclass
+class TrainConfig:
+    """How long, how fast and how carefully to train. Loadable from YAML (``train:`` of a stage)."""
+
+    #: Budget in optimizer steps. Exactly one of ``max_steps`` / ``max_tokens`` must be set.
+    max_steps: int | None = None
+    #: Budget in training tokens (converted to steps with ``tokens_per_step``).
+    max_tokens: int | None = None
+    #: Sequences per micro-batch, per process.
+    batch_size: int = 16
+    #: Tokens per sequence.
+    seq_len: int = 256
+    #: Global tokens per optimizer step; gradients are accumulated over micro-batches to reach it
+    #: (None = one micro-batch per process, i.e. batch_size · seq_len · world_size).
+    tokens_per_step: int | None = None
+
+    #: Peak learning rate.
+    lr: float = 3e-3
+    #: Final learning rate as a fraction of ``lr`` (cosine/linear/wsd decay end there).
+    min_lr_ratio: float = 0.1
+    #: Shape after warmup: cosine decay, linear decay, warmup-stable-decay, or constant.
+    schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    #: Linear warmup steps from 0 to ``lr``.
+    warmup_steps: int = 0
+    #: WSD only: the final fraction of steps spent decaying (linearly) to ``min_lr_ratio · lr``.
+    decay_fraction: float = 0.2
+    #: AdamW decoupled weight decay, applied to weight matrices only (not norms, biases, embeddings).
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    #: Clip the global gradient norm to this (0 = no clipping).
+    grad_clip: float = 1.0
+
+    #: "auto" = CUDA when available, else CPU.
+    device: str = "auto"
+    #: "auto" = bf16 autocast on a CUDA device that supports it, fp32 elsewhere.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    #: Wrap the model with torch.compile.
+    compile: bool = False
+    #: Strategy when launched by torchrun with several processes.
+    distributed: Literal["ddp", "fsdp"] = "ddp"
+    #: Seeds model init (when not loaded), dropout and the data order.
+    seed: int = 0
+
+    #: Console/metrics.jsonl logging interval in steps.
+    log_every: int = 10
+    #: Validation interval in steps (0 = only at the end).
+    eval_every: int = 0
+    #: Validation micro-batches per evaluation.
+    eval_batches: int = 8
+    #: Greedy sample from ``sample_prompt`` every this many steps (0 = never).
+    sample_every: int = 0
+    sample_prompt: str = ""
+    sample_tokens: int = 32
+    #: Checkpoint interval in steps (0 = only at the end). Interrupts always checkpoint.
+    checkpoint_every: int = 0
+    #: How many step checkpoints to keep (older ones are deleted).
+    keep_checkpoints: int = 2
+    #: Consecutive non-finite steps (skipped) after which the run stops.
+    max_bad_steps: int = 5
+    #: Peak device FLOP/s for the MFU estimate (None = known GPUs only; no MFU on CPU).
+    peak_flops: float | None = None
+    #: Show a progress bar.
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.max_steps is None) == (self.max_tokens is None):
+            raise ConfigError("set exactly one of train.max_steps and train.max_tokens")
+        for name in ("batch_size", "seq_len", "log_every"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive")
+        if self.schedule not in ("cosine", "linear", "wsd", "constant"):
+            raise ConfigError(f"train.schedule: unknown schedule {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError("train.min_lr_ratio must lie in [0, 1]")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"train.precision: unknown precision {self.precision!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ConfigError(f"train.distributed: unknown strategy {self.distributed!r}")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each process."""
+        per_micro = self.batch_size * self.seq_len * world_size
+        if self.tokens_per_step is None:
+            return 1
+        if self.tokens_per_step % per_micro:
+            raise ConfigError(f"train.tokens_per_step={self.tokens_per_step} is not a multiple of "
+                              f"batch_size·seq_len·world_size = {per_micro}")
+        return self.tokens_per_step // per_micro
+
+    def total_steps(self, world_size: int) -> int:
+        """The budget in optimizer steps."""
+        if self.max_steps is not None:
+            return self.max_steps
+        per_step = self.batch_size * self.seq_len * world_size * self.accumulation(world_size)
+        return max(1, -(-int(self.max_tokens) // per_step))

@@ -1,0 +1,154 @@
+"""One training stage from a config: build the model, data and objective, then run the trainer.
+
+``omnilm train --config stage.yaml`` runs one stage; a recipe runs several in order, each starting from the
+previous stage's final model. Stage types are looked up in ``STAGE_BUILDERS``; a type without a builder
+fails with a message naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from omnilm.config import ConfigError, from_dict
+from omnilm.errors import UserError
+from omnilm.train.config import TrainConfig
+from omnilm.train.trainer import TrainResult
+
+LM_STAGE_TYPES = ("pretrain", "midtrain")
+KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill")
+
+
+@dataclass
+class DataSource:
+    """A tokenised dataset (the ``--out`` folder of ``omnilm data tokenize``) and its mixture weight."""
+
+    path: str
+    weight: float = 1.0
+
+
+@dataclass
+class StageConfig:
+    """One stage of a recipe, or the whole config of ``omnilm train``."""
+
+    #: Stage name (a folder under the run directory).
+    name: str = "pretrain"
+    #: Objective: pretrain / midtrain (causal LM); post-training types arrive with their objectives.
+    type: str = "pretrain"
+    #: A fresh model: a ModelConfig mapping (``preset:`` plus overrides); vocab size and special ids come
+    #: from the tokenizer. Ignored when ``init_from`` is set.
+    model: dict[str, Any] | None = None
+    #: Start from this model folder (in a recipe: the previous stage's final model, filled in automatically).
+    init_from: str | None = None
+    #: Tokenizer folder (default: the ``init_from`` folder).
+    tokenizer: str | None = None
+    #: Named data sources; their ``train`` splits are mixed by weight, their ``val`` splits are evaluated.
+    data: dict[str, DataSource] = field(default_factory=dict)
+    #: Optional per-step mixture schedule: a list of {"until_step": S, "weights": {name: w}} phases.
+    mixture_schedule: list[dict[str, Any]] = field(default_factory=list)
+    #: Optimisation and logging settings.
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
+    #: Stage-type specific options (used by post-training objectives).
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_mapping(cls, values: dict[str, Any], source: str = "stage") -> StageConfig:
+        values = dict(values)
+        train = from_dict(TrainConfig, values.pop("train", {}) or {}, source=f"{source}.train")
+        data = {}
+        for name, item in (values.pop("data", {}) or {}).items():
+            item = {"path": item} if isinstance(item, str) else item
+            data[name] = from_dict(DataSource, item, source=f"{source}.data.{name}")
+        return from_dict(cls, values | {"train": train, "data": data}, source=source)
+
+    def to_mapping(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+StageBuilder = Callable[[StageConfig, Path, bool], TrainResult]
+STAGE_BUILDERS: dict[str, StageBuilder] = {}
+
+
+def register_stage(*types: str) -> Callable[[StageBuilder], StageBuilder]:
+    """Decorator: the function that runs stages of the given types."""
+
+    def decorate(fn: StageBuilder) -> StageBuilder:
+        for stage_type in types:
+            STAGE_BUILDERS[stage_type] = fn
+        return fn
+
+    return decorate
+
+
+def run_stage(config: StageConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
+    """Run one stage into ``out_dir`` (continuing from its latest checkpoint with ``resume``)."""
+    _load_builders()
+    builder = STAGE_BUILDERS.get(config.type)
+    if builder is None:
+        if config.type in KNOWN_STAGE_TYPES:
+            raise UserError(f"stage {config.name!r}: stage type {config.type!r} is not implemented in this build "
+                            f"(implemented: {', '.join(sorted(STAGE_BUILDERS))})")
+        raise UserError(f"stage {config.name!r}: unknown stage type {config.type!r} "
+                        f"(known: {', '.join(KNOWN_STAGE_TYPES)})")
+    return builder(config, Path(out_dir), resume)
+
+
+def _load_builders() -> None:
+    """Import the modules that register stage types (kept lazy: they pull in heavy dependencies)."""
+    import omnilm.train.pretrain  # noqa: F401
+
+
+# ---------------------------------------------------------------------------------------------- shared parts
+
+
+def build_model(config: StageConfig, tokenizer: Any, resume_from: Path | None, seed: int) -> nn.Module:
+    """The stage's starting model: a checkpoint being resumed, the ``init_from`` folder, or a fresh init."""
+    from omnilm.model.config import load_model_config
+    from omnilm.model.hf import load_pretrained
+    from omnilm.model.transformer import Transformer
+
+    if resume_from is not None:
+        return load_pretrained(resume_from, dtype=torch.float32)
+    if config.init_from:
+        return load_pretrained(config.init_from, dtype=torch.float32)
+    if not config.model:
+        raise ConfigError(f"stage {config.name!r}: set either model (a fresh model) or init_from (a model folder)")
+    overrides = {"vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id,
+                 "pad_token_id": tokenizer.pad_id}
+    model_config = load_model_config(dict(config.model) | overrides)
+    if model_config.max_seq_len < config.train.seq_len:
+        raise ConfigError(f"stage {config.name!r}: train.seq_len={config.train.seq_len} exceeds the model's "
+                          f"max_seq_len={model_config.max_seq_len}")
+    torch.manual_seed(seed)
+    return Transformer(model_config)
+
+
+def load_tokenizer(config: StageConfig) -> Any:
+    from omnilm.tokenizer import Tokenizer
+
+    folder = config.tokenizer or config.init_from
+    if folder is None:
+        raise ConfigError(f"stage {config.name!r}: no tokenizer (set tokenizer: or init_from:)")
+    return Tokenizer.from_dir(folder)
+
+
+def greedy_sampler(tokenizer: Any, prompt: str, max_new_tokens: int) -> Callable[[nn.Module], str]:
+    """A function that continues ``prompt`` greedily with a model (for periodic samples)."""
+    from omnilm.infer.generate import generate_ids
+    from omnilm.infer.sampling import SamplingParams
+
+    prompt_ids = tokenizer.encode(prompt)
+    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+
+    def sample(model: nn.Module) -> str:
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+        steps = [int(t[0]) for t in generate_ids(model, [prompt_ids], params, eos, tokenizer.pad_id or 0)]
+        return tokenizer.decode([t for t in steps if t >= 0 and t not in eos])
+
+    return sample
