@@ -8,11 +8,11 @@ from typing import Any
 
 from tokenizers import Tokenizer as BackendTokenizer
 
+from omnilm.tokenizer.chat import CHAT_TEMPLATE, IM_END, IM_START
 from omnilm.utils.atomic import write_json_atomic, write_text_atomic
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
 SPECIAL_TOKENS = (EOS_TOKEN, IM_START, IM_END, PAD_TOKEN)
 
 
@@ -31,7 +31,8 @@ class Tokenizer:
                  extra_config: dict[str, Any] | None = None) -> None:
         self.backend = backend
         self.eos_token, self.bos_token, self.pad_token = eos_token, bos_token, pad_token
-        self.extra_config = dict(extra_config or {})
+        # Every saved folder carries the chat format, unless the loaded one brought its own.
+        self.extra_config = {"chat_template": CHAT_TEMPLATE} | dict(extra_config or {})
 
     @classmethod
     def from_dir(cls, folder: str | Path) -> Tokenizer:
