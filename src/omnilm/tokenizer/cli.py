@@ -63,10 +63,10 @@ def run_train(args: argparse.Namespace) -> int:
     tokenizer.save(args.out)
     print(f"wrote {args.out}: vocab size {tokenizer.vocab_size} "
           f"({len(SPECIAL_TOKENS)} special tokens), trained on {report.documents} documents, "
-          f"{report.bytes / 1e6:.2f} MB from {report.files} files")
+          f"{report.bytes:,} bytes from {report.files} files")
     if args.vocab_size > tokenizer.vocab_size:
         print(f"note: the corpus supports only {tokenizer.vocab_size} of the {args.vocab_size} tokens asked for "
-              f"(no more pairs occur at least {args.min_frequency} times)")
+              f"(no further pair occurs at least {args.min_frequency} times)")
     note = _read_note(report)
     if note:
         print(f"note: {note}")
