@@ -53,7 +53,7 @@ def test_long_words_fail_mean_word_length():
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_top_ngram_removes_boilerplate_phrases(n):
     phrase = ["click", "here", "to", "subscribe"][:n]
-    filler = "the harbour town has boats nets markets music storms bridges schools".split()
+    filler = ["the", "harbour", "town", "has", "boats", "nets", "markets", "music", "storms", "bridges", "schools"]
     words = []
     for word in filler:
         words += [*phrase, word]
