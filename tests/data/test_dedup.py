@@ -73,3 +73,18 @@ def test_a_text_without_words_is_never_a_duplicate():
 def test_bad_settings_are_refused(kwargs):
     with pytest.raises(ValueError):
         NearDeduper(**kwargs)
+
+
+def test_recall_on_many_lightly_edited_copies():
+    rng = random.Random(3)
+    originals = [random_doc(rng) for _ in range(30)]
+    dedup = NearDeduper()
+    for i, words in enumerate(originals):
+        assert dedup.check(" ".join(words), f"orig:{i}") is None
+    found = 0
+    for i, words in enumerate(originals):
+        edited = list(words)
+        for position in rng.sample(range(len(words)), 3):
+            edited[position] = rng.choice(VOCAB)
+        found += dedup.check(" ".join(edited), f"copy:{i}") == f"orig:{i}"
+    assert found >= 28  # estimated Jaccard around 0.86 against a threshold of 0.8: rare misses are expected
