@@ -57,7 +57,8 @@ def run_lm_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResul
 
     datasets = {name: TokenDataset.open(source.path, "train") for name, source in config.data.items()}
     loader = BatchLoader(datasets, train.batch_size, train.seq_len, seed=train.seed, rank=info.rank,
-                         world_size=info.world_size, weights=mixture_weights(config))
+                         world_size=info.world_size, weights=mixture_weights(config),
+                         batches_per_step=train.accumulation(info.world_size))
     val_sets = {}
     for name, source in config.data.items():
         if (Path(source.path) / "val").is_dir():

@@ -326,7 +326,8 @@ class Trainer:
                     if config.eval_every and self.step % config.eval_every == 0 and self.step < self.total_steps:
                         self._log({"step": self.step} | self.run_evaluation())
                     self._maybe_sample()
-                    if config.checkpoint_every and self.step % config.checkpoint_every == 0:
+                    # No periodic checkpoint during a non-finite streak: the last one stays the last good one.
+                    if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not self.bad_steps:
                         self.save()
                     if self._agree(interrupt.signal is not None):
                         self.save()

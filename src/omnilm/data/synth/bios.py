@@ -1,0 +1,186 @@
+"""Synthetic biographies of fictional people: the embedded default corpus and the fact-learning testbed.
+
+Every person has six attributes. A biography states all six, each with a randomly chosen training template,
+in random order, always naming the person in full (so every sentence carries its own key). Files written:
+
+``train.jsonl``     biographies ``{"text", "person_id"}``; person ``i`` (1-based) is drawn with weight
+                    ``i^-alpha``; with ``alpha = 0`` every seen person gets exactly ``bios_per_person``
+``eval.jsonl``      one held-out-template sentence per seen person and attribute, value span marked
+                    (``value_start``, ``value_end``), for completion probes
+``people.jsonl``    ground truth; ``seen`` is false for the people kept out of all training text and
+                    ``qa_split`` says whether their QA pairs are for training (``train``) or testing
+``qa.jsonl``        question/answer pairs in chat ``messages`` format, per person and attribute (people never
+                    seen get the answer "I don't know.")
+``prefs.jsonl``     preference pairs: the true value is chosen, another person's value rejected
+``marginals.json``  per attribute, how many biographies state each value: the no-knowledge baseline
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omnilm.data.synth.io import write_jsonl
+from omnilm.data.synth.templates import (
+    MAJORS,
+    MONTHS,
+    QUESTIONS,
+    TEMPLATES,
+    TRAIN_TEMPLATES_PER_ATTRIBUTE,
+    UNIVERSITY_PATTERNS,
+    UNKNOWN_ANSWER,
+)
+from omnilm.errors import UserError
+from omnilm.utils.atomic import write_json_atomic
+
+ATTRIBUTES = tuple(TEMPLATES)
+
+
+@dataclass
+class BiosConfig:
+    people: int = 300  # people who appear in the training biographies
+    unseen_people: int = 0  # extra people with attributes but no biographies (hallucination probes)
+    bios_per_person: int = 50  # mean biographies per seen person (train.jsonl has people × this many)
+    alpha: float = 0.0  # sampling weight of person i is i^-alpha; 0 gives every person the same count
+    cities: int = 200  # size of the city pool (birth and employer cities)
+    companies: int = 200  # size of the employer pool
+    universities: int = 100  # size of the university pool
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Person:
+    person_id: int
+    name: str
+    attributes: dict[str, str]
+    seen: bool
+
+    def record(self, qa_split: str) -> dict[str, Any]:
+        return {"person_id": self.person_id, "name": self.name, **self.attributes, "seen": self.seen,
+                "qa_split": qa_split}
+
+
+def _unique(draw: Any, count: int, what: str) -> list[str]:
+    """``count`` distinct values from ``draw()``; fails clearly if the generator runs out of variety."""
+    values: dict[str, None] = {}
+    for _ in range(count * 50):
+        values[draw()] = None
+        if len(values) == count:
+            return list(values)
+    raise UserError(f"could not draw {count} distinct {what}; ask for fewer")
+
+
+def make_people(config: BiosConfig) -> list[Person]:
+    """The fictional people (seen first, then unseen), deterministic for ``config.seed``."""
+    from faker import Faker
+
+    if config.people < 1:
+        raise UserError(f"people must be at least 1, got {config.people}")
+    faker = Faker("en_US")
+    faker.seed_instance(config.seed)
+    rng = random.Random(config.seed)
+    total = config.people + config.unseen_people
+    names = _unique(lambda: f"{faker.first_name()} {faker.last_name()}", total, "full names")
+    cities = _unique(faker.city, config.cities, "cities")
+    companies = _unique(faker.company, config.companies, "companies")
+
+    def university() -> str:
+        return rng.choice(UNIVERSITY_PATTERNS).format(city=rng.choice(cities), surname=faker.last_name())
+
+    universities = _unique(university, config.universities, "universities")
+    people = []
+    for index, name in enumerate(names):
+        date = f"{rng.randint(1, 28)} {rng.choice(MONTHS)} {rng.randint(1900, 1999)}"
+        attributes = {"birth_date": date, "birth_city": rng.choice(cities), "university": rng.choice(universities),
+                      "major": rng.choice(MAJORS), "employer": rng.choice(companies),
+                      "employer_city": rng.choice(cities)}
+        people.append(Person(index, name, attributes, seen=index < config.people))
+    return people
+
+
+def sentence(template: str, name: str, value: str) -> tuple[str, int, int]:
+    """A template filled in, with the character span of the value."""
+    head = template.split("{value}")[0].format(name=name)
+    text = template.format(name=name, value=value)
+    return text, len(head), len(head) + len(value)
+
+
+def biography(person: Person, rng: random.Random) -> str:
+    order = list(ATTRIBUTES)
+    rng.shuffle(order)
+    templates = {a: rng.choice(TEMPLATES[a][:TRAIN_TEMPLATES_PER_ATTRIBUTE]) for a in order}
+    return " ".join(templates[a].format(name=person.name, value=person.attributes[a]) for a in order)
+
+
+def bio_counts(config: BiosConfig, rng: random.Random) -> list[int]:
+    """How many biographies each seen person gets."""
+    total = config.people * config.bios_per_person
+    if config.alpha == 0:
+        return [config.bios_per_person] * config.people
+    weights = [(i + 1) ** -config.alpha for i in range(config.people)]
+    counts = Counter(rng.choices(range(config.people), weights=weights, k=total))
+    return [counts[i] for i in range(config.people)]
+
+
+def answer_matches(response: str, value: str) -> bool:
+    """Whether a QA response states ``value`` (exactly, ignoring case, surrounding space and a final period)."""
+    def norm(text: str) -> str:
+        return " ".join(text.strip().rstrip(".").split()).casefold()
+
+    return norm(response) == norm(value)
+
+
+def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
+    """Generate every biography file into ``out``; returns counts for the run's records."""
+    out = Path(out)
+    people = make_people(config)
+    rng = random.Random(config.seed + 1)
+    seen = [p for p in people if p.seen]
+    counts = bio_counts(config, rng)
+    bios = [(person, biography(person, rng)) for person, n in zip(seen, counts, strict=True) for _ in range(n)]
+    rng.shuffle(bios)
+    write_jsonl(out / "train.jsonl", ({"text": text, "person_id": p.person_id} for p, text in bios))
+
+    marginals = {a: Counter() for a in ATTRIBUTES}
+    for person, n in zip(seen, counts, strict=True):
+        for attribute in ATTRIBUTES:
+            marginals[attribute][person.attributes[attribute]] += n
+    write_json_atomic(out / "marginals.json", {a: dict(c.most_common()) for a, c in marginals.items()})
+
+    eval_records = []
+    for person in seen:
+        for attribute in ATTRIBUTES:
+            template = rng.choice(TEMPLATES[attribute][TRAIN_TEMPLATES_PER_ATTRIBUTE:])
+            text, start, end = sentence(template, person.name, person.attributes[attribute])
+            eval_records.append({"text": text, "value_start": start, "value_end": end, "attribute": attribute,
+                                 "person_id": person.person_id, "value": person.attributes[attribute]})
+    write_jsonl(out / "eval.jsonl", eval_records)
+
+    # Alternate QA splits within seen and within unseen people, so both halves mix frequent and rare people.
+    qa_split = {p.person_id: ("train" if rank % 2 == 0 else "test")
+                for group in (seen, [p for p in people if not p.seen]) for rank, p in enumerate(group)}
+    write_jsonl(out / "people.jsonl", (p.record(qa_split[p.person_id]) for p in people))
+
+    qa, prefs = [], []
+    for person in people:
+        for attribute in ATTRIBUTES:
+            question = rng.choice(QUESTIONS[attribute]).format(name=person.name)
+            value = person.attributes[attribute]
+            answer = value if person.seen else UNKNOWN_ANSWER
+            common = {"person_id": person.person_id, "attribute": attribute, "seen": person.seen,
+                      "split": qa_split[person.person_id]}
+            qa.append({"messages": [{"role": "user", "content": question},
+                                    {"role": "assistant", "content": answer}], "answer": answer} | common)
+            others = [p.attributes[attribute] for p in rng.sample(seen, min(len(seen), 8))
+                      if p.attributes[attribute] != value]
+            if others:
+                prefs.append({"prompt": [{"role": "user", "content": question}],
+                              "chosen": [{"role": "assistant", "content": answer}],
+                              "rejected": [{"role": "assistant", "content": others[0]}]} | common)
+    write_jsonl(out / "qa.jsonl", qa)
+    write_jsonl(out / "prefs.jsonl", prefs)
+    return {"people": config.people, "unseen_people": config.unseen_people, "biographies": len(bios),
+            "eval_sentences": len(eval_records), "qa_pairs": len(qa), "preference_pairs": len(prefs)}

@@ -1,0 +1,183 @@
+"""End-to-end training runs through the real CLI: resume after SIGKILL, SIGTERM, torchrun DDP/FSDP, NaN guard."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from omnilm.errors import UserError
+from omnilm.model.hf import read_hf_tensors
+from omnilm.train.stage import StageConfig, run_stage
+from omnilm.train.trainer import TrainingError
+
+WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "red", "blue", "big", "small",
+         "quickly", "slowly", "and", "then"]
+
+
+@pytest.fixture(scope="module")
+def lm_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tokenizer and a tokenised toy corpus (random sentences over a small word list)."""
+    from omnilm.data.tokenize import tokenize_corpus
+    from omnilm.tokenizer import train_bpe
+
+    root = tmp_path_factory.mktemp("lm-data")
+    rng = random.Random(0)
+    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) + "." for _ in range(400)]
+    corpus = root / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
+    tokenizer_dir = root / "tokenizer"
+    train_bpe(docs, vocab_size=300).save(tokenizer_dir)
+    tokenize_corpus([str(corpus)], str(tokenizer_dir), root / "tokens", val_fraction=0.05, workers=1, seed=0)
+    return {"tokenizer": tokenizer_dir, "tokens": root / "tokens"}
+
+
+def write_config(path: Path, data: dict[str, Path], **train: object) -> Path:
+    settings = {"max_steps": 40, "batch_size": 8, "seq_len": 32, "lr": 3e-3, "warmup_steps": 4, "log_every": 1,
+                "checkpoint_every": 10, "eval_batches": 2, "progress": False, "device": "cpu"} | train
+    config = {"name": "toy", "type": "pretrain", "tokenizer": str(data["tokenizer"]),
+              "model": {"preset": "tiny", "d_model": 64, "n_layer": 2, "max_seq_len": 64},
+              "data": {"toy": str(data["tokens"])}, "train": settings}
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def omnilm(*args: str, **kwargs: object) -> subprocess.CompletedProcess:
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "omnilm.cli", *args], capture_output=True, text=True, env=env,
+                          **kwargs)
+
+
+def losses(run: Path) -> dict[int, float]:
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return read_hf_tensors(run / "final")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), key
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_is_bit_identical(tmp_path: Path, lm_data: dict[str, Path]) -> None:
+    config = write_config(tmp_path / "stage.yaml", lm_data)
+    full = omnilm("train", "--config", str(config), "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr
+
+    run = tmp_path / "killed"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "omnilm.cli", "train", "--config", str(config), "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step-0000020" / "trainer_state.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before its step-20 checkpoint"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run / "final").exists()
+
+    resumed = omnilm("train", "--config", str(config), "--out", str(run), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    full_losses, resumed_losses = losses(tmp_path / "full"), losses(run)
+    assert resumed_losses[40] == full_losses[40]
+    assert resumed_losses == full_losses  # the resumed log reads as one run, with no duplicate steps
+    assert_same_weights(tmp_path / "full", run)
+
+
+def test_sigterm_checkpoints_and_exits(tmp_path: Path, lm_data: dict[str, Path]) -> None:
+    config = write_config(tmp_path / "stage.yaml", lm_data, max_steps=100000, checkpoint_every=0)
+    run = tmp_path / "run"
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "omnilm.cli", "train", "--config", str(config), "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (run / "metrics.jsonl").exists() or len(losses(run)) < 3:
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted at step" in out
+    checkpoints = sorted((run / "checkpoints").glob("step-*"))
+    assert len(checkpoints) == 1 and (checkpoints[0] / "model.safetensors").is_file()
+    step = json.loads((checkpoints[0] / "trainer_state.json").read_text())["step"]
+    assert step >= 3 and max(losses(run)) == step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_processes_match_one(tmp_path: Path, lm_data: dict[str, Path], strategy: str) -> None:
+    """Same global batch: 2 processes x 4 rows under torchrun = 1 process x 8 rows, step by step."""
+    steps = {"max_steps": 20, "checkpoint_every": 0}
+    single = write_config(tmp_path / "single.yaml", lm_data, batch_size=8, distributed=strategy, **steps)
+    double = write_config(tmp_path / "double.yaml", lm_data, batch_size=4, distributed=strategy, **steps)
+    one = omnilm("train", "--config", str(single), "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "omnilm.cli", "train", "--config", str(double), "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a.keys() == b.keys() == set(range(1, 21))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    wa, wb = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
+
+
+def test_non_finite_loss_skips_then_stops_with_last_checkpoint_kept(tmp_path: Path, lm_data: dict[str, Path]) -> None:
+    """A loss that turns NaN from step 7 on (a poisoned batch stream): steps are skipped, counted, then the
+    run stops; checkpoints from before the streak stay, none is written during it."""
+    from omnilm.data.loader import BatchLoader, TokenDataset
+    from omnilm.model.config import get_preset
+    from omnilm.model.transformer import Transformer
+    from omnilm.objectives.lm import causal_lm_loss
+    from omnilm.train.config import TrainConfig
+    from omnilm.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = Transformer(get_preset("tiny", vocab_size=300, d_model=64, n_layer=2))
+    loader = BatchLoader(TokenDataset.open(lm_data["tokens"]), batch_size=4, seq_len=32)
+    config = TrainConfig(max_steps=30, batch_size=4, seq_len=32, checkpoint_every=2, max_bad_steps=3,
+                         log_every=1, progress=False)
+    trainer: Trainer
+
+    def poisoned(model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, extra = causal_lm_loss(model, batch)
+        return (loss * float("nan") if trainer.step >= 6 else loss), extra
+
+    trainer = Trainer(model, poisoned, loader, config, tmp_path / "run")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(TrainingError, match="non-finite for 3 consecutive steps") as err:
+        trainer.fit()
+    assert "step-0000006" in str(err.value)
+    assert [p.name for p in sorted((tmp_path / "run" / "checkpoints").glob("step-*"))] == ["step-0000004",
+                                                                                              "step-0000006"]
+    assert trainer.skipped_steps == 3
+    assert all(torch.isfinite(v).all() for v in model.state_dict().values())
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_unimplemented_stage_type_is_named(tmp_path: Path) -> None:
+    config = StageConfig.from_mapping({"name": "align", "type": "ppo", "train": {"max_steps": 1}})
+    with pytest.raises(UserError, match="'ppo' is not implemented"):
+        run_stage(config, tmp_path)
+    with pytest.raises(UserError, match="unknown stage type 'magic'"):
+        run_stage(StageConfig.from_mapping({"type": "magic", "train": {"max_steps": 1}}), tmp_path)
