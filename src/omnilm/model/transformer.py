@@ -115,36 +115,41 @@ class Transformer(nn.Module):
         positions = attention_mask.long().cumsum(-1) - 1
         return positions.clamp(min=0)[:, past:past + q_len]
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+    def hidden_states(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
+                      position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
+                      inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model).
 
         ``attention_mask`` (B, past+T) covers the cached positions too (1 = token, 0 = padding).
         With ``cache`` the new keys/values are appended and the cache advances by T.
+        ``inputs_embeds`` (B, T, d_model) replaces the token-embedding lookup, so vectors that are no
+        vocabulary entry (soft prompts) can be fed; pass it or ``input_ids``, not both.
         """
-        B, T = input_ids.shape
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
+        B, T = x.shape[:2]
         past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = self.default_positions(attention_mask, past, T, B, input_ids.device)
-        x = self.tok_emb(input_ids)
+            position_ids = self.default_positions(attention_mask, past, T, B, x.device)
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
         else:
             rope = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x.dtype)
         x = self.drop(x)
-        mask = build_attention_mask(attention_mask, past, T, input_ids.device)
+        mask = build_attention_mask(attention_mask, past, T, x.device)
         for block in self.blocks:
             x = block(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm_f(x)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, T, vocab); with ``last_only`` just the last position's (B, 1, vocab)."""
-        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
