@@ -211,6 +211,12 @@ def test_adapter_for_other_layers_is_refused(tmp_path):
         load_adapter(small_model("gpt2"), tmp_path)
     with pytest.raises(ConfigError, match="shape"):
         load_adapter(small_model("llama", d_model=32), tmp_path)
+    with pytest.raises(ConfigError, match="already"):
+        load_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"use_dora": True}))
+    with pytest.raises(ConfigError, match="unsupported LoRA option.*use_dora"):
+        load_adapter(small_model("llama"), tmp_path)
 
 
 def test_adapter_on_some_layers_only_exports_precise_targets(tmp_path):

@@ -123,6 +123,11 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
+def _require_no_lora(model: nn.Module) -> None:
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ConfigError("model already has LoRA adapters; merge_lora it before adding new ones")
+
+
 def _wrap(model: nn.Module, names: list[str], r: int, alpha: float, dropout: float) -> None:
     """Replace the named linears by LoraLinear and freeze everything else."""
     shared = _shared_parameter_ids(model)
@@ -143,8 +148,7 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> nn.Module:
     Every other parameter is frozen. A target that matches no module, or matches something other
     than an ``nn.Linear``, is an error, so a misspelt name never silently trains nothing.
     """
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
-        raise ConfigError("model already has LoRA adapters; merge_lora it before adding new ones")
+    _require_no_lora(model)
     modules = dict(model.named_modules())
     unknown = [t for t in config.target_modules if not any(matches_target(n, t) for n in modules)]
     if unknown:
@@ -285,6 +289,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> nn.Module:
     The adapted layers are the ones the file has weights for; every tensor must land on a layer of the
     model with the right shape.
     """
+    _require_no_lora(model)
     config, tensors = read_adapter_folder(folder, "LORA")
     weights_path = Path(folder) / ADAPTER_WEIGHTS
     bad = {k: config[k] for k, default in _UNSUPPORTED_OPTIONS.items() if config.get(k) not in (None, default)}
