@@ -111,24 +111,32 @@ def _open_lines(path: Path) -> Iterator[bytes]:
         yield from handle
 
 
-def _iter_jsonl(path: Path, text_field: str, strict: bool, report: ReadReport) -> Iterator[Document]:
+def iter_jsonl_records(path: Path, strict: bool, report: ReadReport) -> Iterator[tuple[dict, str]]:
+    """The JSON objects of a jsonl file with their ``file:line``; invalid lines are skipped and reported."""
     for number, raw in enumerate(_open_lines(path), start=1):
         if not raw.strip():
             continue
         report.bytes += len(raw)
         where = f"{path}:{number}"
-        line = _decode(raw, report)
         try:
-            record = json.loads(line)
+            record = json.loads(_decode(raw, report))
         except json.JSONDecodeError as err:
             report.skip(where, f"invalid JSON ({err.msg})", strict)
             continue
-        value = record.get(text_field) if isinstance(record, dict) else None
+        if not isinstance(record, dict):
+            report.skip(where, "not a JSON object", strict)
+            continue
+        yield record, where
+
+
+def _iter_jsonl(path: Path, text_field: str, strict: bool, report: ReadReport) -> Iterator[Document]:
+    for record, where in iter_jsonl_records(path, strict, report):
+        value = record.get(text_field)
         if not isinstance(value, str):
-            reason = "no field" if not isinstance(record, dict) or text_field not in record else "non-string field"
+            reason = "no field" if text_field not in record else "non-string field"
             report.skip(where, f"{reason} {text_field!r}", strict)
             continue
-        yield Document(value, str(path), number)
+        yield Document(value, str(path), int(where.rsplit(":", 1)[1]))
 
 
 def _iter_parquet(path: Path, text_field: str, strict: bool, report: ReadReport) -> Iterator[Document]:

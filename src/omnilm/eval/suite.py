@@ -3,6 +3,8 @@
 Types:
   ``attributes``  biography attribute recall on held-out templates (``data``: eval.jsonl; ``seen``: a
                   train.jsonl whose ``person_id`` s restrict the probe to people the model saw; ``max_examples``)
+  ``qa``          exact greedy answers to chat questions (``data``: jsonl of ``messages``; ``where``: keep
+                  records whose fields equal these values; ``max_examples``)
   ``val_loss``    loss and bits per byte on the ``val`` split of a tokenised dataset (``data``; ``batches``,
                   ``batch_size``, ``seq_len``)
 """
@@ -46,10 +48,24 @@ def attributes_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[st
     if spec.get("seen"):
         seen = seen_people(spec["seen"])
         records = [r for r in records if r.get("person_id") in seen]
-    limit = spec.get("max_examples")
+    return evaluate_attributes(model, tokenizer, _limit(records, spec.get("max_examples")))
+
+
+@register_eval("qa", "accuracy")
+def qa_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.eval.attributes import read_jsonl
+    from omnilm.eval.qa import evaluate_qa
+
+    where = spec.get("where") or {}
+    records = [r for r in read_jsonl(spec["data"]) if all(r.get(k) == v for k, v in where.items())]
+    return evaluate_qa(model, tokenizer, _limit(records, spec.get("max_examples")))
+
+
+def _limit(records: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+    """A fixed random subset of at most ``limit`` records (all of them without a limit)."""
     if limit and len(records) > limit:
-        records = random.Random(0).sample(records, limit)
-    return evaluate_attributes(model, tokenizer, records)
+        return random.Random(0).sample(records, limit)
+    return records
 
 
 @register_eval("val_loss", "val_loss")

@@ -18,6 +18,19 @@ def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor
     return loss, {}
 
 
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Next-token loss over the tokens whose ``loss_mask`` is 1 (e.g. assistant replies in chat SFT).
+
+    ``batch["tokens"]`` and ``batch["loss_mask"]`` are (B, L); position t is predicted from positions < t, so the
+    mask of the first token is never used. The mean is over masked tokens of the whole micro-batch.
+    """
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    targets = tokens[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    logits = model(tokens[:, :-1])
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    return loss, {"loss_tokens": float(mask[:, 1:].sum())}
+
+
 def token_byte_lengths(tokenizer) -> torch.Tensor:  # noqa: ANN001 - omnilm.tokenizer.Tokenizer
     """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.
 

@@ -59,7 +59,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 def load_recipe(name_or_path: str, preset: str | None = None) -> Recipe:
     """A built-in recipe by name (``demo``) or a YAML file, with ``preset`` applied."""
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml", ".json") or path.exists():
+    if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
         values, source = read_mapping(path), str(path)
     elif name_or_path in builtin_recipes():
         import yaml

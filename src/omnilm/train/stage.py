@@ -27,10 +27,14 @@ KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "gr
 
 @dataclass
 class DataSource:
-    """A tokenised dataset (the ``--out`` folder of ``omnilm data tokenize``) and its mixture weight."""
+    """A data source of a stage: for pretrain/midtrain a tokenised dataset (the ``--out`` folder of
+    ``omnilm data tokenize``); for post-training stages jsonl files of chat or preference records."""
 
     path: str
+    #: Mixture weight (pretrain/midtrain).
     weight: float = 1.0
+    #: Post-training: keep only records whose fields equal these values (e.g. ``{split: train}``).
+    where: dict[str, Any] | None = None
 
 
 @dataclass
@@ -101,7 +105,9 @@ def run_stage(config: StageConfig, out_dir: str | Path, resume: bool = False) ->
 
 def _load_builders() -> None:
     """Import the modules that register stage types (kept lazy: they pull in heavy dependencies)."""
+    import omnilm.train.dpo  # noqa: F401
     import omnilm.train.pretrain  # noqa: F401
+    import omnilm.train.sft  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------- shared parts
@@ -129,6 +135,14 @@ def build_model(config: StageConfig, tokenizer: Any, resume_from: Path | None, s
     return Transformer(model_config)
 
 
+def stage_options(config: StageConfig, defaults: dict[str, Any]) -> dict[str, Any]:
+    """``config.options`` over ``defaults``; an option the stage type does not know is an error."""
+    unknown = sorted(set(config.options) - set(defaults))
+    if unknown:
+        raise ConfigError(f"stage {config.name!r}: unknown option(s) {unknown}; known: {sorted(defaults)}")
+    return defaults | config.options
+
+
 def load_tokenizer(config: StageConfig) -> Any:
     from omnilm.tokenizer import Tokenizer
 
@@ -138,13 +152,19 @@ def load_tokenizer(config: StageConfig) -> Any:
     return Tokenizer.from_dir(folder)
 
 
-def greedy_sampler(tokenizer: Any, prompt: str, max_new_tokens: int) -> Callable[[nn.Module], str]:
-    """A function that continues ``prompt`` greedily with a model (for periodic samples)."""
+def greedy_sampler(tokenizer: Any, prompt: str, max_new_tokens: int, chat: bool = False,
+                   ) -> Callable[[nn.Module], str]:
+    """A function that continues ``prompt`` greedily with a model (for periodic samples); with ``chat`` the
+    prompt is a user turn and the reply ends at ``<|im_end|>``."""
     from omnilm.infer.generate import generate_ids
     from omnilm.infer.sampling import SamplingParams
+    from omnilm.tokenizer.chat import IM_END, format_chat
 
+    if chat:
+        prompt = format_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
     prompt_ids = tokenizer.encode(prompt)
-    eos = [tokenizer.eos_id] if tokenizer.eos_id is not None else []
+    stops = [tokenizer.eos_id] + ([tokenizer.token_to_id(IM_END)] if chat else [])
+    eos = [t for t in stops if t is not None]
 
     def sample(model: nn.Module) -> str:
         params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)

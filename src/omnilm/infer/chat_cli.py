@@ -1,0 +1,83 @@
+"""CLI verb ``chat``: talk to a chat model in the terminal, or answer user turns piped on stdin.
+
+Each input line is one user turn; the assistant's reply is printed (streamed) followed by a newline, so
+``printf 'Where was X born?\\n' | omnilm chat --model DIR`` prints one reply per line. The conversation keeps its
+history (oldest turns are dropped when it no longer fits the context). Commands: ``/reset`` starts over,
+``/system TEXT`` sets a system message (and starts over), ``/quit`` leaves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("chat", help="chat with a model (interactive, or one user turn per stdin line)")
+    p.add_argument("--model", required=True, help="model folder with a chat tokenizer")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--system", default=None, help="system message at the start of the conversation")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(handler=run_chat)
+
+
+def fit_history(tokenizer: Any, system: list[dict[str, str]], turns: list[dict[str, str]], budget: int,
+                ) -> list[dict[str, str]]:
+    """System message plus the most recent whole user/assistant turns that fit ``budget`` tokens."""
+    from omnilm.tokenizer.chat import format_chat
+
+    kept = list(turns)
+    while len(kept) > 1 and len(tokenizer.encode(format_chat(system + kept, add_generation_prompt=True))) > budget:
+        kept = kept[2:] if len(kept) > 2 else kept[1:]
+    return system + kept
+
+
+def run_chat(args: argparse.Namespace) -> int:
+    from omnilm.infer import SamplingParams, TextGenerator
+    from omnilm.tokenizer.chat import IM_END, format_chat
+
+    generator = TextGenerator.from_pretrained(args.model, device=args.device)
+    tokenizer = generator.tokenizer
+    im_end = tokenizer.token_to_id(IM_END)
+    if im_end is None:
+        print(f"omnilm chat: {args.model}: the tokenizer has no {IM_END} token; it is not a chat model",
+              file=sys.stderr)
+        return 2
+    generator.eos_ids = sorted(set(generator.eos_ids) | {im_end})
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    budget = generator.model.config.max_seq_len - args.max_new_tokens
+    interactive = sys.stdin.isatty()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    turns: list[dict[str, str]] = []
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        text = line.rstrip("\n")
+        if text == "/quit":
+            return 0
+        if text == "/reset" or text.startswith("/system"):
+            turns = []
+            if text.startswith("/system"):
+                content = text.removeprefix("/system").strip()
+                system = [{"role": "system", "content": content}] if content else []
+            if interactive:
+                print("(conversation reset)")
+            continue
+        if not text.strip():
+            continue
+        turns.append({"role": "user", "content": text})
+        messages = fit_history(tokenizer, system, turns, budget)
+        reply = ""
+        for piece in generator.stream(format_chat(messages, add_generation_prompt=True), params):
+            reply += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        turns.append({"role": "assistant", "content": reply.strip() or "..."})

@@ -1,0 +1,82 @@
+"""Direct preference optimisation (stage type ``dpo``) against a frozen copy of the starting model.
+
+Data: jsonl preference records (``prompt``, ``chosen``, ``rejected``; see ``omnilm.data.chat_data``). Each
+micro-batch holds B chosen and B rejected conversations right-padded in one tensor; the policy and the frozen
+reference score the assistant tokens of both. Options (``options:`` of the stage):
+
+``beta`` (0.1)               strength of the implicit KL constraint
+``loss_type`` (sigmoid)      ``sigmoid`` (DPO) or ``ipo`` (IPO; uses per-token average log-probs)
+``label_smoothing`` (0.0)    conservative DPO: the share of preference labels assumed flipped
+``strict`` (false)           a bad record fails the run instead of being skipped and reported
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omnilm.config import ConfigError
+from omnilm.data.sources import ReadReport
+from omnilm.train.distributed import wrap_model
+from omnilm.train.sft import post_training_setup, print_read_report
+from omnilm.train.stage import StageConfig, register_stage, stage_options
+from omnilm.train.trainer import Trainer, TrainResult
+
+DPO_OPTIONS = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "strict": False}
+
+
+def frozen_reference(folder: str, device: torch.device) -> nn.Module:
+    """The reference policy: the stage's starting model, in eval mode and without gradients."""
+    from omnilm.model.hf import load_pretrained
+
+    reference = load_pretrained(folder, dtype=torch.float32).to(device).eval()
+    reference.requires_grad_(False)
+    return reference
+
+
+@register_stage("dpo")
+def run_dpo_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
+    from omnilm.data.chat_data import load_preference_examples
+    from omnilm.data.examples import ExampleLoader, pad_right
+    from omnilm.objectives.logprobs import sequence_logprobs
+    from omnilm.objectives.preference import dpo_loss
+
+    options = stage_options(config, DPO_OPTIONS)
+    if not config.init_from:
+        raise ConfigError(f"stage {config.name!r}: dpo needs init_from (the model to align and its reference)")
+    train = config.train
+    device, info, tokenizer, model, resume_from = post_training_setup(config, out_dir, resume)
+    reference = frozen_reference(config.init_from, device)
+    report = ReadReport()
+    pairs = []
+    for source in config.data.values():
+        pairs += load_preference_examples([source.path], tokenizer, train.seq_len + 1, source.where,
+                                          strict=bool(options["strict"]), report=report)
+    if info.is_main:
+        print_read_report(config.name, report, len(pairs))
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+
+    def collate(indices: list[int]) -> dict[str, torch.Tensor]:
+        rows = [pairs[i].chosen for i in indices] + [pairs[i].rejected for i in indices]
+        return {"tokens": pad_right([r.ids for r in rows], pad), "loss_mask": pad_right([r.mask for r in rows], 0)}
+
+    average = options["loss_type"] == "ipo"
+
+    def objective(policy: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        tokens, mask = batch["tokens"], batch["loss_mask"]
+        logps = sequence_logprobs(policy, tokens, None, mask, average=average)
+        with torch.no_grad():
+            ref = sequence_logprobs(reference, tokens, None, mask, average=average)
+        n = tokens.shape[0] // 2
+        return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=float(options["beta"]),
+                        loss_type=options["loss_type"], label_smoothing=float(options["label_smoothing"]))
+
+    loader = ExampleLoader(len(pairs), train.batch_size, collate, seed=train.seed, rank=info.rank,
+                           world_size=info.world_size)
+    model = wrap_model(model, train.distributed, info, device)
+    mean_len = sum(len(p.chosen.ids) + len(p.rejected.ids) for p in pairs) / max(len(pairs), 1)
+    trainer = Trainer(model, objective, loader, train, out_dir, info=info, tokenizer=tokenizer,
+                      tokens_per_batch=round(mean_len * train.batch_size))
+    return trainer.fit(resume=resume_from is not None)

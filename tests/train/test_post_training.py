@@ -1,0 +1,130 @@
+"""Chat SFT and DPO stages: batching without cross-talk, the masked loss, bad records, short real runs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from helpers import small_model
+from omnilm.data.chat_data import load_chat_examples, load_preference_examples
+from omnilm.data.examples import ExampleLoader, pad_right
+from omnilm.data.sources import ReadReport
+from omnilm.errors import UserError
+from omnilm.objectives.lm import masked_lm_loss
+from omnilm.train.stage import StageConfig, run_stage
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Biography QA and preference pairs for 12 people, and a tokenizer that knows their text."""
+    from omnilm.data.synth.bios import BiosConfig, write_bios
+    from omnilm.tokenizer import train_bpe
+    from omnilm.tokenizer.chat import format_chat
+
+    root = tmp_path_factory.mktemp("chat")
+    write_bios(BiosConfig(people=12, unseen_people=2, bios_per_person=2, seed=0), root / "bios")
+    qa = [json.loads(line) for line in (root / "bios" / "qa.jsonl").read_text().splitlines()]
+    texts = [format_chat(r["messages"]) for r in qa] * 4
+    train_bpe(texts, vocab_size=400).save(root / "tokenizer")
+    return {"root": root, "qa": root / "bios" / "qa.jsonl", "prefs": root / "bios" / "prefs.jsonl",
+            "tokenizer": root / "tokenizer"}
+
+
+def test_padded_rows_do_not_see_each_other_and_the_loss_covers_replies_only(chat_data: dict[str, Path]) -> None:
+    from omnilm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(chat_data["tokenizer"])
+    examples = load_chat_examples([str(chat_data["qa"])], tokenizer, max_len=128)[:5]
+    model = small_model("llama", vocab_size=tokenizer.vocab_size)
+    tokens = pad_right([e.ids for e in examples], tokenizer.pad_id)
+    mask = pad_right([e.mask for e in examples], 0)
+    assert len({len(e.ids) for e in examples}) > 1  # some rows are padded
+    with torch.no_grad():
+        batched = model(tokens)
+        for row, example in enumerate(examples):  # each row computes exactly what the conversation alone does
+            alone = model(torch.tensor([example.ids]))
+            torch.testing.assert_close(batched[row, :len(example.ids)], alone[0], atol=1e-5, rtol=0)
+        loss, extra = masked_lm_loss(model, {"tokens": tokens, "loss_mask": mask})
+    # Independent: explicit loop over the reply tokens of every conversation.
+    total, count = 0.0, 0
+    for example in examples:
+        with torch.no_grad():
+            logits = model(torch.tensor([example.ids]))[0].double()
+        for t in range(1, len(example.ids)):
+            if example.mask[t]:
+                total -= float(F.log_softmax(logits[t - 1], -1)[example.ids[t]])
+                count += 1
+    assert extra["loss_tokens"] == count
+    assert math.isclose(float(loss), total / count, rel_tol=1e-5)
+
+
+def test_bad_records_are_reported_with_file_and_line(chat_data: dict[str, Path], tmp_path: Path) -> None:
+    from omnilm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.from_dir(chat_data["tokenizer"])
+    good = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    lines = [good, {"messages": [{"content": "no role"}]}, {"messages": [{"role": "robot", "content": "x"}]},
+             {"messages": [{"role": "user", "content": ""}]}, "{not json", {"prompt": "Q", "completion": "A"},
+             {"text": "neither"}]
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n")
+    report = ReadReport()
+    examples = load_chat_examples([str(path)], tokenizer, max_len=64, report=report)
+    assert [e.where for e in examples] == [f"{path}:1", f"{path}:6"]
+    assert report.malformed == 5
+    expected = {2: "missing role", 3: "unknown role 'robot'", 4: "empty content", 5: "invalid JSON",
+                7: "neither messages nor prompt/completion"}
+    for line, reason in expected.items():
+        assert any(p.startswith(f"{path}:{line}: ") and reason in p for p in report.problems), (line, report.problems)
+    with pytest.raises(UserError, match=f"{path}:2: .*missing role"):
+        load_chat_examples([str(path)], tokenizer, max_len=64, strict=True)
+    pairs = load_preference_examples([str(chat_data["prefs"])], tokenizer, max_len=128)
+    assert pairs and all(p.chosen.ids != p.rejected.ids for p in pairs)
+
+
+def test_example_loader_is_resumable_and_splits_ranks() -> None:
+    single = ExampleLoader(10, 4, collate=list, seed=3)
+    ranks = [ExampleLoader(10, 2, collate=list, seed=3, rank=r, world_size=2) for r in range(2)]
+    seen = []
+    for _ in range(5):
+        batch = single.next_batch()
+        assert batch == ranks[0].next_batch() + ranks[1].next_batch()
+        seen += batch
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:20]) == list(range(10))  # whole epochs
+    resumed = ExampleLoader(10, 4, collate=list, seed=3)
+    resumed.load_state_dict(single.state_dict())
+    assert resumed.next_batch() == single.next_batch()
+
+
+def losses(run: Path, key: str = "loss") -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r[key] for r in rows if key in r]
+
+
+@pytest.mark.slow
+def test_sft_then_dpo_improve_their_objectives(chat_data: dict[str, Path], tmp_path: Path) -> None:
+    train = {"batch_size": 16, "seq_len": 96, "lr": 3e-3, "log_every": 1, "progress": False, "device": "cpu",
+             "checkpoint_every": 0}
+    sft = StageConfig.from_mapping({
+        "name": "sft", "type": "sft", "tokenizer": str(chat_data["tokenizer"]),
+        "model": {"preset": "tiny", "d_model": 64, "n_layer": 2, "max_seq_len": 128},
+        "data": {"qa": {"path": str(chat_data["qa"]), "where": {"split": "train"}}},
+        "train": train | {"max_steps": 60, "warmup_steps": 5}})
+    result = run_stage(sft, tmp_path / "sft")
+    curve = losses(tmp_path / "sft")
+    assert result.status == "complete" and sum(curve[-5:]) / 5 < 0.5 * sum(curve[:5]) / 5
+
+    dpo = StageConfig.from_mapping({
+        "name": "dpo", "type": "dpo", "init_from": str(result.final_dir), "options": {"beta": 0.5},
+        "data": {"prefs": {"path": str(chat_data["prefs"]), "where": {"split": "train"}}},
+        "train": train | {"max_steps": 25, "lr": 1e-3}})
+    run_stage(dpo, tmp_path / "dpo")
+    curve, accuracy = losses(tmp_path / "dpo"), losses(tmp_path / "dpo", "rewards/accuracy")
+    assert curve[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the first step
+    assert sum(curve[-5:]) / 5 < 0.6 * math.log(2)
+    assert sum(accuracy[-5:]) / 5 > 0.8
