@@ -165,7 +165,8 @@ def _gpt2_state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> di
         for hf_name, our_name in (("ln_1", "norm1"), ("ln_2", "norm2")):
             for suffix in ("weight", "bias"):
                 out[f"{hf}{hf_name}.{suffix}"] = state[f"{ours}{our_name}.{suffix}"]
-    if not config.tie_embeddings:
+    # A model without an LM head (a reward model's backbone) has none to write.
+    if not config.tie_embeddings and "lm_head.weight" in state:
         out["lm_head.weight"] = state["lm_head.weight"]
     return out
 
@@ -251,16 +252,20 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                    state: dict[str, torch.Tensor] | None = None) -> Path:
+                    state: dict[str, torch.Tensor] | None = None,
+                    extra_tensors: dict[str, torch.Tensor] | None = None,
+                    config_updates: dict[str, Any] | None = None) -> Path:
     """Write ``model`` (and optionally its tokenizer) as a Hugging Face model folder.
 
     Every file is written atomically; weights above ``max_shard_bytes`` are split into
     ``model-0000i-of-0000n.safetensors`` shards with an index, which is written last. ``state`` replaces the
-    model's own tensors (a full state dict gathered from a sharded model).
+    model's own tensors (a full state dict gathered from a sharded model). ``extra_tensors`` (Hugging Face
+    names) and ``config_updates`` let a model built around a Transformer (e.g. with a scoring head) add its own
+    weights and config.json entries.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = state_to_hf(model, state)
+    tensors = state_to_hf(model, state) | {k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()}
     shards = _shard(tensors, max_shard_bytes)
     old_shards = set(folder.glob("model-*-of-*.safetensors"))
     if len(shards) == 1:
@@ -279,7 +284,8 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = Non
     for stale in old_shards:
         stale.unlink()
     config = model.config
-    write_json_atomic(folder / "config.json", config_to_hf(config) | {"dtype": _dtype_name(tensors)})
+    write_json_atomic(folder / "config.json",
+                      config_to_hf(config) | {"dtype": _dtype_name(tensors)} | (config_updates or {}))
     generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     write_json_atomic(folder / "generation_config.json", {k: v for k, v in generation.items() if v is not None})
     if tokenizer is not None:
@@ -323,6 +329,23 @@ def read_config(folder: str | Path) -> ModelConfig:
     return config_from_hf(json.loads(path.read_text(encoding="utf-8")), source=str(path))
 
 
+def check_tensors(folder: str | Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
+    """Raise a CheckpointError naming every missing, unexpected and wrongly shaped tensor of ``state``."""
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
+             for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k]]
+    problems = []
+    if missing:
+        problems.append(f"missing tensor(s) {missing}")
+    if unexpected:
+        problems.append(f"unexpected tensor(s) {unexpected}")
+    if wrong:
+        problems.append(f"shape mismatch {wrong}")
+    if problems:
+        raise CheckpointError(f"{folder}: " + "; ".join(problems))
+
+
 def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None,
                     device: torch.device | str = "cpu") -> Transformer:
     """Load a Hugging Face model folder (omnilm's or transformers') into a Transformer.
@@ -340,19 +363,7 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None,
     expected = _expected_shapes(config)
     if config.tie_embeddings:
         expected.pop("lm_head.weight")
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k])}"
-             for k in sorted(set(expected) & set(state)) if state[k].shape != expected[k]]
-    problems = []
-    if missing:
-        problems.append(f"missing tensor(s) {missing}")
-    if unexpected:
-        problems.append(f"unexpected tensor(s) {unexpected}")
-    if wrong:
-        problems.append(f"shape mismatch {wrong}")
-    if problems:
-        raise CheckpointError(f"{folder}: " + "; ".join(problems))
+    check_tensors(folder, state, expected)
     with torch.device("meta"):
         model = Transformer(config)
     if dtype is not None:
