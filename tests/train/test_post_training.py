@@ -19,22 +19,6 @@ from omnilm.objectives.lm import masked_lm_loss
 from omnilm.train.stage import StageConfig, run_stage
 
 
-@pytest.fixture(scope="module")
-def chat_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Biography QA and preference pairs for 12 people, and a tokenizer that knows their text."""
-    from omnilm.data.synth.bios import BiosConfig, write_bios
-    from omnilm.tokenizer import train_bpe
-    from omnilm.tokenizer.chat import format_chat
-
-    root = tmp_path_factory.mktemp("chat")
-    write_bios(BiosConfig(people=12, unseen_people=2, bios_per_person=2, seed=0), root / "bios")
-    qa = [json.loads(line) for line in (root / "bios" / "qa.jsonl").read_text().splitlines()]
-    texts = [format_chat(r["messages"]) for r in qa] * 4
-    train_bpe(texts, vocab_size=400).save(root / "tokenizer")
-    return {"root": root, "qa": root / "bios" / "qa.jsonl", "prefs": root / "bios" / "prefs.jsonl",
-            "tokenizer": root / "tokenizer"}
-
-
 def test_padded_rows_do_not_see_each_other_and_the_loss_covers_replies_only(chat_data: dict[str, Path]) -> None:
     from omnilm.tokenizer import Tokenizer
 

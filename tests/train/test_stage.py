@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -19,26 +18,6 @@ from omnilm.errors import UserError
 from omnilm.model.hf import read_hf_tensors
 from omnilm.train.stage import StageConfig, run_stage
 from omnilm.train.trainer import TrainingError
-
-WORDS = ["the", "a", "cat", "dog", "sat", "ran", "on", "under", "mat", "tree", "red", "blue", "big", "small",
-         "quickly", "slowly", "and", "then"]
-
-
-@pytest.fixture(scope="module")
-def lm_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A tokenizer and a tokenised toy corpus (random sentences over a small word list)."""
-    from omnilm.data.tokenize import tokenize_corpus
-    from omnilm.tokenizer import train_bpe
-
-    root = tmp_path_factory.mktemp("lm-data")
-    rng = random.Random(0)
-    docs = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) + "." for _ in range(400)]
-    corpus = root / "corpus.jsonl"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs), encoding="utf-8")
-    tokenizer_dir = root / "tokenizer"
-    train_bpe(docs, vocab_size=300).save(tokenizer_dir)
-    tokenize_corpus([str(corpus)], str(tokenizer_dir), root / "tokens", val_fraction=0.05, workers=1, seed=0)
-    return {"tokenizer": tokenizer_dir, "tokens": root / "tokens"}
 
 
 def write_config(path: Path, data: dict[str, Path], **train: object) -> Path:

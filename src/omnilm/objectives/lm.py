@@ -18,6 +18,11 @@ def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor
     return loss, {}
 
 
+def masked_targets(tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Next-token targets (B, L-1) of ``tokens`` (B, L), IGNORE_INDEX where ``loss_mask`` is 0."""
+    return tokens[:, 1:].masked_fill(loss_mask[:, 1:] == 0, IGNORE_INDEX)
+
+
 def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token loss over the tokens whose ``loss_mask`` is 1 (e.g. assistant replies in chat SFT).
 
@@ -25,7 +30,7 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[to
     mask of the first token is never used. The mean is over masked tokens of the whole micro-batch.
     """
     tokens, mask = batch["tokens"], batch["loss_mask"]
-    targets = tokens[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    targets = masked_targets(tokens, mask)
     logits = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
     return loss, {"loss_tokens": float(mask[:, 1:].sum())}

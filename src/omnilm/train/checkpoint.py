@@ -93,6 +93,20 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+def _save_model(model: nn.Module, folder: Path, tokenizer: Any, state: dict[str, torch.Tensor]) -> None:
+    # A model with its own folder layout (e.g. omnilm.model.reward.RewardModel) writes and reads it itself.
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder, tokenizer=tokenizer, state=state)
+    else:
+        save_pretrained(model, folder, tokenizer=tokenizer, state=state)
+
+
+def _read_model_state(model: nn.Module, folder: str | Path) -> dict[str, torch.Tensor]:
+    if hasattr(model, "read_state"):
+        return model.read_state(folder)
+    return state_from_hf(read_hf_tensors(folder), read_config(folder))
+
+
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], info: Dist, tokenizer: Any = None, keep: int = 2) -> Path:
     """Write checkpoint ``step`` under ``root`` (collective: every process must call it) and prune old ones."""
@@ -103,7 +117,7 @@ def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: to
     if info.is_main:
         tmp = root / (final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        save_pretrained(unwrap(model), tmp, tokenizer=tokenizer, state=model_state)
+        _save_model(unwrap(model), tmp, tokenizer, model_state)
         tensors, meta = _flatten_optimizer(optim_state)
         save_file(tensors | _rng_tensors(), str(tmp / TENSORS_FILE))
         write_json_atomic(tmp / STATE_FILE, trainer_state | {"step": step, "optimizer": meta})
@@ -124,7 +138,7 @@ def restore_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.opti
     """Load weights, optimizer moments and RNG states of checkpoint ``path`` into an already-built (and
     possibly wrapped or sharded) model and its optimizer; returns the trainer state."""
     state = load_trainer_state(path)
-    weights = state_from_hf(read_hf_tensors(path), read_config(path))
+    weights = _read_model_state(unwrap(model), path)
     incompatible = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     problems = [k for k in incompatible.missing_keys if k != "lm_head.weight"] + list(incompatible.unexpected_keys)
     if problems:

@@ -13,32 +13,41 @@ reference score the assistant tokens of both. Options (``options:`` of the stage
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from omnilm.config import ConfigError
 from omnilm.data.sources import ReadReport
-from omnilm.train.distributed import wrap_model
-from omnilm.train.sft import post_training_setup, print_read_report
-from omnilm.train.stage import StageConfig, register_stage, stage_options
+from omnilm.train.distributed import Dist, wrap_model
+from omnilm.train.sft import padding_id, post_training_setup, print_read_report
+from omnilm.train.stage import StageConfig, frozen_reference, register_stage, stage_options
 from omnilm.train.trainer import Trainer, TrainResult
+
+if TYPE_CHECKING:
+    from omnilm.data.chat_data import PreferenceExample
 
 DPO_OPTIONS = {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0, "strict": False}
 
 
-def frozen_reference(folder: str, device: torch.device) -> nn.Module:
-    """The reference policy: the stage's starting model, in eval mode and without gradients."""
-    from omnilm.model.hf import load_pretrained
+def preference_pairs(config: StageConfig, tokenizer: Any, strict: bool, info: Dist) -> list[PreferenceExample]:
+    """The tokenised (chosen, rejected) pairs of all the stage's sources, truncated to seq_len + 1 tokens; the
+    main process prints what was read and skipped."""
+    from omnilm.data.chat_data import load_preference_examples
 
-    reference = load_pretrained(folder, dtype=torch.float32).to(device).eval()
-    reference.requires_grad_(False)
-    return reference
+    report = ReadReport()
+    pairs = []
+    for source in config.data.values():
+        pairs += load_preference_examples([source.path], tokenizer, config.train.seq_len + 1, source.where,
+                                          strict=strict, report=report)
+    if info.is_main:
+        print_read_report(config.name, report, len(pairs))
+    return pairs
 
 
 @register_stage("dpo")
 def run_dpo_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
-    from omnilm.data.chat_data import load_preference_examples
     from omnilm.data.examples import ExampleLoader, pad_right
     from omnilm.objectives.logprobs import sequence_logprobs
     from omnilm.objectives.preference import dpo_loss
@@ -49,14 +58,8 @@ def run_dpo_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResu
     train = config.train
     device, info, tokenizer, model, resume_from = post_training_setup(config, out_dir, resume)
     reference = frozen_reference(config.init_from, device)
-    report = ReadReport()
-    pairs = []
-    for source in config.data.values():
-        pairs += load_preference_examples([source.path], tokenizer, train.seq_len + 1, source.where,
-                                          strict=bool(options["strict"]), report=report)
-    if info.is_main:
-        print_read_report(config.name, report, len(pairs))
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    pairs = preference_pairs(config, tokenizer, bool(options["strict"]), info)
+    pad = padding_id(tokenizer)
 
     def collate(indices: list[int]) -> dict[str, torch.Tensor]:
         rows = [pairs[i].chosen for i in indices] + [pairs[i].rejected for i in indices]

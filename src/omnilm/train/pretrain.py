@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omnilm.config import ConfigError
 from omnilm.objectives.lm import causal_lm_loss, evaluate_lm, token_byte_lengths
 from omnilm.train.checkpoint import latest_checkpoint
-from omnilm.train.distributed import init_distributed, wrap_model
+from omnilm.train.distributed import Dist, init_distributed, wrap_model
 from omnilm.train.stage import (
     LM_STAGE_TYPES,
     StageConfig,
@@ -17,6 +18,9 @@ from omnilm.train.stage import (
     register_stage,
 )
 from omnilm.train.trainer import Trainer, TrainResult, resolve_device
+
+if TYPE_CHECKING:
+    from omnilm.data.loader import BatchLoader
 
 
 def mixture_weights(config: StageConfig):  # noqa: ANN201 - a mapping or a step -> mapping function
@@ -40,6 +44,18 @@ def mixture_weights(config: StageConfig):  # noqa: ANN201 - a mapping or a step 
     return at_step
 
 
+def token_batches(config: StageConfig, info: Dist) -> BatchLoader:
+    """The loader of training windows (B, seq_len + 1) over the ``train`` splits of the stage's tokenised
+    datasets, mixed by weight (or by ``mixture_schedule``)."""
+    from omnilm.data.loader import BatchLoader, TokenDataset
+
+    train = config.train
+    datasets = {name: TokenDataset.open(source.path, "train") for name, source in config.data.items()}
+    return BatchLoader(datasets, train.batch_size, train.seq_len, seed=train.seed, rank=info.rank,
+                       world_size=info.world_size, weights=mixture_weights(config),
+                       batches_per_step=train.accumulation(info.world_size))
+
+
 @register_stage(*LM_STAGE_TYPES)
 def run_lm_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
     """Next-token prediction on a mixture of tokenised datasets."""
@@ -54,11 +70,7 @@ def run_lm_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResul
     resume_from = latest_checkpoint(out_dir / "checkpoints") if resume else None
     model = build_model(config, tokenizer, resume_from, train.seed).to(device)
     model = wrap_model(model, train.distributed, info, device)
-
-    datasets = {name: TokenDataset.open(source.path, "train") for name, source in config.data.items()}
-    loader = BatchLoader(datasets, train.batch_size, train.seq_len, seed=train.seed, rank=info.rank,
-                         world_size=info.world_size, weights=mixture_weights(config),
-                         batches_per_step=train.accumulation(info.world_size))
+    loader = token_batches(config, info)
     val_sets = {}
     for name, source in config.data.items():
         if (Path(source.path) / "val").is_dir():

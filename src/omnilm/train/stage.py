@@ -105,8 +105,10 @@ def run_stage(config: StageConfig, out_dir: str | Path, resume: bool = False) ->
 
 def _load_builders() -> None:
     """Import the modules that register stage types (kept lazy: they pull in heavy dependencies)."""
+    import omnilm.train.distill  # noqa: F401
     import omnilm.train.dpo  # noqa: F401
     import omnilm.train.pretrain  # noqa: F401
+    import omnilm.train.reward  # noqa: F401
     import omnilm.train.sft  # noqa: F401
 
 
@@ -133,6 +135,15 @@ def build_model(config: StageConfig, tokenizer: Any, resume_from: Path | None, s
                           f"max_seq_len={model_config.max_seq_len}")
     torch.manual_seed(seed)
     return Transformer(model_config)
+
+
+def frozen_reference(folder: str | Path, device: torch.device) -> nn.Module:
+    """A fixed model (a reference policy, a teacher): loaded from ``folder`` in eval mode, without gradients."""
+    from omnilm.model.hf import load_pretrained
+
+    reference = load_pretrained(folder, dtype=torch.float32).to(device).eval()
+    reference.requires_grad_(False)
+    return reference
 
 
 def stage_options(config: StageConfig, defaults: dict[str, Any]) -> dict[str, Any]:
