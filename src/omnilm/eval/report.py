@@ -50,7 +50,7 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
         out.append("")
     for name, stage in summary.get("stages", {}).items():
         stage_dir = run_dir / name
-        model = _model_line(Path(stage["final"]))
+        model = _model_line(run_dir / stage["final"])
         out += [f"## Stage `{name}` ({stage['type']})", "",
                 f"{stage['steps']} optimizer steps in {stage['seconds']:.0f} s. Model: {model}.", ""]
         last = stage.get("last_metrics") or {}

@@ -75,7 +75,7 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, log: Any = print) -> dict[st
     from omnilm.eval.suite import run_evals
     from omnilm.train.stage import StageConfig, run_stage
 
-    root = Path(out_dir)
+    root = Path(out_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     summary: dict[str, Any] = {"recipe": recipe.name, "source": recipe.source, "jobs": {}, "stages": {}}
@@ -102,10 +102,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, log: Any = print) -> dict[st
             if result.status != "complete":
                 summary["interrupted"] = name
                 return summary
+            # Relative to the run folder, so a run folder can be moved and still resumed.
             record = {"type": config.type, "steps": result.step, "seconds": time.perf_counter() - began,
-                      "final": str(result.final_dir), "last_metrics": result.last_metrics}
+                      "final": str(Path(result.final_dir).resolve().relative_to(root)),
+                      "last_metrics": result.last_metrics}
             write_json_atomic(marker, record)
-        previous_final = Path(record["final"])
+        previous_final = root / record["final"]
         log(f"[{name}] evaluating {len(all_evals)} eval set(s)")
         results[name] = run_evals(previous_final, all_evals)
         summary["stages"][name] = record | {"evals": results[name]}
