@@ -124,7 +124,7 @@ class RewardModel(nn.Module):
             model = cls(load_pretrained(folder, dtype=dtype))
             print(f"[reward] {folder} is a causal LM: its reward head is freshly initialised "
                   f"(normal, std {model.config.init_std})")
-            return model.to(dtype)
+            return model.to(dtype).eval()
         config = read_config(folder)
         state = cls.read_state(folder)
         with torch.device("meta"):
