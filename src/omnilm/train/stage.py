@@ -107,6 +107,8 @@ def _load_builders() -> None:
     """Import the modules that register stage types (kept lazy: they pull in heavy dependencies)."""
     import omnilm.train.distill  # noqa: F401
     import omnilm.train.dpo  # noqa: F401
+    import omnilm.train.grpo  # noqa: F401
+    import omnilm.train.ppo  # noqa: F401
     import omnilm.train.pretrain  # noqa: F401
     import omnilm.train.reward  # noqa: F401
     import omnilm.train.sft  # noqa: F401
