@@ -58,6 +58,9 @@ class StageConfig:
     mixture_schedule: list[dict[str, Any]] = field(default_factory=list)
     #: Optimisation and logging settings.
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
+    #: Train LoRA adapters only (a ``omnilm.adapters.LoraConfig`` mapping: r, alpha, dropout, target_modules);
+    #: model folders then hold the merged model plus ``adapter/`` in PEFT's format.
+    lora: dict[str, Any] | None = None
     #: Stage-type specific options (used by post-training objectives).
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -123,6 +126,14 @@ def build_model(config: StageConfig, tokenizer: Any, resume_from: Path | None, s
     from omnilm.model.hf import load_pretrained
     from omnilm.model.transformer import Transformer
 
+    if config.lora:
+        from omnilm.adapters.stage import with_lora
+
+        if config.train.distributed == "fsdp":
+            raise ConfigError(f"stage {config.name!r}: LoRA trains with one process or DDP, not FSDP")
+        # The frozen base is always the starting model; resuming restores the adapters from the checkpoint.
+        base = build_model(dataclasses.replace(config, lora=None), tokenizer, None, seed)
+        return with_lora(base, config.lora, config.init_from, seed)
     if resume_from is not None:
         return load_pretrained(resume_from, dtype=torch.float32)
     if config.init_from:
