@@ -84,8 +84,16 @@ def check_reward_options(config: StageConfig, options: dict[str, Any]) -> None:
     if (options["reward_model"] is None) == (options["reward"] is None):
         raise ConfigError(f"{where}: ppo needs exactly one of options.reward_model (a reward-model folder) and "
                           "options.reward (a checker: qa or arithmetic)")
-    if options["reward_model"] is not None and not Path(options["reward_model"]).is_dir():
-        raise ConfigError(f"{where}: options.reward_model: folder not found: {options['reward_model']}")
+    if options["reward_model"] is not None:
+        from omnilm.model.reward import is_reward_folder
+
+        folder = Path(options["reward_model"])
+        if not folder.is_dir():
+            raise ConfigError(f"{where}: options.reward_model: folder not found: {folder}")
+        # A causal-LM folder would load with a random scoring head: rewards that mean nothing.
+        if not is_reward_folder(folder):
+            raise ConfigError(f"{where}: options.reward_model: {folder} is not a reward-model folder "
+                              "(train one with a stage of type reward)")
     if options["reward"] is not None:
         try:
             checker_scorer(str(options["reward"]))

@@ -32,6 +32,7 @@ from omnilm.errors import UserError
 from omnilm.infer.generate import FINISHED, generate_ids
 from omnilm.infer.sampling import SamplingParams
 from omnilm.tokenizer.chat import IM_END, format_chat
+from omnilm.train.sft import padding_id
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class RolloutSource:
         self.params, self.group_size, self.score, self.prepare = params, group_size, score, prepare
         self.seed, self.rank, self.epochs, self.micro_batches = seed, rank, epochs, micro_batches
         self.stops = stop_ids(tokenizer)
-        self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+        self.pad_id = padding_id(tokenizer)
         self.calls = 0
         self._reused: dict[int, dict[str, Any]] = {}
 
