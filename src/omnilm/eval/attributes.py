@@ -112,13 +112,18 @@ def summarise(examples: Sequence[AttributeExample], scores: Sequence[tuple[float
     return out
 
 
-def evaluate_attributes(model: nn.Module, tokenizer: Any, records: Iterable[dict[str, Any]],
-                        batch_size: int = 128) -> dict[str, float]:
-    """Attribute accuracy and loss of ``model`` on eval records (see the module docstring)."""
-    examples = build_examples(records, tokenizer)
+def evaluate_examples(model: nn.Module, tokenizer: Any, examples: Sequence[AttributeExample],
+                      batch_size: int = 128) -> dict[str, float]:
+    """Accuracy and target loss of ``model`` on teacher-forced probes, overall and per attribute."""
     was_training = model.training
     model.eval()
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
     scores = score_examples(model, examples, pad, batch_size)
     model.train(was_training)
     return summarise(examples, scores)
+
+
+def evaluate_attributes(model: nn.Module, tokenizer: Any, records: Iterable[dict[str, Any]],
+                        batch_size: int = 128) -> dict[str, float]:
+    """Attribute accuracy and loss of ``model`` on eval records (see the module docstring)."""
+    return evaluate_examples(model, tokenizer, build_examples(records, tokenizer), batch_size)

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from omnilm.eval.attributes import AttributeExample, score_examples, summarise
+from omnilm.eval.attributes import AttributeExample, evaluate_examples
 from omnilm.tokenizer.chat import IM_END, encode_chat
 
 
@@ -37,10 +37,4 @@ def build_qa_examples(records: Iterable[dict[str, Any]], tokenizer: Any) -> list
 def evaluate_qa(model: nn.Module, tokenizer: Any, records: Iterable[dict[str, Any]],
                 batch_size: int = 128) -> dict[str, float]:
     """Exact-answer accuracy and answer loss, overall and per ``attribute``."""
-    examples = build_qa_examples(records, tokenizer)
-    was_training = model.training
-    model.eval()
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else 0
-    scores = score_examples(model, examples, pad, batch_size)
-    model.train(was_training)
-    return summarise(examples, scores)
+    return evaluate_examples(model, tokenizer, build_qa_examples(records, tokenizer), batch_size)

@@ -19,6 +19,7 @@ from omnilm.utils.atomic import write_json_atomic, write_text_atomic
 
 STAGE_DONE = "stage.json"
 PATH_KEYS = ("init_from", "tokenizer")
+OPTION_PATH_KEYS = ("teacher", "reward_model")  # stage options that name model folders
 
 
 def _resolve(path: str, root: Path) -> str:
@@ -33,6 +34,12 @@ def resolve_stage(spec: dict[str, Any], root: Path, previous_final: Path | None)
     for key in PATH_KEYS:
         if spec.get(key):
             spec[key] = _resolve(spec[key], root)
+    options = dict(spec.get("options") or {})
+    for key in OPTION_PATH_KEYS:
+        if options.get(key):
+            options[key] = _resolve(options[key], root)
+    if options:
+        spec["options"] = options
     data = {}
     for name, source in (spec.get("data") or {}).items():
         source = {"path": source} if isinstance(source, str) else dict(source)
