@@ -112,3 +112,28 @@ def test_sft_then_dpo_improve_their_objectives(chat_data: dict[str, Path], tmp_p
     assert curve[0] == pytest.approx(math.log(2), abs=1e-4)  # policy == reference at the first step
     assert sum(curve[-5:]) / 5 < 0.6 * math.log(2)
     assert sum(accuracy[-5:]) / 5 > 0.8
+
+
+def test_sft_with_replay_of_pretraining_data(chat_data: dict[str, Path], lm_data: dict[str, Path],
+                                             tmp_path: Path) -> None:
+    from omnilm.config import ConfigError
+    from omnilm.data.tokenize import tokenize_corpus
+
+    replay = tmp_path / "replay"
+    tokenize_corpus([str(chat_data["root"] / "bios" / "train.jsonl")], chat_data["tokenizer"], replay, workers=1,
+                    progress=False)
+    spec = {"name": "sft", "type": "sft", "tokenizer": str(chat_data["tokenizer"]),
+            "model": {"preset": "tiny", "d_model": 64, "n_layer": 2, "max_seq_len": 128},
+            "data": {"qa": {"path": str(chat_data["qa"])}},
+            "options": {"replay_data": str(replay), "replay_weight": 0.5, "replay_batch_size": 4},
+            "train": {"max_steps": 4, "batch_size": 4, "seq_len": 64, "log_every": 1, "progress": False,
+                      "device": "cpu", "checkpoint_every": 2}}
+    result = run_stage(StageConfig.from_mapping(spec), tmp_path / "run")
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in rows if "replay_loss" in r]
+    assert result.status == "complete" and len(logged) == 4
+    for r in logged:  # the logged loss is the task loss plus the weighted replay loss
+        assert r["loss"] == pytest.approx(r["task_loss"] + 0.5 * r["replay_loss"], rel=1e-5)
+    spec["options"]["replay_data"] = str(lm_data["tokens"])  # tokenised with another vocabulary
+    with pytest.raises(ConfigError, match="vocabulary"):
+        run_stage(StageConfig.from_mapping(spec), tmp_path / "bad")

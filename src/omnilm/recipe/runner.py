@@ -19,7 +19,7 @@ from omnilm.utils.atomic import write_json_atomic, write_text_atomic
 
 STAGE_DONE = "stage.json"
 PATH_KEYS = ("init_from", "tokenizer")
-OPTION_PATH_KEYS = ("teacher", "reward_model")  # stage options that name model folders
+OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data")  # stage options that name model folders
 
 
 def _resolve(path: str, root: Path) -> str:

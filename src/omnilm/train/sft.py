@@ -3,7 +3,13 @@
 Conversations are not packed: each row of a batch is one conversation, right-padded (see
 ``omnilm.data.examples``), so no conversation can attend to another. Data sources are jsonl files of
 ``messages`` or ``prompt``/``completion`` records (``where:`` selects records by field values); all sources are
-concatenated. ``options.strict: true`` makes a bad record fatal instead of skipped and reported.
+concatenated. Options:
+
+``strict`` (false)          a bad record fails the run instead of being skipped and reported
+``replay_data`` (none)      a tokenised dataset (e.g. the pre-training shards) replayed alongside the chat data,
+                            the usual remedy against forgetting what pre-training taught
+``replay_weight`` (0.5)     weight of the replayed language-modelling loss
+``replay_batch_size`` (8)   replayed windows (of ``seq_len`` tokens) per micro-batch
 """
 
 from __future__ import annotations
@@ -81,17 +87,60 @@ def chat_batches(config: StageConfig, tokenizer: Any, strict: bool, info: Dist) 
     return loader, round(mean_len * train.batch_size)
 
 
+SFT_OPTIONS = {"strict": False, "replay_data": None, "replay_weight": 0.5, "replay_batch_size": 8}
+
+
+class WithReplay:
+    """Each batch: the stage's own batch plus a batch of replayed pre-training windows (both resumable)."""
+
+    def __init__(self, main: Any, replay: Any) -> None:
+        self.main, self.replay = main, replay
+
+    def next_batch(self) -> dict[str, Any]:
+        return {"main": self.main.next_batch(), "replay": self.replay.next_batch()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"main": self.main.state_dict(), "replay": self.replay.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.main.load_state_dict(state["main"])
+        self.replay.load_state_dict(state["replay"])
+
+
+def replay_objective(objective: Callable[..., Any], weight: float) -> Callable[..., Any]:
+    """``objective`` on the main batch plus ``weight`` × the causal-LM loss on the replayed windows."""
+    from omnilm.objectives.lm import causal_lm_loss
+
+    def combined(model: nn.Module, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
+        loss, extra = objective(model, batch["main"])
+        replay_loss, _ = causal_lm_loss(model, batch["replay"])
+        return loss + weight * replay_loss, extra | {"task_loss": float(loss), "replay_loss": float(replay_loss)}
+
+    return combined
+
+
 @register_stage("sft")
 def run_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
+    from omnilm.data.loader import BatchLoader, TokenDataset
     from omnilm.objectives.lm import masked_lm_loss
 
-    options = stage_options(config, {"strict": False})
+    options = stage_options(config, SFT_OPTIONS)
     train = config.train
     device, info, tokenizer, model, resume_from = post_training_setup(config, out_dir, resume)
     loader, tokens_per_batch = chat_batches(config, tokenizer, bool(options["strict"]), info)
+    objective = masked_lm_loss
+    if options["replay_data"]:
+        replayed = TokenDataset.open(options["replay_data"], "train")
+        if replayed.vocab_size != tokenizer.vocab_size:
+            raise ConfigError(f"stage {config.name!r}: replay_data {options['replay_data']} was tokenised with a "
+                              f"vocabulary of {replayed.vocab_size}, the model's tokenizer has {tokenizer.vocab_size}")
+        replay = BatchLoader(replayed, int(options["replay_batch_size"]), train.seq_len, seed=train.seed + 1,
+                             rank=info.rank, world_size=info.world_size)
+        loader, objective = WithReplay(loader, replay), replay_objective(masked_lm_loss, options["replay_weight"])
+        tokens_per_batch += replay.batch_size * train.seq_len
     model = wrap_model(model, train.distributed, info, device)
     sample = greedy_sampler(tokenizer, train.sample_prompt, train.sample_tokens, chat=True) \
         if train.sample_prompt else None
-    trainer = Trainer(model, masked_lm_loss, loader, train, out_dir, info=info, tokenizer=tokenizer, sample=sample,
+    trainer = Trainer(model, objective, loader, train, out_dir, info=info, tokenizer=tokenizer, sample=sample,
                       tokens_per_batch=tokens_per_batch)
     return trainer.fit(resume=resume_from is not None)
