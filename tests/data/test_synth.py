@@ -87,7 +87,7 @@ def test_people_qa_and_preferences(bios: Path) -> None:
     assert Counter(p["qa_split"] for p in people if p["seen"]) == {"train": 15, "test": 15}
     by_id = {p["person_id"]: p for p in people}
     qa = read(bios / "qa.jsonl")
-    assert len(qa) == 36 * 6
+    assert len(qa) == 36 * 6 * 2  # two question phrasings per attribute
     for r in qa:
         person = by_id[r["person_id"]]
         user, assistant = r["messages"]

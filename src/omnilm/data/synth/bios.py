@@ -9,8 +9,8 @@ in random order, always naming the person in full (so every sentence carries its
                     (``value_start``, ``value_end``), for completion probes
 ``people.jsonl``    ground truth; ``seen`` is false for the people kept out of all training text and
                     ``qa_split`` says whether their QA pairs are for training (``train``) or testing
-``qa.jsonl``        question/answer pairs in chat ``messages`` format, per person and attribute (people never
-                    seen get the answer "I don't know.")
+``qa.jsonl``        question/answer pairs in chat ``messages`` format, per person, attribute and question
+                    phrasing (people never seen get the answer "I don't know.")
 ``prefs.jsonl``     preference pairs: the true value is chosen, another person's value rejected
 ``marginals.json``  per attribute, how many biographies state each value: the no-knowledge baseline
 """
@@ -167,19 +167,20 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
     qa, prefs = [], []
     for person in people:
         for attribute in ATTRIBUTES:
-            question = rng.choice(QUESTIONS[attribute]).format(name=person.name)
             value = person.attributes[attribute]
             answer = value if person.seen else UNKNOWN_ANSWER
             common = {"person_id": person.person_id, "attribute": attribute, "seen": person.seen,
                       "split": qa_split[person.person_id]}
-            qa.append({"messages": [{"role": "user", "content": question},
-                                    {"role": "assistant", "content": answer}], "answer": answer} | common)
-            others = [p.attributes[attribute] for p in rng.sample(seen, min(len(seen), 8))
-                      if p.attributes[attribute] != value]
-            if others:
-                prefs.append({"prompt": [{"role": "user", "content": question}],
-                              "chosen": [{"role": "assistant", "content": answer}],
-                              "rejected": [{"role": "assistant", "content": others[0]}]} | common)
+            # Every phrasing of the question, so that a fine-tuned model answers the fact, not one wording.
+            for question in (q.format(name=person.name) for q in QUESTIONS[attribute]):
+                qa.append({"messages": [{"role": "user", "content": question},
+                                        {"role": "assistant", "content": answer}], "answer": answer} | common)
+                others = [p.attributes[attribute] for p in rng.sample(seen, min(len(seen), 8))
+                          if p.attributes[attribute] != value]
+                if others:
+                    prefs.append({"prompt": [{"role": "user", "content": question}],
+                                  "chosen": [{"role": "assistant", "content": answer}],
+                                  "rejected": [{"role": "assistant", "content": others[0]}]} | common)
     write_jsonl(out / "qa.jsonl", qa)
     write_jsonl(out / "prefs.jsonl", prefs)
     return {"people": config.people, "unseen_people": config.unseen_people, "biographies": len(bios),
