@@ -66,7 +66,8 @@ def rollout_source(model: torch.nn.Module, tokenizer: Any, prompts: list[Rollout
 def test_rollout_rows_masks_and_logprobs(chat_data: dict[str, Path], tokenizer: Any,
                                          eager_stopper: torch.nn.Module) -> None:
     prompts = load_prompts([str(chat_data["qa"])], tokenizer, 64, {"split": "train"}, need_answer=True)
-    assert len(prompts) == 42 and all(p.answer for p in prompts)
+    expected = sum('"split": "train"' in line for line in chat_data["qa"].read_text().splitlines())
+    assert len(prompts) == expected > 0 and all(p.answer for p in prompts)
     source = rollout_source(eager_stopper, tokenizer, prompts)
     rollout = source.next_batch()["rollout"]
     stops = {tokenizer.token_to_id(IM_END), tokenizer.eos_id}

@@ -114,7 +114,7 @@ def replay_objective(objective: Callable[..., Any], weight: float) -> Callable[.
     def combined(model: nn.Module, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
         loss, extra = objective(model, batch["main"])
         replay_loss, _ = causal_lm_loss(model, batch["replay"])
-        return loss + weight * replay_loss, extra | {"task_loss": float(loss), "replay_loss": float(replay_loss)}
+        return loss + weight * replay_loss, extra | {"task_loss": loss.item(), "replay_loss": replay_loss.item()}
 
     return combined
 
