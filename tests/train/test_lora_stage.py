@@ -78,3 +78,11 @@ def test_lora_errors(base_dir: Path, chat_data: dict[str, Path], tmp_path: Path)
     config.lora = {"rank": 4}
     with pytest.raises(ConfigError, match="unknown key"):
         run_stage(config, tmp_path / "bad2")
+
+
+def test_lora_is_refused_where_a_head_wraps_the_model(tmp_path: Path) -> None:
+    from omnilm.errors import UserError
+
+    config = StageConfig.from_mapping({"name": "rm", "type": "reward", "lora": LORA, "train": {"max_steps": 1}})
+    with pytest.raises(UserError, match="lora is not supported for stage type 'reward'"):
+        run_stage(config, tmp_path)

@@ -22,6 +22,7 @@ from omnilm.train.config import TrainConfig
 from omnilm.train.trainer import TrainResult
 
 LM_STAGE_TYPES = ("pretrain", "midtrain")
+NO_LORA_STAGE_TYPES = ("reward", "ppo")
 KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill")
 
 
@@ -103,6 +104,10 @@ def run_stage(config: StageConfig, out_dir: str | Path, resume: bool = False) ->
                             f"(implemented: {', '.join(sorted(STAGE_BUILDERS))})")
         raise UserError(f"stage {config.name!r}: unknown stage type {config.type!r} "
                         f"(known: {', '.join(KNOWN_STAGE_TYPES)})")
+    if config.lora and config.type in NO_LORA_STAGE_TYPES:
+        # Their models wrap the LM with a head and save themselves; adapters there are not written yet.
+        raise UserError(f"stage {config.name!r}: lora is not supported for stage type {config.type!r} "
+                        f"(supported: every type but {', '.join(NO_LORA_STAGE_TYPES)})")
     return builder(config, Path(out_dir), resume)
 
 
