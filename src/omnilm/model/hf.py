@@ -259,13 +259,16 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = Non
 
     Every file is written atomically; weights above ``max_shard_bytes`` are split into
     ``model-0000i-of-0000n.safetensors`` shards with an index, which is written last. ``state`` replaces the
-    model's own tensors (a full state dict gathered from a sharded model). ``extra_tensors`` (Hugging Face
-    names) and ``config_updates`` let a model built around a Transformer (e.g. with a scoring head) add its own
-    weights and config.json entries.
+    model's own tensors (a full state dict gathered from a sharded model); its meta tensors are placeholders
+    that are not written. ``extra_tensors`` (Hugging Face names) and ``config_updates`` let a model built around
+    a Transformer (e.g. with a scoring head, or quantized layers) add its own weights and config.json entries.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = state_to_hf(model, state) | {k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()}
+    # Meta tensors in ``state`` stand in for weights written another way (quantized ones, in extra_tensors):
+    # they keep the layout conversion (e.g. GPT-2's fused q/k/v) working and are left out of the files.
+    tensors = {k: v for k, v in state_to_hf(model, state).items() if not v.is_meta}
+    tensors |= {k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()}
     shards = _shard(tensors, max_shard_bytes)
     old_shards = set(folder.glob("model-*-of-*.safetensors"))
     if len(shards) == 1:
@@ -321,12 +324,17 @@ def read_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_config(folder: str | Path) -> ModelConfig:
-    """The ModelConfig of a Hugging Face model folder."""
+def _read_config_json(folder: str | Path) -> tuple[dict[str, Any], str]:
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: missing file config.json")
-    return config_from_hf(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+    return json.loads(path.read_text(encoding="utf-8")), str(path)
+
+
+def read_config(folder: str | Path) -> ModelConfig:
+    """The ModelConfig of a Hugging Face model folder."""
+    hf, source = _read_config_json(folder)
+    return config_from_hf(hf, source=source)
 
 
 def check_tensors(folder: str | Path, state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> None:
@@ -351,24 +359,33 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None,
     """Load a Hugging Face model folder (omnilm's or transformers') into a Transformer.
 
     Checks every tensor: missing, unexpected and wrongly shaped ones are named in the error.
-    ``dtype`` None keeps the stored precision.
+    ``dtype`` None keeps the stored precision. A folder written by ``omnilm.infer.quantized_checkpoint`` (its
+    config.json has ``quantization_config.quant_method == "omnilm"``) loads with its quantized layers; ``dtype``
+    then applies to the unquantized tensors only.
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
-    config = read_config(folder)
-    state = state_from_hf(read_hf_tensors(folder), config)
-    if config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    expected = _expected_shapes(config)
-    if config.tie_embeddings:
-        expected.pop("lm_head.weight")
-    check_tensors(folder, state, expected)
+    hf_config, source = _read_config_json(folder)
+    config = config_from_hf(hf_config, source=source)
+    tensors = read_hf_tensors(folder)
     with torch.device("meta"):
         model = Transformer(config)
+    quantized: dict[str, torch.Tensor] = {}
+    if "quantization_config" in hf_config:
+        from omnilm.infer.quantized_checkpoint import prepare_quantized
+
+        # Swaps the quantized layers in and takes their tensors out of ``tensors`` (omnilm-named).
+        quantized = prepare_quantized(model, hf_config["quantization_config"], tensors, source)
+    state = state_from_hf(tensors, config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+        expected.pop("lm_head.weight")
+    check_tensors(folder, state | quantized, expected)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=False, assign=True)
+    model.load_state_dict(state | quantized, strict=False, assign=True)
     if config.tie_embeddings:
         model.lm_head.weight = model.tok_emb.weight
     return model.to(device).eval()
