@@ -26,13 +26,15 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int,
     return ids, (None if bool(mask.all()) else mask)
 
 
-def _check_length(model: Transformer, total: int) -> None:
+def check_length(model: Transformer, total: int) -> None:
+    """Refuse ``total`` positions beyond a learned-position model's context."""
     if model.pos_emb is not None and total > model.config.max_seq_len:
         raise ValueError(f"prompt plus max_new_tokens = {total} tokens exceeds the model's context of "
                          f"{model.config.max_seq_len}")
 
 
-def _make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    """A seeded random generator on ``device``, or None (torch's global one) without a seed."""
     return None if seed is None else torch.Generator(device).manual_seed(seed)
 
 
@@ -50,9 +52,9 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], params: S
     device = model.tok_emb.weight.device
     ids, mask = left_pad(prompts, pad_id, device)
     batch, width = ids.shape
-    _check_length(model, width + params.max_new_tokens)
+    check_length(model, width + params.max_new_tokens)
     cache = model.new_cache(batch, width + params.max_new_tokens)
-    generator = _make_generator(params.seed, device)
+    generator = make_generator(params.seed, device)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     seen = None
     if params.repetition_penalty != 1.0:
@@ -89,7 +91,7 @@ def beam_search(model: Transformer, prompt: Sequence[int], num_beams: int, max_n
     stop when no running beam can beat the worst of ``num_beams`` finished ones.
     """
     device = model.tok_emb.weight.device
-    _check_length(model, len(prompt) + max_new_tokens)
+    check_length(model, len(prompt) + max_new_tokens)
     cache = model.new_cache(1, len(prompt) + max_new_tokens)
     logits = model(torch.tensor([list(prompt)], device=device), cache=cache, last_only=True)[:, -1]
     cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))

@@ -79,6 +79,17 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0, min_
     return logits
 
 
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution (…, V) that sampling draws from: temperature, then top-k / top-p / min-p filtering.
+
+    Repetition penalty is not applied here (it depends on the tokens seen so far). Needs temperature > 0.
+    """
+    if params.greedy:
+        raise ValueError("greedy decoding (temperature 0) has no sampling distribution")
+    logits = filter_logits(logits.float() / params.temperature, params.top_k, params.top_p, params.min_p)
+    return logits.softmax(-1)
+
+
 def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor | None = None,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """Pick one token per row of ``logits`` (B, V) -> (B,)."""
@@ -87,5 +98,4 @@ def next_token(logits: torch.Tensor, params: SamplingParams, seen: torch.Tensor 
         logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
     if params.greedy:
         return logits.argmax(-1)
-    logits = filter_logits(logits / params.temperature, params.top_k, params.top_p, params.min_p)
-    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    return torch.multinomial(probabilities(logits, params), 1, generator=generator).squeeze(-1)

@@ -40,6 +40,15 @@ class KVCache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative decoding drops rejected tokens this way).
+
+        The buffers are not cleared: the next update overwrites the forgotten positions.
+        """
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
+
     def reorder(self, index: torch.Tensor) -> None:
         """Keep/duplicate batch rows by ``index`` (beam search)."""
         self.k = self.k.index_select(1, index)
