@@ -56,3 +56,12 @@ def test_init_and_info(tmp_path, tokenizer):
     info = omnilm("info", "--model", str(tmp_path / "m")).stdout.decode()
     assert "llama" in info and f"vocab {tokenizer.vocab_size}" in info
     assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+def test_generate_with_a_draft_model_matches_plain_greedy(model_dir):
+    # The target itself as draft: every proposal is accepted, and the text must not change.
+    plain = ["generate", "--model", str(model_dir), "--prompt", "Bob was", "--temperature", "0",
+             "--max-new-tokens", "20"]
+    out = omnilm(*plain, "--draft-model", str(model_dir), "--speculative-k", "3")
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout == omnilm(*plain).stdout

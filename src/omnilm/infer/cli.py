@@ -26,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], metavar="STR",
                    help="stop before this string (repeatable); it is not printed")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    p.add_argument("--draft-model", default=None, metavar="DIR",
+                   help="draft model folder (same tokenizer) for speculative decoding of the prompt")
+    p.add_argument("--speculative-k", type=int, default=4, help="draft tokens per target pass (default 4)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute precision (default: as stored)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.set_defaults(handler=run_generate)
@@ -41,7 +44,8 @@ def run_generate(args: argparse.Namespace) -> int:
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
         length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    generator = TextGenerator.from_pretrained(args.model, dtype=dtype, device=args.device)
+    generator = TextGenerator.from_pretrained(args.model, dtype=dtype, device=args.device, draft=args.draft_model,
+                                              speculative_k=args.speculative_k)
     out = sys.stdout.buffer
     for piece in generator.stream(args.prompt, params):
         out.write(piece.encode("utf-8"))

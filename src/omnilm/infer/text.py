@@ -11,17 +11,30 @@ from omnilm.infer.detokenize import StreamingDecoder
 from omnilm.infer.generate import FINISHED, beam_search, generate_ids
 from omnilm.infer.layout import prepare_for_decoding
 from omnilm.infer.sampling import SamplingParams
+from omnilm.infer.speculative import check_compatible, speculative_tokens
 from omnilm.model.hf import load_pretrained
 from omnilm.model.transformer import Transformer
 from omnilm.tokenizer import Tokenizer
 
 
 class TextGenerator:
-    """A model and its tokenizer, ready to continue text prompts."""
+    """A model and its tokenizer, ready to continue text prompts.
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer) -> None:
+    With a ``draft`` model (same vocabulary), single prompts without beam search or repetition penalty are
+    decoded speculatively, ``speculative_k`` draft tokens per target pass; the output distribution is the
+    model's own either way.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, draft: Transformer | None = None,
+                 speculative_k: int = 4) -> None:
         self.model = prepare_for_decoding(model)
         self.tokenizer = tokenizer
+        if draft is not None:
+            check_compatible(model, draft, SamplingParams())
+        if speculative_k < 1:
+            raise ValueError("speculative_k must be ≥ 1")
+        self.draft = prepare_for_decoding(draft) if draft is not None else None
+        self.speculative_k = speculative_k
         eos = {tokenizer.eos_id, model.config.eos_token_id}
         self.eos_ids = sorted(i for i in eos if i is not None)
         pad = tokenizer.pad_id if tokenizer.pad_id is not None else model.config.pad_token_id
@@ -29,9 +42,16 @@ class TextGenerator:
 
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
-                        device: str | torch.device = "cpu") -> TextGenerator:
-        """Load a model folder (weights + tokenizer.json)."""
-        return cls(load_pretrained(folder, dtype=dtype, device=device), Tokenizer.from_dir(folder))
+                        device: str | torch.device = "cpu", draft: str | Path | None = None,
+                        speculative_k: int = 4) -> TextGenerator:
+        """Load a model folder (weights + tokenizer.json), and optionally a draft model folder."""
+        draft_model = load_pretrained(draft, dtype=dtype, device=device) if draft is not None else None
+        return cls(load_pretrained(folder, dtype=dtype, device=device), Tokenizer.from_dir(folder), draft_model,
+                   speculative_k)
+
+    def _speculative(self, prompts: Sequence[str], params: SamplingParams) -> bool:
+        return (self.draft is not None and len(prompts) == 1 and params.num_beams == 1
+                and params.repetition_penalty == 1.0)
 
     def stream_batch(self, prompts: Sequence[str], params: SamplingParams) -> Iterator[list[str]]:
         """Yield, step by step, each prompt's new text (empty strings where nothing is final yet)."""
@@ -39,6 +59,9 @@ class TextGenerator:
         decoders = [StreamingDecoder(self.tokenizer, params.stop) for _ in prompts]
         if params.num_beams > 1:
             yield [self._beam_text(ids, params, decoder) for ids, decoder in zip(prompt_ids, decoders, strict=True)]
+            return
+        if self._speculative(prompts, params):
+            yield from self._speculative_deltas(prompt_ids[0], params, decoders[0])
             return
         stop_flags = [False] * len(prompts)
         for tokens in generate_ids(self.model, prompt_ids, params, self.eos_ids, self.pad_id, stop_flags):
@@ -51,6 +74,15 @@ class TextGenerator:
                 stop_flags[row] = decoders[row].stopped
             yield deltas
         yield [d.finish() for d in decoders]
+
+    def _speculative_deltas(self, prompt_ids: list[int], params: SamplingParams,
+                            decoder: StreamingDecoder) -> Iterator[list[str]]:
+        for chunk in speculative_tokens(self.model, self.draft, prompt_ids, params, self.speculative_k,
+                                        self.eos_ids):
+            yield ["".join(decoder.push(token) for token in chunk if token not in self.eos_ids)]
+            if decoder.stopped:
+                break
+        yield [decoder.finish()]
 
     def _beam_text(self, prompt_ids: list[int], params: SamplingParams, decoder: StreamingDecoder) -> str:
         tokens = beam_search(self.model, prompt_ids, params.num_beams, params.max_new_tokens, self.eos_ids,
