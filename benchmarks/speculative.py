@@ -2,11 +2,11 @@
 
 What is measured
     A target and a much smaller draft are trained briefly on the same synthetic biographies (omnilm's own
-    pipeline: ``write_bios`` -> ``train_bpe`` -> ``tokenize_corpus`` -> a pretrain stage each, in a temporary
-    folder), or loaded with ``--target DIR --draft DIR`` (two model folders with the same tokenizer).
-    Each prompt (the start of a held-out biography) is continued for exactly ``--new-tokens`` tokens without
-    end-of-sequence stopping, plainly with ``generate_ids`` and speculatively with ``speculative_generate``,
-    greedy and at temperature 1 (same seed for both).
+    pipeline: ``write_bios`` (30 people, 40 biographies each) -> ``train_bpe`` -> ``tokenize_corpus`` -> a
+    pretrain stage each, in a temporary folder), or loaded with ``--target DIR --draft DIR`` (two model
+    folders with the same tokenizer). Each prompt (the first words of a biography) is continued for exactly
+    ``--new-tokens`` tokens without end-of-sequence stopping, plainly with ``generate_ids`` and speculatively
+    with ``speculative_generate``, greedy and at temperature 1 (same seed for both).
 
     tokens/s = generated tokens / wall time of all prompts (prefill included), best of ``--repeats`` passes.
     speed-up = speculative tokens/s / plain tokens/s. Acceptance rate = accepted / proposed draft tokens.
@@ -41,7 +41,8 @@ from omnilm.tokenizer import Tokenizer, train_bpe
 from omnilm.train.stage import StageConfig, run_stage
 
 TARGET_SHAPE = {"preset": "tiny", "d_model": 384, "n_layer": 6, "n_head": 6, "n_kv_head": 2, "max_seq_len": 256}
-DRAFT_SHAPE = {"preset": "tiny", "d_model": 128, "n_layer": 2, "n_head": 4, "n_kv_head": 2, "max_seq_len": 256}
+PEOPLE = 30
+DRAFT_SHAPE = {"preset": "tiny", "d_model": 128, "n_layer": 1, "n_head": 4, "n_kv_head": 2, "max_seq_len": 256}
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,9 @@ class Row:
 
 def train_pair(work: Path, steps: int, draft_steps: int) -> tuple[Path, Path, list[str]]:
     """Train target and draft on synthetic biographies; (target dir, draft dir, held-out prompts)."""
-    write_bios(BiosConfig(people=200, bios_per_person=20), work / "bios")
+    # Few people, many biographies each: the models learn them well in a few hundred steps, as a trained
+    # pair would, so draft and target mostly agree.
+    write_bios(BiosConfig(people=PEOPLE, bios_per_person=40), work / "bios")
     texts = [json.loads(line)["text"] for line in (work / "bios" / "train.jsonl").read_text().splitlines()]
     train_bpe(texts, vocab_size=1024).save(work / "tokenizer")
     tokenize_corpus([str(work / "bios" / "train.jsonl")], work / "tokenizer", work / "tokens", progress=False)
@@ -75,7 +78,7 @@ def train_pair(work: Path, steps: int, draft_steps: int) -> tuple[Path, Path, li
         config = StageConfig.from_mapping({
             "name": name, "type": "pretrain", "tokenizer": str(work / "tokenizer"), "model": shape,
             "data": {"bios": str(work / "tokens")},
-            "train": {"max_steps": max_steps, "batch_size": 8, "seq_len": 64, "lr": 2e-3, "warmup_steps": 20,
+            "train": {"max_steps": max_steps, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "warmup_steps": 20,
                       "log_every": 50, "eval_batches": 2, "progress": False, "device": "cpu", "precision": "fp32"},
         })
         start = time.perf_counter()
@@ -83,10 +86,8 @@ def train_pair(work: Path, steps: int, draft_steps: int) -> tuple[Path, Path, li
         print(f"  trained {name}: {max_steps} steps in {time.perf_counter() - start:.0f} s, "
               f"metrics {result.last_metrics}", flush=True)
         folders.append(result.final_dir)
-    # Prompts are biography openings the models have not seen verbatim (a fresh seed).
-    write_bios(BiosConfig(people=200, bios_per_person=1, seed=1), work / "prompts")
-    prompts = [json.loads(line)["text"] for line in (work / "prompts" / "train.jsonl").read_text().splitlines()]
-    return folders[0], folders[1], prompts
+    # Prompts are openings of biographies of the same people (the model's domain).
+    return folders[0], folders[1], texts[::-1]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +151,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--target", type=Path, default=None, help="target model folder (with --draft)")
     parser.add_argument("--draft", type=Path, default=None, help="draft model folder, same tokenizer")
-    parser.add_argument("--steps", type=int, default=300, help="target training steps (when training)")
+    parser.add_argument("--steps", type=int, default=700, help="target training steps (when training)")
     parser.add_argument("--draft-steps", type=int, default=300, help="draft training steps (when training)")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per target pass")
     parser.add_argument("--prompts", type=int, default=4)
@@ -181,9 +182,9 @@ def run(args: argparse.Namespace, target_dir: Path, draft_dir: Path, texts: Sequ
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.target is not None:
-        # Held-out text is not known for given folders; biography openings still make sensible prompts.
+        # The training text of given folders is unknown; biography openings still make sensible prompts.
         with tempfile.TemporaryDirectory(prefix="omnilm-spec-") as tmp:
-            write_bios(BiosConfig(people=50, bios_per_person=1, seed=1), Path(tmp))
+            write_bios(BiosConfig(people=PEOPLE, bios_per_person=1), Path(tmp))
             texts = [json.loads(line)["text"] for line in (Path(tmp) / "train.jsonl").read_text().splitlines()]
         report = run(args, args.target, args.draft, texts)
     else:
