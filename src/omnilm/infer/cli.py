@@ -27,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stop before this string (repeatable); it is not printed")
     p.add_argument("--seed", type=int, default=None, help="seed for sampling")
     p.add_argument("--draft-model", default=None, metavar="DIR",
-                   help="draft model folder (same tokenizer) for speculative decoding of the prompt")
+                   help="draft model folder (same tokenizer) for speculative decoding: same output distribution, "
+                        "greedy output unchanged, sampled output drawn differently for a given --seed")
     p.add_argument("--speculative-k", type=int, default=4, help="draft tokens per target pass (default 4)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute precision (default: as stored)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
