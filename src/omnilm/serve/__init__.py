@@ -1,0 +1,1 @@
+"""Serving: a continuous-batching generation engine."""
