@@ -28,16 +28,25 @@ from omnilm.model.transformer import Transformer
 
 @dataclass
 class Request:
-    """One generation request and its progress. ``on_text`` receives each new piece of text as it is final."""
+    """One generation request and its progress. ``on_text`` receives each new piece of text as it is final,
+    ``on_finish`` is called once when the request ends (both from the engine's thread)."""
 
     prompt_ids: list[int]
     params: SamplingParams
     on_text: Callable[[str], None] | None = None
+    on_finish: Callable[[], None] | None = None
     request_id: int = field(default_factory=itertools.count().__next__)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
     done: threading.Event = field(default_factory=threading.Event)
+
+    def _end(self, reason: str) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+        self.done.set()
+        if self.on_finish is not None:
+            self.on_finish()
 
     def _emit(self, piece: str) -> None:
         if piece:
@@ -104,9 +113,8 @@ class Engine:
             for index, slot in enumerate(self.slots):
                 if slot is not None and slot.request is request:
                     self._free(index)
-            if request.finish_reason is None:
-                request.finish_reason = "cancelled"
-            request.done.set()
+            if not request.done.is_set():
+                request._end("cancelled")
 
     @property
     def busy(self) -> bool:
@@ -125,9 +133,8 @@ class Engine:
     def _finish(self, index: int, reason: str) -> None:
         slot = self.slots[index]
         slot.request._emit(slot.decoder.finish())
-        slot.request.finish_reason = reason
         self._free(index)
-        slot.request.done.set()
+        slot.request._end(reason)
 
     def _make_room(self, needed: int) -> None:
         """Shift every slot left so that ``needed`` positions fit before the end of the buffer."""
