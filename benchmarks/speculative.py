@@ -152,7 +152,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--target", type=Path, default=None, help="target model folder (with --draft)")
     parser.add_argument("--draft", type=Path, default=None, help="draft model folder, same tokenizer")
     parser.add_argument("--steps", type=int, default=700, help="target training steps (when training)")
-    parser.add_argument("--draft-steps", type=int, default=300, help="draft training steps (when training)")
+    parser.add_argument("--draft-steps", type=int, default=1500, help="draft training steps (when training)")
     parser.add_argument("--k", type=int, default=4, help="draft tokens per target pass")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--prompt-words", type=int, default=6, help="words of each biography kept as the prompt")
