@@ -69,3 +69,23 @@ def test_stop_strings_cancellation_and_budget(tokenizer) -> None:  # noqa: ANN00
     assert waiting.finish_reason == "length" and len(waiting.output_ids) == 5
     with pytest.raises(ValueError, match="exceeds the context"):
         engine.submit(Request([1] * 60, SamplingParams(max_new_tokens=10)))
+
+
+@pytest.mark.parametrize("family", ["llama"])
+def test_serving_with_a_draft_model_gives_the_targets_greedy_output(model_dir, tokenizer, tmp_path) -> None:  # noqa: ANN001
+    from omnilm.model.hf import load_pretrained, save_pretrained
+    from omnilm.serve.server import Service
+
+    draft = small_model("llama", seed=5, vocab_size=tokenizer.vocab_size, n_layer=1)
+    draft_dir = save_pretrained(draft, tmp_path / "draft", tokenizer=tokenizer)
+    service = Service(model_dir, draft_dir=draft_dir, speculative_k=3)
+    target = load_pretrained(model_dir).eval()
+    body = {"prompt": "Alice was born in", "max_tokens": 24, "temperature": 0}
+    first, second = (service.submit(service.parse(body, chat=False))[0] for _ in range(2))
+    cancelled = service.submit(service.parse(body | {"max_tokens": 30}, chat=False))[0]
+    service.cancel([cancelled])
+    for request in (first, second):
+        assert request.done.wait(60)
+        assert request.output_ids == alone(target, tokenizer.encode("Alice was born in"),
+                                           SamplingParams(max_new_tokens=24, temperature=0), service.engine.eos_ids)
+    assert cancelled.finish_reason == "cancelled" and not service.engine.busy

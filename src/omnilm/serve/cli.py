@@ -13,6 +13,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
     p.add_argument("--kv-budget-mb", type=int, default=256, help="KV-cache memory for concurrent requests")
+    p.add_argument("--draft-model", default=None,
+                   help="a small model with the same tokenizer: requests are then decoded one at a time with "
+                        "speculative decoding (lower latency per stream, no batching)")
+    p.add_argument("--speculative-k", type=int, default=4, help="draft tokens proposed per round")
     p.set_defaults(handler=run_serve)
 
 
@@ -21,7 +25,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from omnilm.serve.server import Service, create_app
 
-    service = Service(args.model, model_name=args.name, kv_budget_bytes=args.kv_budget_mb << 20)
+    service = Service(args.model, model_name=args.name, kv_budget_bytes=args.kv_budget_mb << 20,
+                      draft_dir=args.draft_model, speculative_k=args.speculative_k)
     print(f"omnilm serve: {service.name} on http://{args.host}:{args.port} "
           f"({service.engine.capacity} concurrent requests, context {service.context})", flush=True)
     uvicorn.run(create_app(service, api_key=args.api_key), host=args.host, port=args.port, log_level="warning")

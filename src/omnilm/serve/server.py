@@ -80,14 +80,20 @@ class Service:
     """The model, its tokenizer and the engine thread behind the HTTP routes."""
 
     def __init__(self, model_dir: str | Path, model_name: str | None = None, kv_budget_bytes: int = 256 << 20,
-                 ) -> None:
+                 draft_dir: str | Path | None = None, speculative_k: int = 4) -> None:
         from omnilm.infer.text import TextGenerator
 
         generator = TextGenerator.from_pretrained(model_dir)
         self.model, self.tokenizer = generator.model, generator.tokenizer
         self.name = model_name or Path(model_dir).resolve().name
         self.context = self.model.config.max_seq_len
-        self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes)
+        if draft_dir is not None:
+            from omnilm.serve.speculative_engine import SpeculativeEngine
+
+            draft = TextGenerator.from_pretrained(draft_dir).model
+            self.engine = SpeculativeEngine(self.model, draft, self.tokenizer, speculative_k)
+        else:
+            self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes)
         im_end = self.tokenizer.token_to_id(IM_END)
         if im_end is not None:
             self.engine.eos_ids.add(im_end)

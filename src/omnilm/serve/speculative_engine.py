@@ -1,0 +1,90 @@
+"""Serving with a draft model (``omnilm serve --draft-model``): requests decoded one at a time, speculatively.
+
+Speculative decoding lowers the latency of a single stream; it does not batch. This engine has the same
+interface as :class:`omnilm.serve.engine.Engine` (``submit``, ``cancel``, ``busy``, ``step``), so the server is
+the same; each ``step`` runs one speculative round (1 to k + 1 tokens) of the oldest request.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+
+from omnilm.infer.detokenize import StreamingDecoder
+from omnilm.infer.generate import make_generator
+from omnilm.infer.speculative import speculative_tokens
+from omnilm.model.transformer import Transformer
+from omnilm.serve.engine import Request
+
+
+class SpeculativeEngine:
+    """One request at a time; the target verifies the draft's proposals (exact acceptance rule)."""
+
+    capacity = 1
+
+    def __init__(self, model: Transformer, draft: Transformer, tokenizer, k: int = 4) -> None:  # noqa: ANN001
+        self.model, self.draft, self.tokenizer, self.k = model.eval(), draft.eval(), tokenizer, k
+        self.max_len = model.config.max_seq_len
+        self.waiting: list[Request] = []
+        self.lock = threading.Lock()
+        self.eos_ids = {i for i in (tokenizer.eos_id, model.config.eos_token_id) if i is not None}
+        self._current: tuple[Request, Iterator[list[int]], StreamingDecoder] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or self._current is not None
+
+    def submit(self, request: Request) -> Request:
+        if not request.prompt_ids:
+            raise ValueError("a request needs at least one prompt token")
+        if len(request.prompt_ids) + request.params.max_new_tokens > self.max_len:
+            raise ValueError(f"prompt plus max_new_tokens exceeds the context of {self.max_len}")
+        with self.lock:
+            self.waiting.append(request)
+        return request
+
+    def cancel(self, request: Request) -> None:
+        with self.lock:
+            if request in self.waiting:
+                self.waiting.remove(request)
+            if self._current is not None and self._current[0] is request:
+                self._current = None
+            if not request.done.is_set():
+                request._end("cancelled")
+
+    def _finish(self, reason: str) -> None:
+        request, _, decoder = self._current
+        request._emit(decoder.finish())
+        self._current = None
+        request._end(reason)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        with self.lock:
+            if self._current is None:
+                if not self.waiting:
+                    return
+                request = self.waiting.pop(0)
+                generator = make_generator(request.params.seed, self.model.tok_emb.weight.device)
+                rounds = speculative_tokens(self.model, self.draft, request.prompt_ids, request.params, self.k,
+                                            sorted(self.eos_ids), generator)
+                self._current = (request, rounds, StreamingDecoder(self.tokenizer, request.params.stop))
+            request, rounds, decoder = self._current
+            tokens = next(rounds, None)
+            if tokens is None:
+                self._finish("length")
+                return
+            for token in tokens:
+                if token in self.eos_ids:
+                    self._finish("stop")
+                    return
+                request.output_ids.append(token)
+                request._emit(decoder.push(token))
+                if decoder.stopped:
+                    self._finish("stop")
+                    return
+                if len(request.output_ids) >= request.params.max_new_tokens:
+                    self._finish("length")
+                    return
