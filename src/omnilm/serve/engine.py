@@ -71,29 +71,14 @@ def kv_bytes_per_slot(model: Transformer, max_len: int) -> int:
     return 2 * config.n_layer * config.kv_heads * max_len * config.dim_per_head * element
 
 
-class Engine:
-    """Runs many requests at once; ``submit`` from any thread, ``step`` (or ``run_until_idle``) decodes."""
+class RequestQueue:
+    """What every engine shares: a thread-safe queue of waiting requests checked against the context."""
 
-    def __init__(self, model: Transformer, tokenizer, max_len: int | None = None,  # noqa: ANN001
-                 kv_budget_bytes: int = 256 * 2**20, max_slots: int = 64) -> None:
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.max_len = max_len or model.config.max_seq_len
-        slots = min(max_slots, kv_budget_bytes // kv_bytes_per_slot(model, self.max_len))
-        if slots < 1:
-            raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds no slot of {self.max_len} positions")
-        p = model.tok_emb.weight
-        self.cache = model.new_cache(slots, self.max_len)
-        self.valid = torch.zeros(slots, self.max_len, dtype=torch.bool, device=p.device)
-        self.slots: list[_Slot | None] = [None] * slots
+    max_len: int
+
+    def __init__(self) -> None:
         self.waiting: list[Request] = []
         self.lock = threading.Lock()
-        eos = {tokenizer.eos_id, model.config.eos_token_id}
-        self.eos_ids = {i for i in eos if i is not None}
-
-    @property
-    def capacity(self) -> int:
-        return len(self.slots)
 
     def submit(self, request: Request) -> Request:
         if not request.prompt_ids:
@@ -106,23 +91,61 @@ class Engine:
         return request
 
     def cancel(self, request: Request) -> None:
-        """Stop ``request`` now; its slot is free for the next step."""
+        """Stop ``request`` now, freeing whatever it holds."""
         with self.lock:
             if request in self.waiting:
                 self.waiting.remove(request)
-            for index, slot in enumerate(self.slots):
-                if slot is not None and slot.request is request:
-                    self._free(index)
+            self._release(request)
             if not request.done.is_set():
                 request._end("cancelled")
 
+    def _release(self, request: Request) -> None:
+        """Free the resources of a running ``request`` (called with the lock held)."""
+        raise NotImplementedError
+
+    def step(self) -> None:
+        raise NotImplementedError
+
     @property
     def busy(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.slots)
+        raise NotImplementedError
 
     def run_until_idle(self) -> None:
         while self.busy:
             self.step()
+
+
+class Engine(RequestQueue):
+    """Runs many requests at once; ``submit`` from any thread, ``step`` (or ``run_until_idle``) decodes."""
+
+    def __init__(self, model: Transformer, tokenizer, max_len: int | None = None,  # noqa: ANN001
+                 kv_budget_bytes: int = 256 * 2**20, max_slots: int = 64) -> None:
+        super().__init__()
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_len = max_len or model.config.max_seq_len
+        slots = min(max_slots, kv_budget_bytes // kv_bytes_per_slot(model, self.max_len))
+        if slots < 1:
+            raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds no slot of {self.max_len} positions")
+        p = model.tok_emb.weight
+        self.cache = model.new_cache(slots, self.max_len)
+        self.valid = torch.zeros(slots, self.max_len, dtype=torch.bool, device=p.device)
+        self.slots: list[_Slot | None] = [None] * slots
+        eos = {tokenizer.eos_id, model.config.eos_token_id}
+        self.eos_ids = {i for i in eos if i is not None}
+
+    @property
+    def capacity(self) -> int:
+        return len(self.slots)
+
+    def _release(self, request: Request) -> None:
+        for index, slot in enumerate(self.slots):
+            if slot is not None and slot.request is request:
+                self._free(index)
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
 
     # ------------------------------------------------------------------------------------------------ internals
 

@@ -7,7 +7,6 @@ the same; each ``step`` runs one speculative round (1 to k + 1 tokens) of the ol
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 
 import torch
@@ -16,19 +15,18 @@ from omnilm.infer.detokenize import StreamingDecoder
 from omnilm.infer.generate import make_generator
 from omnilm.infer.speculative import speculative_tokens
 from omnilm.model.transformer import Transformer
-from omnilm.serve.engine import Request
+from omnilm.serve.engine import Request, RequestQueue
 
 
-class SpeculativeEngine:
+class SpeculativeEngine(RequestQueue):
     """One request at a time; the target verifies the draft's proposals (exact acceptance rule)."""
 
     capacity = 1
 
     def __init__(self, model: Transformer, draft: Transformer, tokenizer, k: int = 4) -> None:  # noqa: ANN001
+        super().__init__()
         self.model, self.draft, self.tokenizer, self.k = model.eval(), draft.eval(), tokenizer, k
         self.max_len = model.config.max_seq_len
-        self.waiting: list[Request] = []
-        self.lock = threading.Lock()
         self.eos_ids = {i for i in (tokenizer.eos_id, model.config.eos_token_id) if i is not None}
         self._current: tuple[Request, Iterator[list[int]], StreamingDecoder] | None = None
 
@@ -36,23 +34,9 @@ class SpeculativeEngine:
     def busy(self) -> bool:
         return bool(self.waiting) or self._current is not None
 
-    def submit(self, request: Request) -> Request:
-        if not request.prompt_ids:
-            raise ValueError("a request needs at least one prompt token")
-        if len(request.prompt_ids) + request.params.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt plus max_new_tokens exceeds the context of {self.max_len}")
-        with self.lock:
-            self.waiting.append(request)
-        return request
-
-    def cancel(self, request: Request) -> None:
-        with self.lock:
-            if request in self.waiting:
-                self.waiting.remove(request)
-            if self._current is not None and self._current[0] is request:
-                self._current = None
-            if not request.done.is_set():
-                request._end("cancelled")
+    def _release(self, request: Request) -> None:
+        if self._current is not None and self._current[0] is request:
+            self._current = None
 
     def _finish(self, reason: str) -> None:
         request, _, decoder = self._current
