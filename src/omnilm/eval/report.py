@@ -62,8 +62,10 @@ def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:
             out += [f"![{name} loss curve]({name}/loss.png)", ""]
         sample = _last_sample(stage_dir)
         if sample:
-            out += [f"Sample at step {sample['step']} (greedy):", "", "```",
-                    f"{sample['prompt']}{sample['text']}", "```", ""]
+            # Post-training stages sample a chat reply to the prompt; pre-training continues the text.
+            shown = (f"{sample['prompt']}{sample['text']}" if stage["type"] in ("pretrain", "midtrain")
+                     else f"user: {sample['prompt']}\nassistant: {sample['text']}")
+            out += [f"Sample at step {sample['step']} (greedy):", "", "```", shown, "```", ""]
         for eval_name, metrics in stage.get("evals", {}).items():
             head = {k: v for k, v in metrics.items() if "/" not in k}
             out.append(f"- **{eval_name}**: " + ", ".join(f"{k} {_fmt(v)}" for k, v in head.items()))
