@@ -1,0 +1,1 @@
+"""Labs: small, reproducible studies built on omnilm's data, training and evaluation pieces."""
