@@ -15,7 +15,7 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
     """Train loss (and validation loss where logged) against the step, plus the learning rate."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
@@ -34,7 +34,7 @@ def plot_training_curves(metrics_path: str | Path, out_png: str | Path, title: s
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("step")
     ax_lr.grid(alpha=0.3)
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
 #: Per-step RL metrics plotted by :func:`plot_rl_curves`, with their axis labels.
@@ -44,7 +44,7 @@ RL_CURVES = (("reward", "mean reward"), ("kl", "KL to reference\n(nats/token)"),
 
 def plot_rl_curves(metrics_path: str | Path, out_png: str | Path, title: str | None = None) -> Path:
     """Reward, KL to the reference, policy entropy and response length of an RL stage against the step."""
-    plt = _pyplot()
+    plt = headless_pyplot()
     records = read_metrics(metrics_path)
     fig, axes = plt.subplots(len(RL_CURVES), 1, figsize=(7, 8), sharex=True)
     for ax, (key, label) in zip(axes, RL_CURVES, strict=True):
@@ -55,10 +55,11 @@ def plot_rl_curves(metrics_path: str | Path, out_png: str | Path, title: str | N
         ax.grid(alpha=0.3)
     axes[0].set_title(title or Path(metrics_path).parent.name)
     axes[-1].set_xlabel("step")
-    return _save_figure(fig, out_png)
+    return save_figure(fig, out_png)
 
 
-def _pyplot() -> Any:
+def headless_pyplot() -> Any:
+    """matplotlib.pyplot with the non-interactive backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: runs write files, they never open windows
@@ -67,12 +68,12 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save_figure(fig: Any, out_png: str | Path) -> Path:
+def save_figure(fig: Any, out_png: str | Path) -> Path:
     """Write ``fig`` to ``out_png`` atomically (a reader never sees a half-written image) and close it."""
     fig.tight_layout()
     out_png = Path(out_png)
     tmp = out_png.with_name(out_png.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
-    _pyplot().close(fig)
+    headless_pyplot().close(fig)
     tmp.replace(out_png)
     return out_png
