@@ -24,8 +24,15 @@ from torch import nn
 from omnilm.config import ConfigError
 from omnilm.train.distributed import unwrap, wrap_model
 from omnilm.train.pretrain import token_batches
-from omnilm.train.sft import chat_batches, post_training_setup
-from omnilm.train.stage import StageConfig, frozen_reference, greedy_sampler, register_stage, stage_options
+from omnilm.train.sft import chat_batches
+from omnilm.train.stage import (
+    StageConfig,
+    frozen_reference,
+    greedy_sampler,
+    register_stage,
+    stage_options,
+    stage_setup,
+)
 from omnilm.train.trainer import Trainer, TrainResult
 
 DISTILL_OPTIONS = {"teacher": None, "temperature": 2.0, "alpha": 0.5, "data_format": "tokens", "strict": False}
@@ -75,7 +82,7 @@ def run_distill_stage(config: StageConfig, out_dir: Path, resume: bool) -> Train
     if not (config.tokenizer or config.init_from):
         config = dataclasses.replace(config, tokenizer=str(teacher_folder))
     train = config.train
-    device, info, tokenizer, model, resume_from = post_training_setup(config, out_dir, resume)
+    device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume)
     teacher = frozen_reference(teacher_folder, device)
     check_same_vocabulary(config.name, teacher, model, tokenizer, teacher_folder)
     if data_format == "tokens":

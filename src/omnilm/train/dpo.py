@@ -21,8 +21,8 @@ from torch import nn
 from omnilm.config import ConfigError
 from omnilm.data.sources import ReadReport
 from omnilm.train.distributed import Dist, wrap_model
-from omnilm.train.sft import padding_id, post_training_setup, print_read_report
-from omnilm.train.stage import StageConfig, frozen_reference, register_stage, stage_options
+from omnilm.train.sft import padding_id, print_read_report
+from omnilm.train.stage import StageConfig, frozen_reference, register_stage, stage_options, stage_setup
 from omnilm.train.trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ def run_dpo_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResu
     if not config.init_from:
         raise ConfigError(f"stage {config.name!r}: dpo needs init_from (the model to align and its reference)")
     train = config.train
-    device, info, tokenizer, model, resume_from = post_training_setup(config, out_dir, resume)
+    device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume)
     reference = frozen_reference(config.init_from, device)
     pairs = preference_pairs(config, tokenizer, bool(options["strict"]), info)
     pad = padding_id(tokenizer)

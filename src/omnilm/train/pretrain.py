@@ -7,17 +7,15 @@ from typing import TYPE_CHECKING
 
 from omnilm.config import ConfigError
 from omnilm.objectives.lm import causal_lm_loss, evaluate_lm, token_byte_lengths
-from omnilm.train.checkpoint import latest_checkpoint
-from omnilm.train.distributed import Dist, init_distributed, wrap_model
+from omnilm.train.distributed import Dist, wrap_model
 from omnilm.train.stage import (
     LM_STAGE_TYPES,
     StageConfig,
-    build_model,
     greedy_sampler,
-    load_tokenizer,
     register_stage,
+    stage_setup,
 )
-from omnilm.train.trainer import Trainer, TrainResult, resolve_device
+from omnilm.train.trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:
     from omnilm.data.loader import BatchLoader
@@ -61,14 +59,8 @@ def run_lm_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResul
     """Next-token prediction on a mixture of tokenised datasets."""
     from omnilm.data.loader import BatchLoader, TokenDataset
 
-    if not config.data:
-        raise ConfigError(f"stage {config.name!r}: no data sources")
     train = config.train
-    device = resolve_device(train.device)
-    info = init_distributed(device.type)
-    tokenizer = load_tokenizer(config)
-    resume_from = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    model = build_model(config, tokenizer, resume_from, train.seed).to(device)
+    device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume)
     model = wrap_model(model, train.distributed, info, device)
     loader = token_batches(config, info)
     val_sets = {}

@@ -25,8 +25,8 @@ from torch import nn
 from omnilm.config import ConfigError
 from omnilm.train.distributed import wrap_model
 from omnilm.train.dpo import preference_pairs
-from omnilm.train.sft import padding_id, post_training_setup
-from omnilm.train.stage import StageConfig, build_model, register_stage, stage_options
+from omnilm.train.sft import padding_id
+from omnilm.train.stage import StageConfig, build_model, register_stage, stage_options, stage_setup
 from omnilm.train.trainer import Trainer, TrainResult
 
 if TYPE_CHECKING:
@@ -106,7 +106,7 @@ def run_reward_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainR
 
     options = stage_options(config, REWARD_OPTIONS)
     train = config.train
-    device, info, tokenizer, model, resume_from = post_training_setup(config, out_dir, resume,
+    device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume,
                                                                       build=build_reward_model)
     pairs, held_out = split_pairs(preference_pairs(config, tokenizer, bool(options["strict"]), info),
                                   float(options["val_fraction"]))

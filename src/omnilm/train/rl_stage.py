@@ -24,8 +24,8 @@ from omnilm.objectives.logprobs import entropy_from_logits, masked_mean, token_l
 from omnilm.objectives.rl import k3_kl
 from omnilm.train.distributed import Dist, wrap_model
 from omnilm.train.rollout import RolloutPrompt, load_prompts
-from omnilm.train.sft import post_training_setup, print_read_report
-from omnilm.train.stage import StageConfig, build_model, frozen_reference, greedy_sampler
+from omnilm.train.sft import print_read_report
+from omnilm.train.stage import StageConfig, build_model, frozen_reference, greedy_sampler, stage_setup
 from omnilm.train.trainer import BatchSource, Objective, Trainer, TrainResult, autocast_dtype
 
 #: Options every RL stage has (``options:`` of the stage).
@@ -70,7 +70,7 @@ def check_rl_options(config: StageConfig, options: dict[str, Any]) -> None:
 def setup_rl_stage(config: StageConfig, out_dir: Path, resume: bool, options: dict[str, Any], need_answer: bool,
                    build: Callable[..., nn.Module] = build_model) -> RLSetup:
     """Process group, tokenizer, the model to train (made by ``build``), the frozen reference and the prompts."""
-    device, info, tokenizer, model, resume_from = post_training_setup(config, out_dir, resume, build)
+    device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume, build)
     if info.enabled and config.train.distributed == "fsdp":
         raise ConfigError(f"stage {config.name!r}: {config.type} samples with the whole policy on every process; "
                           "use train.distributed: ddp")

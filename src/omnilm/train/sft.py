@@ -22,38 +22,21 @@ from torch import nn
 
 from omnilm.config import ConfigError
 from omnilm.data.sources import ReadReport
-from omnilm.train.checkpoint import latest_checkpoint
-from omnilm.train.distributed import Dist, init_distributed, wrap_model
+from omnilm.train.distributed import Dist, wrap_model
 from omnilm.train.stage import (
     StageConfig,
-    build_model,
     greedy_sampler,
-    load_tokenizer,
     register_stage,
     stage_options,
+    stage_setup,
 )
-from omnilm.train.trainer import Trainer, TrainResult, resolve_device
+from omnilm.train.trainer import Trainer, TrainResult
 
 
 def print_read_report(stage: str, report: ReadReport, kept: int) -> None:
     print(f"[{stage}] {kept:,} examples from {report.documents:,} records; {report.malformed} skipped")
     for problem in report.problems[:10]:
         print(f"  skipped {problem}")
-
-
-def post_training_setup(config: StageConfig, out_dir: Path, resume: bool,
-                        build: Callable[[StageConfig, Any, Path | None, int], nn.Module] = build_model,
-                        ) -> tuple[Any, ...]:
-    """What every post-training stage starts with: device, process group, tokenizer and the starting model
-    (made by ``build``, with ``build_model``'s arguments: a stage whose model is no plain LM passes its own)."""
-    if not config.data:
-        raise ConfigError(f"stage {config.name!r}: no data sources")
-    device = resolve_device(config.train.device)
-    info = init_distributed(device.type)
-    tokenizer = load_tokenizer(config)
-    resume_from = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    model = build(config, tokenizer, resume_from, config.train.seed).to(device)
-    return device, info, tokenizer, model, resume_from
 
 
 def padding_id(tokenizer: Any) -> int:
@@ -126,7 +109,7 @@ def run_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResu
 
     options = stage_options(config, SFT_OPTIONS)
     train = config.train
-    device, info, tokenizer, model, resume_from = post_training_setup(config, out_dir, resume)
+    device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume)
     loader, tokens_per_batch = chat_batches(config, tokenizer, bool(options["strict"]), info)
     objective = masked_lm_loss
     if options["replay_data"]:

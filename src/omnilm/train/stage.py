@@ -155,6 +155,25 @@ def build_model(config: StageConfig, tokenizer: Any, resume_from: Path | None, s
     return Transformer(model_config)
 
 
+def stage_setup(config: StageConfig, out_dir: Path, resume: bool,
+                build: Callable[[StageConfig, Any, Path | None, int], nn.Module] | None = None) -> tuple[Any, ...]:
+    """What every stage starts with: device, process group, tokenizer, the latest checkpoint when resuming and
+    the starting model (made by ``build``, with ``build_model``'s arguments: a stage whose model is no plain LM
+    passes its own)."""
+    if not config.data:
+        raise ConfigError(f"stage {config.name!r}: no data sources")
+    from omnilm.train.checkpoint import latest_checkpoint
+    from omnilm.train.distributed import init_distributed
+    from omnilm.train.trainer import resolve_device
+
+    device = resolve_device(config.train.device)
+    info = init_distributed(device.type)
+    tokenizer = load_tokenizer(config)
+    resume_from = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    model = (build or build_model)(config, tokenizer, resume_from, config.train.seed).to(device)
+    return device, info, tokenizer, model, resume_from
+
+
 def frozen_reference(folder: str | Path, device: torch.device) -> nn.Module:
     """A fixed model (a reference policy, a teacher): loaded from ``folder`` in eval mode, without gradients."""
     from omnilm.model.hf import load_pretrained
