@@ -164,3 +164,24 @@ def test_unimplemented_stage_type_is_named(tmp_path: Path, monkeypatch: pytest.M
         run_stage(config, tmp_path)
     with pytest.raises(UserError, match="unknown stage type 'magic'"):
         run_stage(StageConfig.from_mapping({"type": "magic", "train": {"max_steps": 1}}), tmp_path)
+
+
+def test_schedule_horizon_longer_than_the_budget(tmp_path: Path, lm_data: dict[str, Path]) -> None:
+    """With ``schedule_steps`` the run follows the first part of a longer schedule, step for step."""
+    from omnilm.data.loader import BatchLoader, TokenDataset
+    from omnilm.model.config import get_preset
+    from omnilm.model.transformer import Transformer
+    from omnilm.objectives.lm import causal_lm_loss
+    from omnilm.train.config import TrainConfig
+    from omnilm.train.schedule import lr_multiplier
+    from omnilm.train.trainer import Trainer
+
+    model = Transformer(get_preset("tiny", vocab_size=300, d_model=32, n_layer=1))
+    loader = BatchLoader(TokenDataset.open(lm_data["tokens"]), batch_size=2, seq_len=16)
+    config = TrainConfig(max_steps=6, schedule_steps=20, lr=1e-3, batch_size=2, seq_len=16, log_every=1,
+                         progress=False)
+    Trainer(model, causal_lm_loss, loader, config, tmp_path / "run").fit()
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    lrs = [r["lr"] for r in logged if "lr" in r]
+    assert lrs == pytest.approx([1e-3 * lr_multiplier(step, 20, config) for step in range(6)])
+    assert lrs[-1] > 0.8e-3  # far from the end of the 20-step cosine (a 6-step one would end at 1e-4)

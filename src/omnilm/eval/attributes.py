@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,11 +72,11 @@ def build_examples(records: Iterable[dict[str, Any]], tokenizer: Any) -> list[At
 
 
 @torch.no_grad()
-def score_examples(model: nn.Module, examples: Sequence[AttributeExample], pad_id: int,
-                   batch_size: int = 128) -> list[tuple[float, bool]]:
-    """(attribute loss in nats/token, greedy-correct) per example, teacher-forced, right-padded batches."""
+def target_log_probs(model: nn.Module, examples: Sequence[AttributeExample], pad_id: int,
+                     batch_size: int = 128) -> Iterator[tuple[AttributeExample, torch.Tensor, torch.Tensor]]:
+    """Per example, teacher-forced: the log-distributions predicting each target token (len(target), vocab)
+    and the target ids, from right-padded batches."""
     device = next(model.parameters()).device
-    results: list[tuple[float, bool]] = []
     for begin in range(0, len(examples), batch_size):
         chunk = examples[begin:begin + batch_size]
         sequences = [list(e.prompt_ids) + list(e.target_ids) for e in chunk]
@@ -86,16 +86,21 @@ def score_examples(model: nn.Module, examples: Sequence[AttributeExample], pad_i
         for row, seq in enumerate(sequences):
             ids[row, : len(seq)] = torch.tensor(seq)
             mask[row, : len(seq)] = 1
-        logits = model(ids.to(device), attention_mask=mask.to(device)).float()
-        log_probs = F.log_softmax(logits, dim=-1)
+        log_probs = F.log_softmax(model(ids.to(device), attention_mask=mask.to(device)).float(), dim=-1)
         for row, example in enumerate(chunk):
             first = len(example.prompt_ids) - 1  # the logit at position i predicts token i + 1
             span = slice(first, first + len(example.target_ids))
-            targets = torch.tensor(example.target_ids, device=device)
-            token_lp = log_probs[row, span].gather(-1, targets[:, None]).squeeze(-1)
-            loss = float(-token_lp[: example.value_len].mean())
-            correct = bool((log_probs[row, span].argmax(-1) == targets).all())
-            results.append((loss, correct))
+            yield example, log_probs[row, span], torch.tensor(example.target_ids, device=device)
+
+
+def score_examples(model: nn.Module, examples: Sequence[AttributeExample], pad_id: int,
+                   batch_size: int = 128) -> list[tuple[float, bool]]:
+    """(attribute loss in nats/token, greedy-correct) per example, teacher-forced, right-padded batches."""
+    results: list[tuple[float, bool]] = []
+    for example, log_probs, targets in target_log_probs(model, examples, pad_id, batch_size):
+        token_lp = log_probs.gather(-1, targets[:, None]).squeeze(-1)
+        loss = float(-token_lp[: example.value_len].mean())
+        results.append((loss, bool((log_probs.argmax(-1) == targets).all())))
     return results
 
 

@@ -32,6 +32,9 @@ class TrainConfig:
     schedule: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
     #: Linear warmup steps from 0 to ``lr``.
     warmup_steps: int = 0
+    #: Horizon of the decay in steps (None = the budget). A longer horizon lets runs of different lengths
+    #: share one schedule, each stopping part way along it.
+    schedule_steps: int | None = None
     #: WSD only: the final fraction of steps spent decaying (linearly) to ``min_lr_ratio · lr``.
     decay_fraction: float = 0.2
     #: AdamW decoupled weight decay, applied to weight matrices only (not norms, biases, embeddings).

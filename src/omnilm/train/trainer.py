@@ -222,7 +222,7 @@ class Trainer:
         """One optimizer step (accumulating micro-batches); returns what to log."""
         model, config = self.forward_model, self.config
         model.train()
-        lr = config.lr * lr_multiplier(self.step, self.total_steps, config)
+        lr = config.lr * lr_multiplier(self.step, config.schedule_steps or self.total_steps, config)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         losses, extras = [], {}

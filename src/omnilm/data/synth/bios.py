@@ -7,6 +7,8 @@ in random order, always naming the person in full (so every sentence carries its
                     ``i^-alpha``; with ``alpha = 0`` every seen person gets exactly ``bios_per_person``
 ``eval.jsonl``      one held-out-template sentence per seen person and attribute, value span marked
                     (``value_start``, ``value_end``), for completion probes
+``eval_train_templates.jsonl`` the same probes in training templates (new sentences, known wording)
+``eval_unseen.jsonl`` the same probes for the people never seen (written only when there are some)
 ``people.jsonl``    ground truth; ``seen`` is false for the people kept out of all training text and
                     ``qa_split`` says whether their QA pairs are for training (``train``) or testing
 ``qa.jsonl``        question/answer pairs in chat ``messages`` format, per person, attribute and question
@@ -115,6 +117,21 @@ def biography(person: Person, rng: random.Random) -> str:
     return " ".join(templates[a].format(name=person.name, value=person.attributes[a]) for a in order)
 
 
+def probe_records(people: list[Person], rng: random.Random, held_out: bool = True) -> list[dict[str, Any]]:
+    """One sentence per person and attribute, with the value's character span marked; the template is a
+    held-out one (never in training text) or, with ``held_out=False``, one of the training templates."""
+    records = []
+    for person in people:
+        for attribute in ATTRIBUTES:
+            pool = TEMPLATES[attribute]
+            split = TRAIN_TEMPLATES_PER_ATTRIBUTE
+            template = rng.choice(pool[split:] if held_out else pool[:split])
+            text, start, end = sentence(template, person.name, person.attributes[attribute])
+            records.append({"text": text, "value_start": start, "value_end": end, "attribute": attribute,
+                            "person_id": person.person_id, "value": person.attributes[attribute]})
+    return records
+
+
 def bio_counts(config: BiosConfig, rng: random.Random) -> list[int]:
     """How many biographies each seen person gets."""
     total = config.people * config.bios_per_person
@@ -150,14 +167,14 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
             marginals[attribute][person.attributes[attribute]] += n
     write_json_atomic(out / "marginals.json", {a: dict(c.most_common()) for a, c in marginals.items()})
 
-    eval_records = []
-    for person in seen:
-        for attribute in ATTRIBUTES:
-            template = rng.choice(TEMPLATES[attribute][TRAIN_TEMPLATES_PER_ATTRIBUTE:])
-            text, start, end = sentence(template, person.name, person.attributes[attribute])
-            eval_records.append({"text": text, "value_start": start, "value_end": end, "attribute": attribute,
-                                 "person_id": person.person_id, "value": person.attributes[attribute]})
+    eval_records = probe_records(seen, rng)
     write_jsonl(out / "eval.jsonl", eval_records)
+    # Training-template probes: the same facts in the training wording, without the value-type ambiguity an
+    # unseen wording adds (own generator: nothing else in the files changes).
+    write_jsonl(out / "eval_train_templates.jsonl", probe_records(seen, random.Random(config.seed + 3), False))
+    unseen = [p for p in people if not p.seen]
+    if unseen:  # own generator, so that adding unseen people changes nothing else in the files
+        write_jsonl(out / "eval_unseen.jsonl", probe_records(unseen, random.Random(config.seed + 2)))
 
     # Alternate QA splits within seen and within unseen people, so both halves mix frequent and rare people.
     qa_split = {p.person_id: ("train" if rank % 2 == 0 else "test")

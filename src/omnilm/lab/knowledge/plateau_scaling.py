@@ -1,0 +1,132 @@
+"""The ``plateau-scaling`` study: how the plateau length grows with the number of people N.
+
+For every N a corpus of its own (same generator, N people) and, per seed, a fresh model trained for a budget
+that grows with N; the plateau is detected per run (``phases``), and β in plateau ∝ N^β is fitted by least
+squares in log space with a bootstrap over seeds (``scaling``). The study reported β = 0.81.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from omnilm.lab.knowledge.config import KnowledgeConfig
+from omnilm.lab.knowledge.dynamics import phases_of
+from omnilm.lab.knowledge.experiment import pretrain, seen_probes, write_corpus
+from omnilm.lab.knowledge.report import pm, table
+from omnilm.lab.knowledge.scaling import bootstrap_beta, fit_power_law
+from omnilm.utils.atomic import write_json_atomic, write_text_atomic
+
+STUDY_BETA = 0.81
+
+
+@dataclass
+class PlateauScalingConfig(KnowledgeConfig):
+    """Four N spanning 8×, a step budget ∝ N, 2 seeds each (see README for the wall time)."""
+
+    people_values: list[int] = field(default_factory=lambda: [100, 200, 400, 800])
+    steps_per_person: float = 1.25  # training steps per person: the budget grows with N ...
+    min_steps: int = 300  # ... but is never below this
+    eval_every: int = 25
+    eval_examples: int = 300
+
+    def steps_for(self, people: int) -> int:
+        return max(self.min_steps, round(self.steps_per_person * people))
+
+
+def run_plateau_scaling(config: PlateauScalingConfig, out: str | Path) -> dict[str, Any]:
+    """Train every (N, seed), detect plateaus, fit β; ``plateau_scaling.png``, ``results.json``, ``report.md``."""
+    out = Path(out)
+    prefix = config.phase_prefix()
+    # One cosine schedule for every N (the longest budget's), each run stopping part way along it: the
+    # learning rate at a given step is then the same for every N, so plateau lengths compare like with like.
+    horizon = config.steps_for(max(config.people_values))
+    per_n: list[dict[str, Any]] = []
+    for people in config.people_values:
+        run_config = replace(config, people=people, steps=config.steps_for(people))
+        corpus = write_corpus(run_config, out / f"N-{people}" / "data")
+        probes = seen_probes(corpus, run_config)
+        baseline = probes[config.probe_wording].baseline
+        curves = [pretrain(run_config, corpus, probes, seed, out / f"N-{people}" / f"seed-{seed}",
+                           schedule_steps=horizon)[0] for seed in range(config.seeds)]
+        per_n.append({"people": people, "steps": run_config.steps, "baseline": baseline, "curves": curves,
+                      "phases": [phases_of(c, baseline, config, prefix) for c in curves]})
+    results = {"config": asdict(config), "runs": per_n, "fit": fit_plateaus(per_n)}
+    write_json_atomic(out / "results.json", results)
+    plot_scaling(per_n, results["fit"], prefix, out / "plateau_scaling.png")
+    write_text_atomic(out / "report.md", scaling_report(results, config))
+    return results
+
+
+def fit_plateaus(per_n: list[dict[str, Any]]) -> dict[str, Any]:
+    """β with a bootstrap interval over the N whose every seed has a detected plateau (others listed)."""
+    usable = [r for r in per_n if all(p["plateau_length"] for p in r["phases"])]
+    excluded = [r["people"] for r in per_n if r not in usable]
+    if len({r["people"] for r in usable}) < 2:
+        return {"beta": None, "low": None, "high": None, "excluded_n": excluded, "c": None}
+    ns = [r["people"] for r in usable]
+    lengths = [[float(p["plateau_length"]) for p in r["phases"]] for r in usable]
+    beta, low, high = bootstrap_beta(ns, lengths)
+    _, c = fit_power_law(ns, [sum(x) / len(x) for x in lengths])
+    return {"beta": beta, "low": low, "high": high, "c": c, "excluded_n": excluded}
+
+
+def plot_scaling(per_n: list[dict[str, Any]], fit: dict[str, Any], prefix: str, path: Path) -> None:
+    """Left: loss curves per N (relative to each N's baseline); right: plateau length vs N in log-log."""
+    from omnilm.eval.plots import headless_pyplot, save_figure
+    from omnilm.lab.knowledge.plots import mean_std_curve
+
+    plt = headless_pyplot()
+    fig, (ax_curve, ax_fit) = plt.subplots(1, 2, figsize=(11, 4))
+    for run in per_n:
+        steps, mean, _ = mean_std_curve(run["curves"], prefix + "loss")
+        ax_curve.plot(steps, [m - run["baseline"] for m in mean], label=f"N = {run['people']}")
+        for p in run["phases"]:
+            if p["plateau_length"]:
+                ax_fit.scatter(run["people"], p["plateau_length"], color="tab:blue", s=14)
+    ax_curve.axhline(0, linestyle="--", color="gray", linewidth=1)
+    ax_curve.set_xlabel("step")
+    ax_curve.set_ylabel("attribute loss − baseline (nats/token)")
+    ax_curve.legend(fontsize=8)
+    if fit["beta"] is not None:
+        ns = [r["people"] for r in per_n]
+        grid = [min(ns) * (max(ns) / min(ns)) ** (i / 20) for i in range(21)]
+        ax_fit.plot(grid, [fit["c"] * n ** fit["beta"] for n in grid],
+                    label=f"fit β = {fit['beta']:.2f} [{fit['low']:.2f}, {fit['high']:.2f}]")
+        ax_fit.legend(fontsize=8)
+    ax_fit.set_xscale("log")
+    ax_fit.set_yscale("log")
+    ax_fit.set_xlabel("people N")
+    ax_fit.set_ylabel("plateau length (steps)")
+    save_figure(fig, path)
+
+
+def scaling_report(results: dict[str, Any], config: PlateauScalingConfig) -> str:
+    fit, prefix = results["fit"], config.phase_prefix()
+    rows = [[r["people"], r["steps"], f"{r['baseline']:.3f}", pm([p["drop_end"] for p in r["phases"]], 0),
+             pm([p["emergence_step"] for p in r["phases"]], 0), pm([p["plateau_length"] for p in r["phases"]], 0),
+             pm([c[-1][prefix + "accuracy"] for c in r["curves"]])] for r in results["runs"]]
+    if fit["beta"] is None:
+        verdict = "not measurable: fewer than two N have a detected plateau in every seed"
+        fitted = "β could not be fitted."
+    else:
+        inside = fit["low"] <= STUDY_BETA <= fit["high"]
+        verdict = ("reproduced (the interval contains 0.81)" if inside else
+                   "partially reproduced (the plateau grows with N, but the interval excludes 0.81)"
+                   if fit["beta"] > 0 else "not reproduced (the plateau does not grow with N)")
+        fitted = (f"β = {fit['beta']:.2f}, 95% bootstrap interval [{fit['low']:.2f}, {fit['high']:.2f}]; "
+                  f"the study: β = {STUDY_BETA}.")
+    excluded = f" N excluded (a seed without a detected plateau): {fit['excluded_n']}." if fit["excluded_n"] else ""
+    lines = ["# Knowledge acquisition: plateau length vs number of people", "",
+             f"N in {config.people_values}, {config.bios_per_person} biographies per person, scale {config.scale!r} "
+             f"{config.model or ''}, steps = max({config.min_steps}, {config.steps_per_person}·N) of "
+             f"{config.batch_size}×{config.seq_len} tokens on one cosine schedule of "
+             f"{config.steps_for(max(config.people_values))} steps (no warmup, peak lr {config.lr}), {config.seeds} "
+             f"seed(s) per N; phases detected "
+             f"on the {config.probe_wording} probes (eps {config.eps}, delta {config.delta}).", ""]
+    lines += table(["N", "steps", "baseline", "end of initial drop", "knowledge emerges", "plateau length",
+                    "final accuracy"], rows)
+    lines += ["", fitted + excluded, "", f"Plateau ∝ N^0.81: {verdict}.", "",
+              "![plateau scaling](plateau_scaling.png)", ""]
+    return "\n".join(lines)
