@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from omnilm.lab.knowledge.config import KnowledgeConfig
-from omnilm.lab.knowledge.experiment import Probes, pretrain, training_mixture, write_corpus
+from omnilm.lab.knowledge.experiment import pretrain, seen_probes, training_mixture, write_corpus
 from omnilm.lab.knowledge.plots import plot_groups
 from omnilm.lab.knowledge.report import pm, table
 from omnilm.lab.knowledge.scaling import mean_std
@@ -42,7 +42,7 @@ def run_imbalance(config: ImbalanceConfig, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     uniform = replace(config, alpha=0.0, warmup_people=0, warmup_epochs=0.0)
     base = write_corpus(uniform, out / "alpha-0.0" / "data")
-    probes = {"held_out": Probes.of_corpus(base, config.eval_examples)}
+    probes = seen_probes(base, config)
     runs: dict[str, list] = {}
     for alpha in config.alphas:
         run_config = replace(uniform, alpha=alpha)
@@ -56,11 +56,13 @@ def run_imbalance(config: ImbalanceConfig, out: str | Path) -> dict[str, Any]:
         mixture = training_mixture(curriculum, base, out / "curriculum")
         runs["curriculum"] = [pretrain(curriculum, base, probes, seed, out / "curriculum" / f"seed-{seed}", mixture)[0]
                               for seed in range(config.seeds)]
-    results = {"config": asdict(config), "baseline": probes["held_out"].baseline, "curves": runs,
-               "final": {name: [c[-1] for c in curves] for name, curves in runs.items()}}
+    prefix = config.phase_prefix()
+    results = {"config": asdict(config), "baseline": probes[config.probe_wording].baseline, "curves": runs,
+               "final": {name: [{k.removeprefix(prefix): v for k, v in c[-1].items() if k.startswith(prefix)}
+                                for c in curves] for name, curves in runs.items()}}
     write_json_atomic(out / "results.json", results)
     plot_imbalance(results, out / "imbalance.png")
-    plot_groups(runs, {"": results["baseline"]}, out / "imbalance_curves.png")
+    plot_groups(runs, {"": results["baseline"]}, out / "imbalance_curves.png", prefix=prefix)
     write_text_atomic(out / "report.md", imbalance_report(results, config))
     return results
 
@@ -106,8 +108,9 @@ def imbalance_report(results: dict[str, Any], config: ImbalanceConfig) -> str:
     verdict = ("reproduced" if in_range else "partially reproduced (imbalance helps)" if alpha > 0
                else "not reproduced (uniform sampling is best here)")
     lines = ["# Knowledge acquisition: imbalanced people and a warm-up curriculum", "", config.describe() + ".",
-             "", f"Every run has the same budget; knowledge is measured uniformly over people (held-out templates, "
-             f"{config.eval_examples} probes). Baseline {results['baseline']:.3f} nats/token.", ""]
+             "", f"Every run has the same budget; knowledge is measured uniformly over people "
+             f"({config.probe_wording.replace('_', ' ')}, {config.eval_examples} probes). Baseline "
+             f"{results['baseline']:.3f} nats/token.", ""]
     lines += table(["run", "final attribute loss", "final accuracy"], rows)
     lines += ["", f"Best α: {alpha:g} (final loss {loss:.3f}); the study: 0.6–0.8 — {verdict}."]
     if "curriculum" in final:

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.lab.knowledge.config import KnowledgeConfig
-from omnilm.lab.knowledge.experiment import Probes, evaluator, loader, new_model, train, write_corpus
-from omnilm.lab.knowledge.phases import detect_phases
+from omnilm.lab.knowledge.dynamics import phases_of
+from omnilm.lab.knowledge.experiment import evaluator, loader, new_model, seen_probes, train, write_corpus
 from omnilm.lab.knowledge.plots import plot_groups
 from omnilm.lab.knowledge.report import pm, table
 from omnilm.model.attention import apply_rope
@@ -136,8 +136,9 @@ def run_patching(config: PatchingConfig, out: str | Path) -> dict[str, Any]:
     out = Path(out)
     corpus = write_corpus(config, out / "data")
     tokenizer = corpus.tokenizer
-    probes = Probes.of_corpus(corpus, config.eval_examples)
-    evaluate = evaluator(tokenizer, {"seen": probes})
+    probes = seen_probes(corpus, config)
+    evaluate = evaluator(tokenizer, probes)
+    baseline, prefix = probes[config.probe_wording].baseline, config.phase_prefix()
     groups: dict[str, list] = {"reference (own attention)": []}
     phases: dict[str, list] = {"reference (own attention)": []}
     chosen: list[dict[str, int]] = []
@@ -146,7 +147,7 @@ def run_patching(config: PatchingConfig, out: str | Path) -> dict[str, Any]:
         snapshots = _Snapshots(evaluate)
         rows = train(config, reference, loader({"all": corpus.tokens}, config, seed), snapshots, seed,
                      out / f"seed-{seed}" / "reference")
-        found = _phases(rows, probes.baseline, config)
+        found = phases_of(rows, baseline, config, prefix)
         groups["reference (own attention)"].append(rows)
         phases["reference (own attention)"].append(found)
         steps = [r["step"] for r in rows]
@@ -163,33 +164,29 @@ def run_patching(config: PatchingConfig, out: str | Path) -> dict[str, Any]:
             patch.remove()
             name = f"patterns from step {points[when]} ({when})" if config.seeds == 1 else f"patterns {when}"
             groups.setdefault(name, []).append(rows)
-            phases.setdefault(name, []).append(_phases(rows, probes.baseline, config))
-    results = {"config": asdict(config), "baseline": probes.baseline, "snapshot_steps": chosen,
+            phases.setdefault(name, []).append(phases_of(rows, baseline, config, prefix))
+    results = {"config": asdict(config), "baseline": baseline, "snapshot_steps": chosen,
                "phases": phases, "curves": groups}
     write_json_atomic(out / "results.json", results)
-    plot_groups(groups, {"": probes.baseline}, out / "patching.png")
+    plot_groups(groups, {"": baseline}, out / "patching.png", prefix=prefix)
     write_text_atomic(out / "report.md", patching_report(results, config))
     return results
 
 
-def _phases(rows: list[dict[str, float]], baseline: float, config: KnowledgeConfig) -> dict[str, Any]:
-    return asdict(detect_phases([r["step"] for r in rows], [r["loss"] for r in rows], baseline, config.eps,
-                                config.delta, patience=config.patience))
-
-
-def first_step_above(rows: list[dict[str, float]], accuracy: float) -> int | None:
+def first_step_above(rows: list[dict[str, float]], accuracy: float, prefix: str = "") -> int | None:
     """The first evaluation step where attribute accuracy reaches ``accuracy`` (None if it never does)."""
-    return next((r["step"] for r in rows if r["accuracy"] >= accuracy), None)
+    return next((r["step"] for r in rows if r[prefix + "accuracy"] >= accuracy), None)
 
 
 def patching_report(results: dict[str, Any], config: PatchingConfig) -> str:
+    prefix = config.phase_prefix()
     rows = []
     for name, curves in results["curves"].items():
         found = results["phases"][name]
         rows.append([name, pm([p["drop_end"] for p in found], 0), pm([p["emergence_step"] for p in found], 0),
                      pm([p["plateau_length"] for p in found], 0),
-                     pm([first_step_above(c, 0.1) for c in curves], 0), pm([c[-1]["loss"] for c in curves]),
-                     pm([c[-1]["accuracy"] for c in curves])])
+                     pm([first_step_above(c, 0.1, prefix) for c in curves], 0),
+                     pm([c[-1][prefix + "loss"] for c in curves]), pm([c[-1][prefix + "accuracy"] for c in curves])])
     reference = results["phases"]["reference (own attention)"]
     after = [v for k, v in results["phases"].items() if k.endswith("(after)") or k == "patterns after"]
     ref_len = [p["emergence_step"] for p in reference]
@@ -201,7 +198,8 @@ def patching_report(results: dict[str, Any], config: PatchingConfig) -> str:
                    f"{pm(ref_len, 0)}")
     else:
         verdict = f"not reproduced: emergence at {pm(after_len, 0)} with post-plateau patterns vs {pm(ref_len, 0)}"
-    lines = ["# Knowledge acquisition: attention patching", "", config.describe() + ".", "",
+    lines = ["# Knowledge acquisition: attention patching", "", config.describe() + f"; probes: "
+             f"{config.probe_wording.replace('_', ' ')}.", "",
              f"No-knowledge baseline {results['baseline']:.3f} nats/token; reference snapshots used: "
              f"{results['snapshot_steps']}.", ""]
     lines += table(["run", "end of initial drop", "knowledge emerges", "plateau length", "accuracy ≥ 0.1 at",
