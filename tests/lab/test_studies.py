@@ -16,7 +16,7 @@ TINY: dict[str, Any] = {"people": 6, "bios_per_person": 6, "vocab_size": 400, "s
                         "model": {"d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1, "max_seq_len": 64}}
 EXTRA: dict[str, dict[str, Any]] = {
     "dynamics": {},
-    "plateau-scaling": {"people_values": [4, 8], "steps_per_person": 1.0, "min_steps": 8},
+    "plateau-scaling": {"people_values": [4, 8], "steps_per_person": 1.0, "min_steps": 8, "evals_per_run": 2},
     "imbalance": {"alphas": [0.0, 1.0], "warmup_people": 2, "warmup_epochs": 1.0, "seeds": 1},
     "forgetting": {"new_people": 4, "finetune_steps": 8, "finetune_eval_every": 4},
     "hallucination": {"unseen_people": 4, "seeds": 1},

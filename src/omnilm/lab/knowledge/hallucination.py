@@ -33,9 +33,9 @@ GROUPS = ("seen", "unseen")
 
 @dataclass
 class HallucinationConfig(KnowledgeConfig):
-    """N = 200 seen and 200 unseen people, 1,000 steps (accuracy on seen people well above zero)."""
+    """N = 200 seen and 200 unseen people, 800 steps (accuracy on seen people well above zero), 2 seeds."""
 
-    steps: int = 1000
+    steps: int = 800
     unseen_people: int = 200  # people with attributes but no biography
     eval_examples: int = 600
     confident: float = 0.5  # a completion is confident when exp(mean log p of its tokens) reaches this

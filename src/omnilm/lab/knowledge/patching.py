@@ -96,10 +96,10 @@ class AttentionPatch:
 
 @dataclass
 class PatchingConfig(KnowledgeConfig):
-    """N = 400 so that the reference has a plateau; the three patched runs and the reference: ~15 minutes."""
+    """N = 400 so that the reference has a plateau; the reference and three patched runs, one seed."""
 
     people: int = 400
-    steps: int = 800
+    steps: int = 600
     eval_every: int = 25
     eval_examples: int = 300
     seeds: int = 1

@@ -28,7 +28,7 @@ class PlateauScalingConfig(KnowledgeConfig):
     people_values: list[int] = field(default_factory=lambda: [100, 200, 400, 800])
     steps_per_person: float = 1.25  # training steps per person: the budget grows with N ...
     min_steps: int = 300  # ... but is never below this
-    eval_every: int = 25
+    evals_per_run: int = 40  # evaluations per run, whatever its length (short plateaus need a fine grid)
     eval_examples: int = 300
 
     def steps_for(self, people: int) -> int:
@@ -44,7 +44,8 @@ def run_plateau_scaling(config: PlateauScalingConfig, out: str | Path) -> dict[s
     horizon = config.steps_for(max(config.people_values))
     per_n: list[dict[str, Any]] = []
     for people in config.people_values:
-        run_config = replace(config, people=people, steps=config.steps_for(people))
+        steps = config.steps_for(people)
+        run_config = replace(config, people=people, steps=steps, eval_every=max(1, steps // config.evals_per_run))
         corpus = write_corpus(run_config, out / f"N-{people}" / "data")
         probes = seen_probes(corpus, run_config)
         baseline = probes[config.probe_wording].baseline
