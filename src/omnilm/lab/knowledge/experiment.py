@@ -1,9 +1,9 @@
 """The pieces every study is made of: a biography corpus, probe sets with their baseline, and training runs.
 
-A study writes one or more corpora (biographies, a tokenizer, token shards), turns held-out-template sentences
-into probes, and trains fresh models with AdamW and cosine decay without warmup, evaluating the probes every
-``eval_every`` steps. The evaluation rows (step, attribute loss and accuracy, overall and per attribute) are
-what the studies analyse and plot.
+A study writes one or more corpora (biographies, a tokenizer, token shards), turns probe sentences (held-out
+or training wordings) into probes, and trains fresh models with AdamW and cosine decay without warmup,
+evaluating the probes every ``eval_every`` steps. The evaluation rows (step, attribute loss and accuracy,
+overall and per attribute) are what the studies analyse and plot.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ from omnilm.lab.knowledge.baseline import baseline_from_files
 from omnilm.lab.knowledge.config import PROBE_SETS, KnowledgeConfig
 
 Row = dict[str, float]
+# The probe file of each probe set (see omnilm.data.synth.bios).
+PROBE_FILES = {"held_out": "eval.jsonl", "train_templates": "eval_train_templates.jsonl"}
 
 
 @dataclass
@@ -99,6 +101,8 @@ class Probes:
     @classmethod
     def of_corpus(cls, corpus: Corpus, limit: int, keep: Callable[[int], bool] | None = None,
                   file: str = "eval.jsonl") -> Probes:
+        """Probes from one of the corpus's probe files, of the people ``keep`` accepts (default: all); the
+        baseline uses the marginals of the whole corpus, i.e. of what the model is trained on."""
         records = [r for r in _read(corpus.bios / file) if keep is None or keep(int(r["person_id"]))]
         return cls.build(records, corpus.marginals(), corpus.tokenizer, limit)
 
@@ -106,8 +110,7 @@ class Probes:
 def seen_probes(corpus: Corpus, config: KnowledgeConfig,
                 keep: Callable[[int], bool] | None = None) -> dict[str, Probes]:
     """The held-out-template probes and the training-template probes of seen people (PROBE_SETS order)."""
-    files = {"held_out": "eval.jsonl", "train_templates": "eval_train_templates.jsonl"}
-    return {name: Probes.of_corpus(corpus, config.eval_examples, keep, files[name]) for name in PROBE_SETS}
+    return {name: Probes.of_corpus(corpus, config.eval_examples, keep, PROBE_FILES[name]) for name in PROBE_SETS}
 
 
 def new_model(config: KnowledgeConfig, tokenizer: Any, seed: int) -> nn.Module:

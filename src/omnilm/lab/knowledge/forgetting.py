@@ -15,6 +15,7 @@ from typing import Any
 
 from omnilm.lab.knowledge.config import KnowledgeConfig
 from omnilm.lab.knowledge.experiment import (
+    PROBE_FILES,
     Probes,
     biographies_of,
     evaluator,
@@ -53,8 +54,7 @@ def run_forgetting(config: ForgettingConfig, out: str | Path) -> dict[str, Any]:
     new = lambda person: person >= config.people  # noqa: E731
     shards = {"old": biographies_of(corpus, old, out / "data" / "old_tokens"),
               "new": biographies_of(corpus, new, out / "data" / "new_tokens")}
-    files = {"held_out": "eval.jsonl", "train_templates": "eval_train_templates.jsonl"}
-    probes = {group: Probes.of_corpus(corpus, config.eval_examples, keep, files[config.probe_wording])
+    probes = {group: Probes.of_corpus(corpus, config.eval_examples, keep, PROBE_FILES[config.probe_wording])
               for group, keep in (("old", old), ("new", new))}
     evaluate = evaluator(tokenizer, probes)
     runs: dict[str, list] = {"B only": [], f"B + {config.replay_fraction:g} replay of A": []}
