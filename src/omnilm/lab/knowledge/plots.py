@@ -63,6 +63,7 @@ def plot_attributes(curves: Sequence[Curve], baselines: Mapping[str, float], pat
         steps, mean, _ = mean_std_curve(curves, f"{prefix}{name}/accuracy")
         twin.plot(steps, mean, color="tab:green", label="accuracy")
         twin.set_ylim(0, 1)
+        twin.set_ylabel("accuracy", color="tab:green")
     axes.flat[0].set_ylabel("attribute loss (nats/token); dashed: baseline")
     fig.tight_layout()
     save_figure(fig, path)
