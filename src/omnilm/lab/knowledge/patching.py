@@ -13,7 +13,6 @@ each patched attention module's output is replaced by o_proj(pattern @ V(x)).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,7 +114,7 @@ class _Snapshots:
 
     def __call__(self, model: nn.Module) -> dict[str, float]:
         self.step += 1
-        self.states[self.step] = copy.deepcopy(model.state_dict())
+        self.states[self.step] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
         return self.evaluate(model)
 
 
