@@ -100,3 +100,13 @@ def test_attention_patching(tmp_path: Path) -> None:
 def test_unknown_scale_is_refused(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         main(["lab", "knowledge", "--study", "dynamics", "--scale", "huge", "--out", str(tmp_path)])
+
+
+def test_report_only_redraws_from_results(tmp_path: Path) -> None:
+    results, report = run_study(tmp_path, "dynamics")
+    out = tmp_path / "out"
+    (out / "report.md").unlink()
+    (out / "dynamics.png").unlink()
+    assert main(["lab", "knowledge", "--study", "dynamics", "--out", str(out), "--report-only"]) == 0
+    assert (out / "report.md").read_text() == report
+    assert (out / "dynamics.png").stat().st_size > 1000

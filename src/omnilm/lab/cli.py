@@ -29,34 +29,50 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     knowledge.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the config)")
     knowledge.add_argument("--scale", choices=list(SCALES), default=None,
                            help="model scale (overrides the config); 'study' is the published 8-layer/44M model")
+    knowledge.add_argument("--report-only", action="store_true",
+                           help="redraw the plots and report.md from OUT/results.json without training")
     knowledge.set_defaults(handler=run_knowledge)
 
 
-def study(name: str) -> tuple[type, Any]:
-    """The config class and run function of a study."""
+def study(name: str) -> tuple[type, Any, Any]:
+    """The config class, run function and output writer (plots + report from results) of a study."""
     module_name, config_name, run_name = STUDIES[name]
     module = importlib.import_module(f"omnilm.lab.knowledge.{module_name}")
-    return getattr(module, config_name), getattr(module, run_name)
+    return getattr(module, config_name), getattr(module, run_name), module.write_outputs
 
 
 def run_knowledge(args: argparse.Namespace) -> int:
+    import json
     import time
     from pathlib import Path
 
-    from omnilm.config import load_config
-    from omnilm.utils.atomic import write_text_atomic
+    from omnilm.config import from_dict, load_config
+    from omnilm.errors import UserError
+    from omnilm.utils.atomic import write_json_atomic, write_text_atomic
 
-    config_cls, run = study(args.study)
-    config = load_config(config_cls, args.config) if args.config else config_cls()
-    if args.seeds is not None:
-        config.seeds = args.seeds
-    if args.scale is not None:
-        config.scale = args.scale
-    config.model_config()  # an unknown scale fails now, not after the corpus is written
-    began = time.perf_counter()
-    run(config, args.out)
-    elapsed = time.perf_counter() - began
-    report = Path(args.out) / "report.md"
-    write_text_atomic(report, report.read_text(encoding="utf-8") + f"\nWall time: {elapsed:.0f} s.\n")
+    config_cls, run, write_outputs = study(args.study)
+    out = Path(args.out)
+    if args.report_only:
+        saved = out / "results.json"
+        if not saved.is_file():
+            raise UserError(f"{saved} not found: run the study first")
+        results = json.loads(saved.read_text(encoding="utf-8"))
+        config = from_dict(config_cls, results["config"], source=str(saved))
+        write_outputs(results, config, out)
+    else:
+        config = load_config(config_cls, args.config) if args.config else config_cls()
+        if args.seeds is not None:
+            config.seeds = args.seeds
+        if args.scale is not None:
+            config.scale = args.scale
+        config.model_config()  # an unknown scale fails now, not after the corpus is written
+        began = time.perf_counter()
+        results = run(config, out)
+        results["wall_time_s"] = time.perf_counter() - began
+        write_json_atomic(out / "results.json", results)
+    report = out / "report.md"
+    if "wall_time_s" in results:
+        text = report.read_text(encoding="utf-8") + f"\nWall time: {results['wall_time_s']:.0f} s.\n"
+        write_text_atomic(report, text)
     print(report.read_text(encoding="utf-8"))
     return 0

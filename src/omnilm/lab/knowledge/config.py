@@ -61,8 +61,21 @@ class KnowledgeConfig:
             raise ValueError(f"probe_wording must be one of {PROBE_SETS}, got {self.probe_wording!r}")
         return "" if self.probe_wording == PROBE_SETS[0] else self.probe_wording + "/"
 
+    def describe_model(self) -> str:
+        """The model's scale and size, e.g. "scale 'tiny' (4 layers, d_model 128, 1.05M parameters)"."""
+        import torch
+
+        from omnilm.model.config import load_model_config
+        from omnilm.model.transformer import Transformer
+
+        with torch.device("meta"):  # shapes only: nothing is allocated
+            model = Transformer(load_model_config(self.model_config() | {"vocab_size": self.vocab_size}))
+        shape = model.config
+        return (f"scale {self.scale!r}{' ' + str(self.model) if self.model else ''} ({shape.n_layer} layers, "
+                f"d_model {shape.d_model}, {model.num_params() / 1e6:.2f}M parameters)")
+
     def describe(self) -> str:
         """One line for reports: the experiment's size."""
-        return (f"N = {self.people} people × {self.bios_per_person} biographies, scale {self.scale!r} "
-                f"{self.model or ''}, {self.steps} steps of {self.batch_size}×{self.seq_len} tokens, lr {self.lr} "
-                f"cosine without warmup, {self.seeds} seed(s)")
+        return (f"N = {self.people} people × {self.bios_per_person} biographies, {self.describe_model()}, "
+                f"{self.steps} steps of {self.batch_size}×{self.seq_len} tokens, lr {self.lr} cosine without "
+                f"warmup, {self.seeds} seed(s)")

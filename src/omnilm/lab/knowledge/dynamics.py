@@ -18,6 +18,7 @@ from omnilm.lab.knowledge.experiment import pretrain, seen_probes, training_mixt
 from omnilm.lab.knowledge.phases import detect_phases
 from omnilm.lab.knowledge.plots import plot_attributes, plot_groups
 from omnilm.lab.knowledge.report import pm, table
+from omnilm.lab.knowledge.scaling import mean_std
 from omnilm.utils.atomic import write_json_atomic, write_text_atomic
 
 
@@ -47,17 +48,28 @@ def run_dynamics(config: KnowledgeConfig, out: str | Path) -> dict[str, Any]:
     curves = [pretrain(config, corpus, probes, seed, out / f"seed-{seed}", mixture)[0] for seed in range(config.seeds)]
     detected = probes[config.probe_wording]
     results = {"config": asdict(config), "baseline": detected.baseline,
+               "baselines": {name: p.baseline for name, p in probes.items()},
                "baseline_per_attribute": detected.baseline_per_attribute,
                "phases": [phases_of(c, detected.baseline, config, config.phase_prefix()) for c in curves],
                "curves": curves}
     write_json_atomic(out / "results.json", results)
-    prefixes = {name: "" if i == 0 else name + "/" for i, name in enumerate(probes)}
-    plot_groups({name.replace("_", " "): [[{k.removeprefix(prefixes[name]): v for k, v in r.items()} for r in c]
-                                          for c in curves] for name in probes},
-                {name.replace("_", " "): p.baseline for name, p in probes.items()}, out / "dynamics.png")
-    plot_attributes(curves, detected.baseline_per_attribute, out / "dynamics_attributes.png", config.phase_prefix())
-    write_text_atomic(out / "report.md", dynamics_report(results, config))
+    write_outputs(results, config, out)
     return results
+
+
+def write_outputs(results: dict[str, Any], config: KnowledgeConfig, out: Path) -> None:
+    """Plots and report from ``results`` (also used to redraw them from a saved ``results.json``)."""
+    curves, baselines = results["curves"], results["baselines"]
+    prefixes = {name: "" if i == 0 else name + "/" for i, name in enumerate(baselines)}
+    marks = [mean_std([p[key] for p in results["phases"]])[0] for key in ("drop_end", "emergence_step")
+             if all(p[key] is not None for p in results["phases"])]
+    plot_groups({name.replace("_", " "): [[{k.removeprefix(prefix): v for k, v in r.items()} for r in c]
+                                          for c in curves] for name, prefix in prefixes.items()},
+                {name.replace("_", " "): value for name, value in baselines.items()}, out / "dynamics.png",
+                marks=marks)
+    plot_attributes(curves, results["baseline_per_attribute"], out / "dynamics_attributes.png",
+                    config.phase_prefix())
+    write_text_atomic(out / "report.md", dynamics_report(results, config))
 
 
 def plateau_accuracy(curve: list[dict[str, float]], phases: dict[str, Any], prefix: str = "") -> float | None:

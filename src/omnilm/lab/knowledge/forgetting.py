@@ -74,12 +74,18 @@ def run_forgetting(config: ForgettingConfig, out: str | Path) -> dict[str, Any]:
     results = {"config": asdict(config), "baseline": {g: p.baseline for g, p in probes.items()},
                "pretraining": pretraining, "finetuning": runs}
     write_json_atomic(out / "results.json", results)
-    plot_groups(runs, {"A": probes["old"].baseline}, out / "forgetting_A.png", title="people A (pre-training) "
+    write_outputs(results, config, out)
+    return results
+
+
+def write_outputs(results: dict[str, Any], config: ForgettingConfig, out: Path) -> None:
+    """Plots and report from ``results`` (also used to redraw them from a saved ``results.json``)."""
+    runs, baseline = results["finetuning"], results["baseline"]
+    plot_groups(runs, {"A": baseline["old"]}, out / "forgetting_A.png", title="people A (pre-training) "
                 "during fine-tuning on B", xlabel="fine-tuning step")
-    plot_groups(runs, {"B": probes["new"].baseline}, out / "forgetting_B.png", prefix="new/",
+    plot_groups(runs, {"B": baseline["new"]}, out / "forgetting_B.png", prefix="new/",
                 title="people B (new) during fine-tuning", xlabel="fine-tuning step")
     write_text_atomic(out / "report.md", forgetting_report(results, config))
-    return results
 
 
 def forgetting_report(results: dict[str, Any], config: ForgettingConfig) -> str:

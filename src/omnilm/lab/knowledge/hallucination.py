@@ -123,9 +123,14 @@ def run_hallucination(config: HallucinationConfig, out: str | Path) -> dict[str,
     results = {"config": asdict(config), "baseline": probes["held_out"].baseline, "summary": summary,
                "probes": per_seed}
     write_json_atomic(out / "results.json", results)
-    plot_confidence(per_seed, config, out / "hallucination.png")
-    write_text_atomic(out / "report.md", hallucination_report(results, config))
+    write_outputs(results, config, out)
     return results
+
+
+def write_outputs(results: dict[str, Any], config: HallucinationConfig, out: Path) -> None:
+    """Plot and report from ``results`` (also used to redraw them from a saved ``results.json``)."""
+    plot_confidence(results["probes"], config, out / "hallucination.png")
+    write_text_atomic(out / "report.md", hallucination_report(results, config))
 
 
 def summarise(tables: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:

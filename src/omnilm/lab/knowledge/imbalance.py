@@ -61,10 +61,16 @@ def run_imbalance(config: ImbalanceConfig, out: str | Path) -> dict[str, Any]:
                "final": {name: [{k.removeprefix(prefix): v for k, v in c[-1].items() if k.startswith(prefix)}
                                 for c in curves] for name, curves in runs.items()}}
     write_json_atomic(out / "results.json", results)
-    plot_imbalance(results, out / "imbalance.png")
-    plot_groups(runs, {"": results["baseline"]}, out / "imbalance_curves.png", prefix=prefix)
-    write_text_atomic(out / "report.md", imbalance_report(results, config))
+    write_outputs(results, config, out)
     return results
+
+
+def write_outputs(results: dict[str, Any], config: ImbalanceConfig, out: Path) -> None:
+    """Plots and report from ``results`` (also used to redraw them from a saved ``results.json``)."""
+    plot_imbalance(results, out / "imbalance.png")
+    plot_groups(results["curves"], {"": results["baseline"]}, out / "imbalance_curves.png",
+                prefix=config.phase_prefix())
+    write_text_atomic(out / "report.md", imbalance_report(results, config))
 
 
 def best_alpha(final: dict[str, list[dict[str, float]]]) -> tuple[str, float]:

@@ -167,9 +167,14 @@ def run_patching(config: PatchingConfig, out: str | Path) -> dict[str, Any]:
     results = {"config": asdict(config), "baseline": baseline, "snapshot_steps": chosen,
                "phases": phases, "curves": groups}
     write_json_atomic(out / "results.json", results)
-    plot_groups(groups, {"": baseline}, out / "patching.png", prefix=prefix)
-    write_text_atomic(out / "report.md", patching_report(results, config))
+    write_outputs(results, config, out)
     return results
+
+
+def write_outputs(results: dict[str, Any], config: PatchingConfig, out: Path) -> None:
+    """Plot and report from ``results`` (also used to redraw them from a saved ``results.json``)."""
+    plot_groups(results["curves"], {"": results["baseline"]}, out / "patching.png", prefix=config.phase_prefix())
+    write_text_atomic(out / "report.md", patching_report(results, config))
 
 
 def first_step_above(rows: list[dict[str, float]], accuracy: float, prefix: str = "") -> int | None:

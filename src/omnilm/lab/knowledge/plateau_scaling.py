@@ -55,9 +55,14 @@ def run_plateau_scaling(config: PlateauScalingConfig, out: str | Path) -> dict[s
                       "phases": [phases_of(c, baseline, config, prefix) for c in curves]})
     results = {"config": asdict(config), "runs": per_n, "fit": fit_plateaus(per_n)}
     write_json_atomic(out / "results.json", results)
-    plot_scaling(per_n, results["fit"], prefix, out / "plateau_scaling.png")
-    write_text_atomic(out / "report.md", scaling_report(results, config))
+    write_outputs(results, config, out)
     return results
+
+
+def write_outputs(results: dict[str, Any], config: PlateauScalingConfig, out: Path) -> None:
+    """Plot and report from ``results`` (also used to redraw them from a saved ``results.json``)."""
+    plot_scaling(results["runs"], results["fit"], config.phase_prefix(), out / "plateau_scaling.png")
+    write_text_atomic(out / "report.md", scaling_report(results, config))
 
 
 def fit_plateaus(per_n: list[dict[str, Any]]) -> dict[str, Any]:
@@ -120,8 +125,8 @@ def scaling_report(results: dict[str, Any], config: PlateauScalingConfig) -> str
                   f"the study: β = {STUDY_BETA}.")
     excluded = f" N excluded (a seed without a detected plateau): {fit['excluded_n']}." if fit["excluded_n"] else ""
     lines = ["# Knowledge acquisition: plateau length vs number of people", "",
-             f"N in {config.people_values}, {config.bios_per_person} biographies per person, scale {config.scale!r} "
-             f"{config.model or ''}, steps = max({config.min_steps}, {config.steps_per_person}·N) of "
+             f"N in {config.people_values}, {config.bios_per_person} biographies per person, "
+             f"{config.describe_model()}, steps = max({config.min_steps}, {config.steps_per_person}·N) of "
              f"{config.batch_size}×{config.seq_len} tokens on one cosine schedule of "
              f"{config.steps_for(max(config.people_values))} steps (no warmup, peak lr {config.lr}), {config.seeds} "
              f"seed(s) per N; phases detected "

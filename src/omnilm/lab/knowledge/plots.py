@@ -26,8 +26,9 @@ def _band(ax: object, curves: Sequence[Curve], key: str, label: str) -> None:
 
 
 def plot_groups(groups: Mapping[str, Sequence[Curve]], baselines: Mapping[str, float], path: Path,
-                prefix: str = "", title: str = "", xlabel: str = "step") -> None:
-    """Loss (with one dashed baseline line per entry of ``baselines``) and accuracy vs step for each group."""
+                prefix: str = "", title: str = "", xlabel: str = "step", marks: Sequence[float] = ()) -> None:
+    """Loss (with one dashed baseline line per entry of ``baselines``) and accuracy vs step for each group;
+    ``marks`` are steps drawn as dotted vertical lines (e.g. the detected phase boundaries)."""
     from omnilm.eval.plots import headless_pyplot, save_figure
 
     plt = headless_pyplot()
@@ -37,10 +38,17 @@ def plot_groups(groups: Mapping[str, Sequence[Curve]], baselines: Mapping[str, f
             _band(ax, curves, prefix + key, f"{name} ({len(curves)} seeds)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
+    names_at: dict[float, list[str]] = {}  # probe sets with the same baseline share one line and label
     for name, value in baselines.items():
+        names_at.setdefault(round(value, 6), []).append(name)
+    for value, names in names_at.items():
         axes[0].axhline(value, linestyle="--", color="gray", linewidth=1)
-        axes[0].annotate(f"baseline {name}".strip(), (0, value), textcoords="offset points", xytext=(4, 3),
-                         xycoords=("axes fraction", "data"), fontsize=8, color="gray")
+        axes[0].annotate(f"baseline {', '.join(n for n in names if n)}".strip(), (0, value),
+                         textcoords="offset points", xytext=(4, 3), xycoords=("axes fraction", "data"), fontsize=8,
+                         color="gray")
+    for step in marks or ():
+        for ax in axes:
+            ax.axvline(step, linestyle=":", color="black", linewidth=1)
     axes[0].legend(fontsize=8)
     if title:
         fig.suptitle(title)
