@@ -81,14 +81,14 @@ def test_mean_std_rejects_no_values() -> None:
 
 
 def test_study_fit_uses_only_n_with_a_plateau_in_every_seed() -> None:
-    from omnilm.lab.knowledge.plateau_scaling import fit_plateaus
+    from omnilm.lab.knowledge.plateau_scaling import fit_phase
 
     def run(people: int, lengths: list[int | None]) -> dict:
         return {"people": people, "phases": [{"plateau_length": length} for length in lengths]}
 
     per_n = [run(100, [40, 44]), run(200, [70, 80]), run(400, [130, None]), run(800, [240, 250])]
-    fit = fit_plateaus(per_n)
+    fit = fit_phase(per_n, "plateau_length")
     assert fit["excluded_n"] == [400]
     expected, _ = fit_power_law([100, 200, 800], [42, 75, 245])
     assert fit["beta"] == pytest.approx(expected, abs=1e-12) and fit["low"] <= fit["beta"] <= fit["high"]
-    assert fit_plateaus([run(100, [None]), run(200, [50])])["beta"] is None
+    assert fit_phase([run(100, [None]), run(200, [50])], "plateau_length")["beta"] is None
