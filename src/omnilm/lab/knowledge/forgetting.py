@@ -114,8 +114,11 @@ def forgetting_report(results: dict[str, Any], config: ForgettingConfig) -> str:
              f"{results['baseline']['old']:.3f}, B {results['baseline']['new']:.3f} nats/token.", ""]
     lines += table(["fine-tuning", "A loss at start", f"A loss at step {early}", "A loss at end", "A accuracy at start",
                     f"A accuracy at step {early}", "A accuracy at end", "B accuracy at end"], rows)
+    lowest = [min(c, key=lambda r: r["accuracy"]) for c in replayed]
     lines += ["", f"Rise of A's loss in the first {early} steps without replay: {pm(rise)} nats/token — "
               f"{'reproduced (a sharp rise)' if sharp else 'not reproduced (no sharp rise)'}.",
-              f"Replay lowers A's final loss by {helps} nats/token (B-only minus replay).", "",
+              f"With replay, A's accuracy first falls to {pm([r['accuracy'] for r in lowest])} (at step "
+              f"{pm([r['step'] for r in lowest], 0)}), then ends at {pm([c[-1]['accuracy'] for c in replayed])}; "
+              f"replay lowers A's final loss by {helps} nats/token (B-only minus replay).", "",
               "![A during fine-tuning](forgetting_A.png)", "", "![B during fine-tuning](forgetting_B.png)", ""]
     return "\n".join(lines)
