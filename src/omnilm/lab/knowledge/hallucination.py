@@ -6,7 +6,7 @@ held-out-template sentences about seen and unseen people. Two views of confidenc
 * teacher-forced, at the first token of the true value: the maximum probability and the entropy of the
   next-token distribution (how peaked the model is where the fact should start);
 * generated: the greedy completion up to the sentence's period, its confidence exp(mean log p) over its
-  tokens, whether it is right, and whether it is the value of some seen person (a fluent, plausible fact).
+  value tokens, whether it is right, and whether it is the value of some seen person (a fluent, plausible fact).
 
 A "confident wrong" answer is a wrong greedy completion with confidence ≥ ``confident``. About unseen people
 every answer is wrong (their facts are unknowable), so the question is how often the model is still confident.
@@ -44,7 +44,8 @@ class HallucinationConfig(KnowledgeConfig):
 
 def greedy_completions(model: nn.Module, tokenizer: Any, examples: list[AttributeExample],
                        max_tokens: int) -> list[tuple[str, float]]:
-    """Per probe: the greedy completion up to the first "." and its confidence exp(mean log p) (model's own)."""
+    """Per probe: the greedy completion up to the first "." and its confidence, exp(mean log p) over the
+    completion's value tokens (the terminator excluded)."""
     from omnilm.infer.generate import generate_ids
     from omnilm.infer.sampling import SamplingParams
 
@@ -64,10 +65,13 @@ def greedy_completions(model: nn.Module, tokenizer: Any, examples: list[Attribut
             if token in eos:
                 break
         text = tokenizer.decode(tokens).split(".")[0].strip()
+        # Confidence in the value: the terminator (nearly certain once a value is complete) does not count,
+        # unless it is all there is.
+        value_len = max(1, len(tokens) - (1 if tokens and tokens[-1] in eos else 0))
         generated = AttributeExample(example.person_id, example.attribute, example.prompt_ids, tuple(tokens) or
-                                     (eos[0],), max(1, len(tokens)))
+                                     (eos[0],), value_len)
         _, log_probs, targets = next(target_log_probs(model, [generated], tokenizer.pad_id or 0))
-        mean_lp = float(log_probs.gather(-1, targets[:, None]).mean())
+        mean_lp = float(log_probs.gather(-1, targets[:, None])[:value_len].mean())
         out.append((text, math.exp(mean_lp)))
     return out
 
@@ -168,7 +172,7 @@ def plot_confidence(per_seed: list[dict[str, list[dict[str, Any]]]], config: Hal
 def hallucination_report(results: dict[str, Any], config: HallucinationConfig) -> str:
     summary = results["summary"]
     names = list(summary[0])
-    rows = [[name, f"{summary[0][name]['probes']:.0f}"] + [pm([s[name][k] for s in summary])
+    rows = [[name, pm([s[name]["probes"] for s in summary], 0)] + [pm([s[name][k] for s in summary])
             for k in ("correct", "confidence", "first_max_prob", "first_entropy", "confident_wrong", "plausible")]
             for name in names]
     unseen = [s["unseen"]["confident_wrong"] for s in summary]
