@@ -193,15 +193,20 @@ def patching_report(results: dict[str, Any], config: PatchingConfig) -> str:
                      pm([c[-1][prefix + "loss"] for c in curves]), pm([c[-1][prefix + "accuracy"] for c in curves])])
     reference = results["phases"]["reference (own attention)"]
     after = [v for k, v in results["phases"].items() if k.endswith("(after)") or k == "patterns after"]
-    ref_len = [p["emergence_step"] for p in reference]
-    after_len = [p["emergence_step"] for p in after[0]] if after else []
-    if not after_len or None in after_len or None in ref_len:
+    ref_emerge = [p["emergence_step"] for p in reference]
+    after_emerge = [p["emergence_step"] for p in after[0]] if after else []
+    if not after_emerge or None in after_emerge or None in ref_emerge:
         verdict = "not decided: knowledge did not emerge (by the loss criterion) in every compared run"
-    elif max(after_len) < min(ref_len):
-        verdict = (f"reproduced: with post-plateau patterns knowledge emerges at step {pm(after_len, 0)} instead of "
-                   f"{pm(ref_len, 0)}")
     else:
-        verdict = f"not reproduced: emergence at {pm(after_len, 0)} with post-plateau patterns vs {pm(ref_len, 0)}"
+        ref_plateau, after_plateau = [p["plateau_length"] for p in reference], [p["plateau_length"] for p in after[0]]
+        change = (f"knowledge emerges at step {pm(after_emerge, 0)} instead of {pm(ref_emerge, 0)}, plateau "
+                  f"{pm(after_plateau, 0)} instead of {pm(ref_plateau, 0)} steps")
+        if max(after_plateau) <= config.eval_every:
+            verdict = f"reproduced: no plateau left at the evaluation grid ({change})"
+        elif max(after_emerge) < min(ref_emerge):
+            verdict = f"partially reproduced: shortened, not removed ({change})"
+        else:
+            verdict = f"not reproduced ({change})"
     lines = ["# Knowledge acquisition: attention patching", "", config.describe() + f"; probes: "
              f"{config.probe_wording.replace('_', ' ')}.", "",
              f"No-knowledge baseline {results['baseline']:.3f} nats/token; reference snapshots used: "

@@ -35,7 +35,7 @@ def plot_groups(groups: Mapping[str, Sequence[Curve]], baselines: Mapping[str, f
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, label) in zip(axes, METRICS, strict=True):
         for name, curves in groups.items():
-            _band(ax, curves, prefix + key, f"{name} ({len(curves)} seeds)")
+            _band(ax, curves, prefix + key, f"{name} ({len(curves)} seed{'s' if len(curves) != 1 else ''})")
         ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
     names_at: dict[float, list[str]] = {}  # probe sets with the same baseline share one line and label
