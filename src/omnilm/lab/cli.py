@@ -28,7 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     knowledge.add_argument("--out", required=True)
     knowledge.add_argument("--seeds", type=int, default=None, help="number of seeds (overrides the config)")
     knowledge.add_argument("--scale", choices=list(SCALES), default=None,
-                           help="model scale (overrides the config); 'study' is the published 8-layer/44M model")
+                           help="model scale (overrides the config); 'study' is the published study's 8-layer decoder "
+                                "(41M parameters with a 2k vocabulary)")
     knowledge.add_argument("--report-only", action="store_true",
                            help="redraw the plots and report.md from OUT/results.json without training")
     knowledge.set_defaults(handler=run_knowledge)
