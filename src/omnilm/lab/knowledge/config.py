@@ -10,8 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-# Model scales (omnilm model-config mappings). "study" is the 8-layer, ~44M-parameter decoder of the published
-# study; it needs a GPU to finish in hours rather than days.
+# Model scales (omnilm model-config mappings). "study" has the published study's shape, 8 layers (41M parameters
+# with a 2k vocabulary; the study reports 44M); it needs a GPU to finish in hours rather than days.
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {"preset": "tiny", "max_seq_len": 256},  # 4 layers, d_model 128: ~1M parameters
     "small": {"preset": "tiny", "n_layer": 6, "d_model": 256, "n_head": 8, "n_kv_head": 4, "max_seq_len": 256},
