@@ -1,8 +1,8 @@
 """The ``imbalance`` study: for a fixed step budget, which distribution over people teaches the most facts?
 
 Person i (1-based) appears in proportion to i^-α (the total number of biographies is fixed); α = 0 is uniform.
-Knowledge is measured on every person equally (held-out-template probes of a fixed random subset of all seen
-people), so a large α learns the frequent people fast and gives up the rare ones. The warm-up curriculum trains
+Knowledge is measured on every person equally (probes in ``probe_wording``, of a fixed random subset of all
+seen people), so a large α learns the frequent people fast and gives up the rare ones. The warm-up curriculum trains
 on the first ``warmup_people`` for ``warmup_epochs`` passes, then on everyone uniformly. The study found the
 best α at 0.6–0.8, and the curriculum better still.
 """
