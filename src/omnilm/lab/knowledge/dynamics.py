@@ -2,9 +2,10 @@
 
 One corpus of synthetic biographies (N people, 20 training templates per attribute), one tokenizer, then for
 each seed a fresh model trained with AdamW and cosine decay without warmup (as in the study). Every
-``eval_every`` steps the model completes held-out-template sentences of seen people; the attribute loss (value
-tokens only) and accuracy are logged. Phases are detected per seed (``omnilm.lab.knowledge.phases``) and the
-curves are plotted as mean ± std over seeds with the baseline as a line, overall and per attribute.
+``eval_every`` steps the model completes sentences about seen people in held-out and in training wordings;
+the attribute loss (value tokens only) and accuracy are logged for both. Phases are detected per seed
+(``omnilm.lab.knowledge.phases``) on the ``probe_wording`` probes, and the curves are plotted as mean ± std
+over seeds with the baseline as a line, overall and per attribute.
 """
 
 from __future__ import annotations
