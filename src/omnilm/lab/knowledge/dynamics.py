@@ -25,7 +25,7 @@ from omnilm.utils.atomic import write_json_atomic, write_text_atomic
 
 @dataclass
 class DynamicsConfig(KnowledgeConfig):
-    """N = 800 people (a plateau of several hundred steps), 1,200 steps, 2 seeds: about 10 minutes on 2 cores."""
+    """N = 800 people (a plateau of ~200 steps), 1,200 steps, 2 seeds: about 10 minutes on 2 cores."""
 
     people: int = 800
     steps: int = 1200
