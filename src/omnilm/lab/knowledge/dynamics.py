@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from omnilm.lab.knowledge.config import KnowledgeConfig
-from omnilm.lab.knowledge.experiment import pretrain, seen_probes, training_mixture, write_corpus
-from omnilm.lab.knowledge.phases import detect_phases
+from omnilm.lab.knowledge.experiment import phases_of, pretrain, seen_probes, training_mixture, write_corpus
 from omnilm.lab.knowledge.plots import plot_attributes, plot_groups
 from omnilm.lab.knowledge.report import pm, table
 from omnilm.lab.knowledge.scaling import mean_std
@@ -30,14 +29,6 @@ class DynamicsConfig(KnowledgeConfig):
     people: int = 800
     steps: int = 1200
     eval_examples: int = 300
-
-
-def phases_of(curve: list[dict[str, float]], baseline: float, config: KnowledgeConfig,
-              prefix: str = "") -> dict[str, Any]:
-    """The detected phases of one evaluation curve, as a dict."""
-    found = detect_phases([r["step"] for r in curve], [r[prefix + "loss"] for r in curve], baseline, config.eps,
-                          config.delta, patience=config.patience)
-    return asdict(found)
 
 
 def run_dynamics(config: KnowledgeConfig, out: str | Path) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from torch import nn
 
 from omnilm.lab.knowledge.baseline import baseline_from_files
 from omnilm.lab.knowledge.config import PROBE_SETS, KnowledgeConfig
+from omnilm.lab.knowledge.phases import detect_phases
 
 Row = dict[str, float]
 # The probe file of each probe set (see omnilm.data.synth.bios).
@@ -200,6 +201,14 @@ def pretrain(config: KnowledgeConfig, corpus: Corpus, probes: Mapping[str, Probe
     rows = train(config, model, loader(datasets, config, seed, weights), evaluator(tokenizer, probes), seed, out,
                  schedule_steps=schedule_steps)
     return rows, model
+
+
+def phases_of(curve: list[dict[str, float]], baseline: float, config: KnowledgeConfig,
+              prefix: str = "") -> dict[str, Any]:
+    """The detected phases of one evaluation curve, as a dict."""
+    found = detect_phases([r["step"] for r in curve], [r[prefix + "loss"] for r in curve], baseline, config.eps,
+                          config.delta, patience=config.patience)
+    return asdict(found)
 
 
 def _read(path: Path) -> Iterable[dict[str, Any]]:

@@ -54,7 +54,7 @@ def greedy_completions(model: nn.Module, tokenizer: Any, examples: list[Attribut
     params = SamplingParams(max_new_tokens=max_tokens, temperature=0.0)
     steps = list(generate_ids(model, [list(e.prompt_ids) for e in examples], params, eos_ids=eos,
                               pad_id=tokenizer.pad_id or 0))
-    out = []
+    texts, generated = [], []
     for row, example in enumerate(examples):
         tokens = []
         for step in steps:
@@ -64,16 +64,15 @@ def greedy_completions(model: nn.Module, tokenizer: Any, examples: list[Attribut
             tokens.append(token)
             if token in eos:
                 break
-        text = tokenizer.decode(tokens).split(".")[0].strip()
+        texts.append(tokenizer.decode(tokens).split(".")[0].strip())
         # Confidence in the value: the terminator (nearly certain once a value is complete) does not count,
         # unless it is all there is.
         value_len = max(1, len(tokens) - (1 if tokens and tokens[-1] in eos else 0))
-        generated = AttributeExample(example.person_id, example.attribute, example.prompt_ids, tuple(tokens) or
-                                     (eos[0],), value_len)
-        _, log_probs, targets = next(target_log_probs(model, [generated], tokenizer.pad_id or 0))
-        mean_lp = float(log_probs.gather(-1, targets[:, None])[:value_len].mean())
-        out.append((text, math.exp(mean_lp)))
-    return out
+        generated.append(AttributeExample(example.person_id, example.attribute, example.prompt_ids,
+                                          tuple(tokens) or (eos[0],), value_len))
+    confidences = [math.exp(float(log_probs.gather(-1, targets[:, None])[:example.value_len].mean()))
+                   for example, log_probs, targets in target_log_probs(model, generated, tokenizer.pad_id or 0)]
+    return list(zip(texts, confidences, strict=True))
 
 
 @torch.no_grad()

@@ -23,8 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.lab.knowledge.config import KnowledgeConfig
-from omnilm.lab.knowledge.dynamics import phases_of
-from omnilm.lab.knowledge.experiment import evaluator, loader, new_model, seen_probes, train, write_corpus
+from omnilm.lab.knowledge.experiment import evaluator, loader, new_model, phases_of, seen_probes, train, write_corpus
 from omnilm.lab.knowledge.plots import plot_groups
 from omnilm.lab.knowledge.report import pm, table
 from omnilm.model.attention import apply_rope

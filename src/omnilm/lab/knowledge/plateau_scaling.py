@@ -12,8 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from omnilm.lab.knowledge.config import KnowledgeConfig
-from omnilm.lab.knowledge.dynamics import phases_of
-from omnilm.lab.knowledge.experiment import pretrain, seen_probes, write_corpus
+from omnilm.lab.knowledge.experiment import phases_of, pretrain, seen_probes, write_corpus
 from omnilm.lab.knowledge.report import pm, table
 from omnilm.lab.knowledge.scaling import bootstrap_beta, fit_power_law
 from omnilm.utils.atomic import write_json_atomic, write_text_atomic
