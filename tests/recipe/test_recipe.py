@@ -1,4 +1,5 @@
-"""Recipes end to end: the demo's smoke preset, stage skipping on a re-run, chained stages, retention."""
+"""Recipes end to end: the demo's smoke preset, stage skipping on a re-run, chained stages, retention, and
+reruns of exactly the jobs and stages whose settings or inputs changed."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ import yaml
 
 from omnilm.cli import main
 from omnilm.config import ConfigError
-from omnilm.recipe.recipe import builtin_recipes, load_recipe
+from omnilm.recipe.recipe import Recipe, builtin_recipes, deep_merge, load_recipe
+from omnilm.recipe.runner import run_recipe
 
 
 @pytest.fixture(scope="module")
@@ -82,3 +84,141 @@ def test_recipe_errors_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[s
     bad.write_text(yaml.safe_dump({"name": "x", "stagez": {}}))
     assert main(["run", str(bad), "--out", str(tmp_path / "r")]) == 2
     assert "unknown top-level key(s) ['stagez']" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ stale results are rerun
+
+TINY_TRAIN = {"batch_size": 2, "seq_len": 16, "lr": 1e-3, "log_every": 1, "checkpoint_every": 2,
+              "progress": False, "device": "cpu"}
+
+
+def tiny_recipe(**changes: dict) -> Recipe:
+    """Synthesise, train a tokenizer, tokenise, then three chained stages of a few steps each; ``changes``
+    are deep-merged over the jobs and stages (as a preset would be)."""
+    values = {
+        "name": "tiny",
+        "prepare": {
+            "bios": {"job": "synth_bios", "people": 6, "bios_per_person": 3, "seed": 0},
+            "tokenizer": {"job": "tokenizer", "data": ["bios/train.jsonl"], "vocab_size": 300},
+            "tokens": {"job": "tokenize", "data": ["bios/train.jsonl"], "tokenizer": "tokenizer",
+                       "val_fraction": 0.1, "workers": 1},
+        },
+        "stages": {
+            "a": {"type": "pretrain", "tokenizer": "tokenizer", "data": {"bios": "tokens"},
+                  "model": {"preset": "tiny", "d_model": 32, "n_layer": 1, "n_head": 2, "n_kv_head": 1,
+                            "max_seq_len": 32},
+                  "train": TINY_TRAIN | {"max_steps": 3}},
+            "b": {"type": "midtrain", "data": {"bios": "tokens"}, "train": TINY_TRAIN | {"max_steps": 2}},
+            "c": {"type": "midtrain", "data": {"bios": "tokens"}, "train": TINY_TRAIN | {"max_steps": 2}},
+        },
+    }
+    values = deep_merge(values, {"prepare": changes.get("prepare", {}), "stages": changes.get("stages", {})})
+    return Recipe(name="tiny", prepare=values["prepare"], stages=values["stages"], source="tiny recipe")
+
+
+def run_logged(recipe: Recipe, out: Path) -> list[str]:
+    lines: list[str] = []
+    run_recipe(recipe, out, log=lines.append)
+    return lines
+
+
+def trained(lines: list[str]) -> list[str]:
+    """The jobs and stages that ran (rather than being skipped), in order."""
+    return [line.split("]")[0][1:] for line in lines if " -> " in line or ": training into " in line]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny") / "run"
+    assert trained(run_logged(tiny_recipe(), out)) == ["bios", "tokenizer", "tokens", "a", "b", "c"]
+    return out
+
+
+def copy_run(run: Path, tmp_path: Path) -> Path:
+    """A copy of a finished run elsewhere: it must still recognise its own results."""
+    import shutil
+
+    shutil.copytree(run, tmp_path / "copy")
+    return tmp_path / "copy"
+
+
+def test_unchanged_recipe_skips_everything_even_after_the_run_folder_moved(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path)
+    before = (run / "final" / "model.safetensors").read_bytes()
+    # Operational settings (logging, checkpoint interval) do not change what a stage trains.
+    lines = run_logged(tiny_recipe(stages={"b": {"train": {"log_every": 5, "checkpoint_every": 1}}}), run)
+    assert trained(lines) == []
+    assert "[bios] synth_bios: already done, skipped" in lines and "[c] already complete (2 steps), skipped" in lines
+    assert (run / "final" / "model.safetensors").read_bytes() == before
+
+
+def test_changed_stage_reruns_itself_and_later_stages_only(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path)
+    a_model = (run / "a" / "final" / "model.safetensors").read_bytes()
+    lines = run_logged(tiny_recipe(stages={"b": {"train": {"max_steps": 3}}}), run)
+    assert trained(lines) == ["b", "c"]
+    assert "[b] rerunning: train.max_steps: 2 → 3 (previous results moved to b.stale/)" in lines
+    assert "[c] rerunning: upstream stage b changed (previous results moved to c.stale/)" in lines
+    assert json.loads((run / "b" / "stage.json").read_text())["steps"] == 3
+    assert (run / "a" / "final" / "model.safetensors").read_bytes() == a_model
+    # The rerun trained from scratch: its log holds one line per step of the new budget, nothing appended.
+    rows = [json.loads(line) for line in (run / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+    assert json.loads((run / "b.stale" / "stage.json").read_text())["steps"] == 2
+    assert trained(run_logged(tiny_recipe(stages={"b": {"train": {"max_steps": 3}}}), run)) == []
+
+
+def test_changed_job_reruns_the_jobs_and_stages_that_read_it(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path)
+    lines = run_logged(tiny_recipe(prepare={"tokens": {"val_fraction": 0.2}}), run)
+    # The tokenizer does not read the tokens; every stage trains on them.
+    assert trained(lines) == ["tokens", "a", "b", "c"]
+    assert "[tokens] tokenize: rerunning: val_fraction: 0.1 → 0.2" in lines
+    assert "[a] rerunning: upstream job tokens changed (previous results moved to a.stale/)" in lines
+    assert any(line.startswith("[b] rerunning: upstream job tokens changed; upstream stage a changed")
+               for line in lines)
+
+    lines = run_logged(tiny_recipe(prepare={"tokens": {"val_fraction": 0.2}, "bios": {"seed": 1}}), run)
+    assert trained(lines) == ["bios", "tokenizer", "tokens", "a", "b", "c"]
+    assert "[bios] synth_bios: rerunning: seed: 0 → 1" in lines
+    assert "[tokenizer] tokenizer: rerunning: upstream job bios changed" in lines
+    assert "[tokens] tokenize: rerunning: upstream job bios changed; upstream job tokenizer changed" in lines
+
+
+def test_unfinished_stage_with_a_changed_config_starts_afresh(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from omnilm.model.hf import read_hf_tensors
+
+    run = copy_run(tiny_run, tmp_path)
+    # Make stage a look interrupted after its step-2 checkpoint: no stage.json, no final model.
+    for stage in ("a", "b", "c"):
+        (run / stage / "stage.json").unlink()
+    shutil.rmtree(run / "a" / "final")
+    shutil.rmtree(run / "a" / "checkpoints" / "step-0000003")
+    changed = tiny_recipe(stages={"a": {"train": {"max_steps": 4}}})
+    lines = run_logged(changed, run)
+    assert "[a] rerunning: train.max_steps: 3 → 4 (previous checkpoints moved to a.stale/)" in lines
+    # Bit-identical to a run of the changed recipe from nothing: the stale step-2 checkpoint was not resumed
+    # (it was trained under a 3-step schedule).
+    fresh = tmp_path / "fresh"
+    run_logged(changed, fresh)
+    a, b = read_hf_tensors(run / "final"), read_hf_tensors(fresh / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_unfinished_stage_with_the_same_config_resumes(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from omnilm.model.hf import read_hf_tensors
+
+    run = copy_run(tiny_run, tmp_path)
+    (run / "a" / "stage.json").unlink()
+    shutil.rmtree(run / "a" / "final")
+    shutil.rmtree(run / "a" / "checkpoints" / "step-0000003")
+    lines = run_logged(tiny_recipe(), run)
+    # a continues from its step-2 checkpoint and ends where it did; what reads it is still current.
+    assert trained(lines) == ["a"] and not any("rerunning" in line for line in lines)
+    assert not (run / "a.stale").exists()
+    a, b = read_hf_tensors(tiny_run / "a" / "final"), read_hf_tensors(run / "a" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -98,6 +98,34 @@ def test_sigterm_checkpoints_and_exits(tmp_path: Path, lm_data: dict[str, Path])
     assert step >= 3 and max(losses(run)) == step
 
 
+def test_resume_under_a_changed_config_names_the_keys_unless_forced(
+        tmp_path: Path, lm_data: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    from omnilm.cli import main
+
+    small = {"max_steps": 4, "batch_size": 2, "seq_len": 16, "checkpoint_every": 2, "eval_batches": 1}
+    config = write_config(tmp_path / "stage.yaml", lm_data, **small)
+    run = str(tmp_path / "run")
+    assert main(["train", "--config", str(config), "--out", run]) == 0
+    assert json.loads((tmp_path / "run" / "stage_config.json").read_text())["train"]["max_steps"] == 4
+    changed = write_config(tmp_path / "changed.yaml", lm_data, **small | {"lr": 2e-3})
+    capsys.readouterr()
+    assert main(["train", "--config", str(changed), "--out", run, "--resume", "--set", "max_steps=6"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume" in err and "--force" in err
+    assert "train.lr: 0.003 → 0.002" in err and "train.max_steps: 4 → 6" in err
+    assert max(losses(tmp_path / "run")) == 4  # refused before training anything
+    # Settings that only change logging and checkpointing may differ.
+    assert main(["train", "--config", str(config), "--out", run, "--resume", "--set", "log_every=2",
+                 "--set", "checkpoint_every=3"]) == 0
+    # Extending the budget is the use of --force: the run continues from step 4 to step 6.
+    assert main(["train", "--config", str(config), "--out", run, "--resume", "--set", "max_steps=6",
+                 "--force"]) == 0
+    out = capsys.readouterr().out
+    assert "resuming under a changed config (--force): train.max_steps: 4 → 6" in out
+    assert sorted(losses(tmp_path / "run")) == [1, 2, 3, 4, 5, 6]
+    assert json.loads((tmp_path / "run" / "stage_config.json").read_text())["train"]["max_steps"] == 6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_processes_match_one(tmp_path: Path, lm_data: dict[str, Path], strategy: str) -> None:

@@ -1,8 +1,10 @@
 """Data-preparation jobs of a recipe: synthesise, clean, train the tokenizer, tokenise.
 
 Each job writes into ``<run>/<out>`` (``out`` defaults to the job's name) and leaves a marker
-``.omnilm-job.json`` holding its settings; a job whose marker matches its settings is skipped, one whose
-settings changed runs again. Relative paths in a job are relative to the run folder.
+``.omnilm-job.json`` holding its settings, the fingerprints of the jobs it read (those whose output folders
+its ``data``/``tokenizer`` paths point into) and its own fingerprint, a hash of both. A job whose marker
+holds its current fingerprint is skipped; one whose settings or inputs changed runs again and says why, so a
+rerun upstream job reruns everything that reads it. Relative paths in a job are relative to the run folder.
 """
 
 from __future__ import annotations
@@ -16,8 +18,12 @@ from typing import Any
 
 from omnilm.config import ConfigError
 from omnilm.utils.atomic import write_json_atomic
+from omnilm.utils.fingerprint import fingerprint, stale_reasons
 
 MARKER = ".omnilm-job.json"
+#: Job settings that name input files or folders (relative to the run folder): they make a job depend on the
+#: jobs whose outputs they point into.
+INPUT_KEYS = ("data", "tokenizer")
 JobFn = Callable[[dict[str, Any], Path, Path], dict[str, Any]]
 JOBS: dict[str, JobFn] = {}
 
@@ -89,22 +95,47 @@ def prepare(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     return prepare(inputs, out, from_dict(PrepareConfig, spec, source="prepare job"))
 
 
-def run_job(name: str, spec: dict[str, Any], root: Path, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Run one preparation job unless its output is already complete with the same settings."""
+def job_out(name: str, spec: dict[str, Any], root: Path) -> Path:
+    """The folder job ``name`` writes into."""
+    return Path(_paths(spec.get("out", name), root)[0])
+
+
+def job_inputs(spec: dict[str, Any], root: Path) -> list[str]:
+    """The files and folders job ``spec`` reads, as absolute paths."""
+    return [path for key in INPUT_KEYS if spec.get(key) for path in _paths(spec[key], root)]
+
+
+def run_job(name: str, spec: dict[str, Any], root: Path, log: Callable[[str], Any] = print,
+            upstream: dict[str, str] | None = None) -> tuple[dict[str, Any], str]:
+    """Run one preparation job unless its output is already complete with the same settings and inputs.
+
+    ``upstream`` maps the jobs it reads (``"job NAME"``) to their fingerprints. Returns the job's result and
+    its fingerprint (what jobs and stages reading its output record as their upstream).
+    """
     spec = dict(spec)
     kind = spec.pop("job", None)
     if kind not in JOBS:
         raise ConfigError(f"job {name!r}: unknown job type {kind!r} (known: {', '.join(sorted(JOBS))})")
-    out = Path(_paths(spec.pop("out", name), root)[0])
+    out = job_out(name, spec, root)
+    spec.pop("out", None)
     marker = out / MARKER
-    settings = {"job": kind} | spec
-    if marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("settings") == settings:
-        log(f"[{name}] {kind}: already done, skipped")
-        return json.loads(marker.read_text(encoding="utf-8")).get("result", {})
+    current = {"settings": {"job": kind} | spec, "upstream": dict(upstream or {})}
+    current["fingerprint"] = fingerprint(current)
+    if marker.is_file():
+        record = json.loads(marker.read_text(encoding="utf-8"))
+        if "fingerprint" not in record and record.get("settings") == current["settings"]:
+            # Written before fingerprints were recorded: its settings match, adopt it as current.
+            record |= current
+            write_json_atomic(marker, record)
+        if record.get("fingerprint") == current["fingerprint"]:
+            log(f"[{name}] {kind}: already done, skipped")
+            return record.get("result", {}), current["fingerprint"]
+        log(f"[{name}] {kind}: rerunning: {'; '.join(stale_reasons(record, current))}")
+        marker.unlink()  # an interrupted rerun must not leave the old marker looking complete
     log(f"[{name}] {kind} -> {out}")
     began = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     result = JOBS[kind](spec, out, root) or {}
     result = json.loads(json.dumps(result, default=str))
-    write_json_atomic(marker, {"settings": settings, "result": result, "seconds": time.perf_counter() - began})
-    return result
+    write_json_atomic(marker, current | {"result": result, "seconds": time.perf_counter() - began})
+    return result, current["fingerprint"]

@@ -1,8 +1,15 @@
 """Running a recipe: preparation jobs, then stages in order, evaluations and the retention table after each.
 
-Everything is resumable: a job or stage that finished is skipped (its marker file exists), an unfinished stage
-continues from its latest checkpoint. After each stage, the evaluations declared by that stage and by every
-earlier stage run on its final model, so the retention table shows what each stage kept of earlier skills.
+Everything is resumable, and nothing stale is reused. A stage's fingerprint is a hash of its resolved config
+(paths inside the run folder written relative to it, settings that only change logging or checkpointing left
+out) and of the fingerprints of the jobs and stages whose folders its paths point into: its data sources'
+jobs, its tokenizer, the stage it starts from. A finished stage records it in ``<stage>/stage.json``; a
+started one in ``<stage>/stage-spec.json``. On a rerun a stage with the same fingerprint is skipped (finished)
+or continues from its latest checkpoint (unfinished); a stage whose fingerprint changed says why, its old folder
+is moved to ``<stage>.stale/`` (so no stale checkpoint is resumed) and it trains afresh; the stages after it
+that read it then change fingerprint too. After each stage, the evaluations declared by that stage and by
+every earlier stage run on its final model, so the retention table shows what each stage kept of earlier
+skills; they are computed on every run, never read back.
 """
 
 from __future__ import annotations
@@ -11,13 +18,19 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from omnilm.recipe.jobs import run_job
+from omnilm.recipe.jobs import job_inputs, job_out, run_job
 from omnilm.recipe.recipe import Recipe
 from omnilm.utils.atomic import write_json_atomic, write_text_atomic
+from omnilm.utils.fingerprint import fingerprint, relative_paths, stale_reasons
+
+if TYPE_CHECKING:
+    from omnilm.train.stage import StageConfig
 
 STAGE_DONE = "stage.json"
+STAGE_STARTED = "stage-spec.json"
+STALE_SUFFIX = ".stale"
 PATH_KEYS = ("init_from", "tokenizer")
 OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data")  # stage options that name model folders
 
@@ -47,6 +60,71 @@ def resolve_stage(spec: dict[str, Any], root: Path, previous_final: Path | None)
         data[name] = source
     spec["data"] = data
     return spec
+
+
+def upstream_of(paths: list[str], producers: dict[str, tuple[Path, str]]) -> dict[str, str]:
+    """The producers (label → (output folder, fingerprint)) whose folders hold any of ``paths``, with their
+    fingerprints."""
+    resolved = [Path(p).resolve() for p in paths]
+    return {label: fp for label, (folder, fp) in producers.items()
+            if any(p == folder or p.is_relative_to(folder) for p in resolved)}
+
+
+def _absolute_strings(value: Any) -> list[str]:
+    """Every absolute path string in a (nested) stage mapping: after ``resolve_stage`` these are its inputs."""
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _absolute_strings(v)]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _absolute_strings(v)]
+    return [value] if isinstance(value, str) and Path(value).is_absolute() else []
+
+
+def stage_record(config: StageConfig, root: Path, producers: dict[str, tuple[Path, str]]) -> dict[str, Any]:
+    """What decides whether a stage's result is current: its settings (the resolved config without the
+    operational train settings, paths relative to ``root``), the fingerprints of what it reads, and a hash of
+    both."""
+    from omnilm.train.stage import comparable_config
+
+    settings = comparable_config(config)
+    record = {"settings": relative_paths(settings, root),
+              "upstream": upstream_of(_absolute_strings(settings), producers)}
+    return record | {"fingerprint": fingerprint(record)}
+
+
+def _retire(stage_dir: Path) -> Path:
+    """Move a stale stage folder aside (replacing an older one), so a rerun starts from nothing."""
+    target = stage_dir.with_name(stage_dir.name + STALE_SUFFIX)
+    shutil.rmtree(target, ignore_errors=True)
+    stage_dir.rename(target)
+    return target
+
+
+def check_stage(name: str, stage_dir: Path, current: dict[str, Any], log: Any) -> dict[str, Any] | None:
+    """The finished stage's record when it is current (the stage is skipped), else None (it must train: resuming
+    an unfinished run of the same fingerprint, or afresh after moving a stale folder aside)."""
+    done, started = stage_dir / STAGE_DONE, stage_dir / STAGE_STARTED
+    recorded = None
+    if done.is_file():
+        record = json.loads(done.read_text(encoding="utf-8"))
+        if "fingerprint" not in record:
+            # Finished before fingerprints were recorded: nothing to compare with, adopt it as current.
+            record |= current
+            write_json_atomic(done, record)
+        if record["fingerprint"] == current["fingerprint"]:
+            log(f"[{name}] already complete ({record['steps']} steps), skipped")
+            return record
+        recorded = record
+    elif started.is_file():
+        record = json.loads(started.read_text(encoding="utf-8"))
+        if record["fingerprint"] == current["fingerprint"]:
+            return None
+        recorded = record
+    if recorded is not None:
+        what = "results" if done.is_file() else "checkpoints"
+        moved = _retire(stage_dir)
+        log(f"[{name}] rerunning: {'; '.join(stale_reasons(recorded, current))} "
+            f"(previous {what} moved to {moved.name}/)")
+    return None
 
 
 def resolve_evals(evals: dict[str, dict[str, Any]], root: Path) -> dict[str, dict[str, Any]]:
@@ -86,8 +164,12 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, log: Any = print) -> dict[st
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     summary: dict[str, Any] = {"recipe": recipe.name, "source": recipe.source, "jobs": {}, "stages": {}}
+    # Output folder and fingerprint of every job and stage so far: what later ones may read.
+    producers: dict[str, tuple[Path, str]] = {}
     for name, job in recipe.prepare.items():
-        summary["jobs"][name] = run_job(name, job, root, log)
+        upstream = upstream_of(job_inputs(job, root), producers)
+        summary["jobs"][name], job_fingerprint = run_job(name, job, root, log, upstream)
+        producers[f"job {name}"] = (job_out(name, job, root).resolve(), job_fingerprint)
 
     previous_final: Path | None = None
     all_evals: dict[str, dict[str, Any]] = {}
@@ -96,24 +178,28 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, log: Any = print) -> dict[st
         raw = dict(raw)
         all_evals |= resolve_evals(raw.pop("evals", {}), root)
         spec = resolve_stage(raw, root, previous_final) | {"name": name}
+        config = StageConfig.from_mapping(spec, source=f"{recipe.source}: stage {name}")
         stage_dir = root / name
-        marker = stage_dir / STAGE_DONE
-        if marker.is_file():
-            record = json.loads(marker.read_text(encoding="utf-8"))
-            log(f"[{name}] already complete ({record['steps']} steps), skipped")
-        else:
-            config = StageConfig.from_mapping(spec, source=f"{recipe.source}: stage {name}")
+        current = stage_record(config, root, producers)
+        record = check_stage(name, stage_dir, current, log)
+        if record is None:
+            # The published model will come from this run's stages; until then there is none.
+            shutil.rmtree(root / "final", ignore_errors=True)
             log(f"[{name}] {config.type}: training into {stage_dir}")
+            write_json_atomic(stage_dir / STAGE_STARTED, current)
             began = time.perf_counter()
-            result = run_stage(config, stage_dir, resume=True)
+            # The fingerprint check above already refused stale checkpoints; what may still differ from the
+            # checkpoint's own record is only where the run folder lives.
+            result = run_stage(config, stage_dir, resume=True, force=True)
             if result.status != "complete":
                 summary["interrupted"] = name
                 return summary
             # Relative to the run folder, so a run folder can be moved and still resumed.
-            record = {"type": config.type, "steps": result.step, "seconds": time.perf_counter() - began,
-                      "final": str(Path(result.final_dir).resolve().relative_to(root)),
-                      "last_metrics": result.last_metrics}
-            write_json_atomic(marker, record)
+            record = current | {"type": config.type, "steps": result.step, "seconds": time.perf_counter() - began,
+                                "final": str(Path(result.final_dir).resolve().relative_to(root)),
+                                "last_metrics": result.last_metrics}
+            write_json_atomic(stage_dir / STAGE_DONE, record)
+        producers[f"stage {name}"] = (stage_dir.resolve(), record["fingerprint"])
         previous_final = root / record["final"]
         log(f"[{name}] evaluating {len(all_evals)} eval set(s)")
         results[name] = run_evals(previous_final, all_evals)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -10,6 +11,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="stage config (YAML/JSON): type, model or init_from, data, train")
     p.add_argument("--out", default=None, help="run folder (default: runs/<stage name>)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--force", action="store_true",
+                   help="with --resume: continue even though the config changed (e.g. a larger train.max_steps)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a train setting, e.g. --set max_steps=50 (repeatable)")
     p.set_defaults(handler=train)
@@ -32,13 +35,17 @@ def parse_overrides(pairs: list[str]) -> dict[str, object]:
 
 def train(args: argparse.Namespace) -> int:
     from omnilm.config import read_mapping
-    from omnilm.train.stage import StageConfig, run_stage
+    from omnilm.train.stage import StageConfig, resume_changes, run_stage
 
     values = read_mapping(args.config)
     values["train"] = dict(values.get("train") or {}) | parse_overrides(args.set)
     config = StageConfig.from_mapping(values, source=args.config)
     out = args.out or f"runs/{config.name}"
-    result = run_stage(config, out, resume=args.resume)
+    if args.resume and args.force and int(os.environ.get("RANK", "0")) == 0:
+        changes = resume_changes(config, out)
+        if changes:
+            print(f"omnilm train: resuming under a changed config (--force): {'; '.join(changes)}")
+    result = run_stage(config, out, resume=args.resume, force=args.force)
     if result.status == "interrupted":
         print(f"omnilm train: interrupted at step {result.step}/{result.total_steps}; checkpoint saved in {out}; "
               "continue with --resume")

@@ -7,6 +7,12 @@ from typing import Literal
 
 from omnilm.config import ConfigError
 
+#: Settings that change how a run is watched, logged or checkpointed, not what it trains: they may differ when a
+#: run is resumed, and changing them leaves a finished recipe stage current.
+OPERATIONAL_FIELDS = frozenset({"log_every", "eval_every", "eval_batches", "sample_every", "sample_prompt",
+                                "sample_tokens", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+                                "peak_flops", "progress"})
+
 
 @dataclass
 class TrainConfig:

@@ -2,12 +2,15 @@
 
 ``omnilm train --config stage.yaml`` runs one stage; a recipe runs several in order, each starting from the
 previous stage's final model. Stage types are looked up in ``STAGE_BUILDERS``; a type without a builder
-fails with a message naming it.
+fails with a message naming it. Every run folder records the stage's config in ``stage_config.json``; resuming
+checkpoints under a different config is refused, naming the changed keys, unless forced.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +21,12 @@ from torch import nn
 
 from omnilm.config import ConfigError, from_dict
 from omnilm.errors import UserError
-from omnilm.train.config import TrainConfig
+from omnilm.train.config import OPERATIONAL_FIELDS, TrainConfig
 from omnilm.train.trainer import TrainResult
+from omnilm.utils.atomic import write_json_atomic
+from omnilm.utils.fingerprint import changed_keys
 
+CONFIG_RECORD = "stage_config.json"
 LM_STAGE_TYPES = ("pretrain", "midtrain")
 NO_LORA_STAGE_TYPES = ("reward", "ppo")
 KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill")
@@ -94,8 +100,50 @@ def register_stage(*types: str) -> Callable[[StageBuilder], StageBuilder]:
     return decorate
 
 
-def run_stage(config: StageConfig, out_dir: str | Path, resume: bool = False) -> TrainResult:
-    """Run one stage into ``out_dir`` (continuing from its latest checkpoint with ``resume``)."""
+def comparable_config(config: StageConfig) -> dict[str, Any]:
+    """The config as a mapping without the operational train settings (``OPERATIONAL_FIELDS``): what a resumed
+    run must share with the checkpoints it continues, and what a recipe fingerprints."""
+    values = config.to_mapping()
+    values["train"] = {k: v for k, v in values["train"].items() if k not in OPERATIONAL_FIELDS}
+    return values
+
+
+def resume_changes(config: StageConfig, out_dir: str | Path) -> list[str]:
+    """How ``config`` differs from the config that wrote the checkpoints in ``out_dir`` (``key: old → new``
+    lines; empty when nothing changed or there is nothing to resume)."""
+    from omnilm.train.checkpoint import latest_checkpoint, load_trainer_state
+
+    out_dir = Path(out_dir)
+    latest = latest_checkpoint(out_dir / "checkpoints")
+    if latest is None:
+        return []
+    current = comparable_config(config)
+    if (out_dir / CONFIG_RECORD).is_file():
+        recorded = json.loads((out_dir / CONFIG_RECORD).read_text(encoding="utf-8"))
+    else:
+        # Checkpoints from before the config was recorded: their trainer state still holds the train settings.
+        recorded = {"train": load_trainer_state(latest).get("config", {})}
+        current = {"train": current["train"]}
+    recorded["train"] = {k: v for k, v in recorded.get("train", {}).items() if k not in OPERATIONAL_FIELDS}
+    return changed_keys(recorded, current)
+
+
+def run_stage(config: StageConfig, out_dir: str | Path, resume: bool = False, force: bool = False) -> TrainResult:
+    """Run one stage into ``out_dir`` (continuing from its latest checkpoint with ``resume``).
+
+    Resuming checkpoints written under a different config (operational settings such as ``log_every`` aside)
+    is a ``ConfigError`` naming the changed keys, unless ``force``: then the run continues under the new config.
+    """
+    out_dir = Path(out_dir)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    changes = resume_changes(config, out_dir) if resume else []
+    if changes and not force:
+        raise ConfigError(
+            f"stage {config.name!r}: cannot resume {out_dir} under a changed config:\n  " + "\n  ".join(changes)
+            + f"\nIts checkpoints were trained with the config recorded in {out_dir / CONFIG_RECORD}. Resume with "
+            "that config, train into a new --out, or pass --force to continue under the new one (what extending "
+            "the budget, train.max_steps or train.max_tokens, needs; the schedule then follows the new budget "
+            "unless train.schedule_steps fixes it).")
     _load_builders()
     builder = STAGE_BUILDERS.get(config.type)
     if builder is None:
@@ -108,7 +156,9 @@ def run_stage(config: StageConfig, out_dir: str | Path, resume: bool = False) ->
         # Their models wrap the LM with a head and save themselves; adapters there are not written yet.
         raise UserError(f"stage {config.name!r}: lora is not supported for stage type {config.type!r} "
                         f"(supported: every type but {', '.join(NO_LORA_STAGE_TYPES)})")
-    return builder(config, Path(out_dir), resume)
+    if main_process:
+        write_json_atomic(out_dir / CONFIG_RECORD, config.to_mapping())
+    return builder(config, out_dir, resume)
 
 
 def _load_builders() -> None:
