@@ -80,6 +80,22 @@ def test_lora_errors(base_dir: Path, chat_data: dict[str, Path], tmp_path: Path)
         run_stage(config, tmp_path / "bad2")
 
 
+def test_lora_that_cannot_be_exported_is_refused_before_training(chat_data: dict[str, Path], tmp_path: Path) -> None:
+    """GPT-2's q/k/v are one fused c_attn layer in Hugging Face's model: adapters on them are refused at setup,
+    not at the first checkpoint; adapters on its separate layers train and export."""
+    tokenizer = Tokenizer.from_dir(chat_data["tokenizer"])
+    model = small_model("gpt2", vocab_size=tokenizer.vocab_size, init_std=0.02, max_seq_len=128)
+    base = save_pretrained(model, tmp_path / "gpt2", tokenizer=tokenizer)
+    config = sft_config(base, chat_data["qa"], 2, checkpoint_every=1)
+    with pytest.raises(ConfigError, match=r"stage 'sft': .*blocks\.0\.attn\.q_proj.*c_attn.*"
+                                          r"\['attn\.o_proj', 'mlp\.down_proj', 'mlp\.up_proj'\].*llama/qwen2"):
+        run_stage(config, tmp_path / "refused")
+    assert not (tmp_path / "refused" / "checkpoints").exists() and not (tmp_path / "refused" / "metrics.jsonl").exists()
+    config.lora = LORA | {"target_modules": ["attn.o_proj", "up_proj"]}
+    result = run_stage(config, tmp_path / "run")
+    assert result.step == 2 and (result.final_dir / "adapter" / "adapter_config.json").is_file()
+
+
 def test_lora_is_refused_where_a_head_wraps_the_model(tmp_path: Path) -> None:
     from omnilm.errors import UserError
 

@@ -234,12 +234,8 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     if any(layer.merged for layer in layers.values()):
         raise ConfigError("adapters are merged into the weights; unmerge them before save_adapter")
     family = _family(model)
+    check_exportable(model)
     hf_names = {name: hf_module_name(family, name) for name in layers}
-    unsupported = sorted(name for name, hf in hf_names.items() if hf is None)
-    if unsupported:
-        raise ConfigError(f"PEFT export of LoRA on these {family} layers is not supported: {unsupported}. "
-                          "Hugging Face GPT-2 fuses q/k/v into c_attn; export works for every llama/qwen2 "
-                          "linear and for gpt2 attn.o_proj, mlp.up_proj, mlp.down_proj")
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -270,12 +266,43 @@ def save_adapter(model: nn.Module, folder: str | Path, base_model_name_or_path: 
     return write_adapter_folder(folder, config, tensors)
 
 
+def check_exportable(model: nn.Module) -> None:
+    """Refuse LoRA layers that :func:`save_adapter` cannot write, naming them and the target modules that would
+    work. A training stage calls it before its first step, so the refusal does not wait for a checkpoint."""
+    family = _family(model)
+    unsupported = sorted(name for name in lora_layers(model) if hf_module_name(family, name) is None)
+    if not unsupported:
+        return
+    shared = _shared_parameter_ids(model)  # a tied head cannot take an adapter at all: not worth suggesting
+    exportable = sorted({_target_suffix(n) for n in _linear_names(model) if hf_module_name(family, n) is not None
+                         and id(_base_weight(model.get_submodule(n))) not in shared})
+    shown = ", ".join(unsupported[:3]) + (f" and {len(unsupported) - 3} more" if len(unsupported) > 3 else "")
+    raise ConfigError(f"PEFT export of LoRA on these {family} layers is not supported: {shown} (targets "
+                      f"{sorted({_target_suffix(n) for n in unsupported})}). Hugging Face GPT-2 fuses q/k/v into "
+                      f"one c_attn layer, whose single LoRA is not the same function as separate ones. Choose "
+                      f"target_modules among {exportable}, or a llama/qwen2 model, where every linear layer exports")
+
+
+def _base_weight(layer: nn.Module) -> torch.Tensor:
+    return layer.base_layer.weight if isinstance(layer, LoraLinear) else layer.weight
+
+
+def _target_suffix(name: str) -> str:
+    """``blocks.3.attn.q_proj`` → ``attn.q_proj``: the target name that selects this layer in every block."""
+    parts = name.split(".")
+    return ".".join(parts[2:]) if parts[0] == "blocks" and len(parts) > 2 else name
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    """Module paths of every linear layer, adapted or not (not the adapters' own A/B layers)."""
+    return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear))
+            and not n.endswith((".lora_A", ".lora_B", ".base_layer"))]
+
+
 def _all_linear_names(model: nn.Module) -> list[str]:
     """Hugging Face paths of every linear layer (wrapped or not) that has one of its own."""
     family = _family(model)
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, LoraLinear))
-             and not n.endswith((".lora_A", ".lora_B", ".base_layer"))]
-    return [hf for hf in (hf_module_name(family, n) for n in names) if hf is not None]
+    return [hf for hf in (hf_module_name(family, n) for n in _linear_names(model)) if hf is not None]
 
 
 _UNSUPPORTED_OPTIONS = {"use_dora": False, "use_rslora": False, "bias": "none", "lora_bias": False,

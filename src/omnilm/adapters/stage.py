@@ -17,7 +17,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from omnilm.adapters.lora import LoraConfig, apply_lora, lora_state_dict, merge_lora, save_adapter, trainable_report
+from omnilm.adapters.lora import (
+    LoraConfig,
+    apply_lora,
+    check_exportable,
+    lora_state_dict,
+    merge_lora,
+    save_adapter,
+    trainable_report,
+)
 from omnilm.config import from_dict
 
 LORA_TENSORS = "lora.safetensors"
@@ -57,9 +65,13 @@ class LoraStageModel(nn.Module):
 
 
 def with_lora(model: nn.Module, settings: dict[str, Any], base_path: str | None, seed: int) -> LoraStageModel:
-    """``model`` with LoRA adapters from ``settings`` (a :class:`LoraConfig` mapping), everything else frozen."""
+    """``model`` with LoRA adapters from ``settings`` (a :class:`LoraConfig` mapping), everything else frozen.
+
+    Adapters that could not be saved in PEFT's format (GPT-2's fused q/k/v) are refused here, before training.
+    """
     config = from_dict(LoraConfig, dict(settings), source="stage lora")
     torch.manual_seed(seed)  # the adapters' initialisation is part of the run's determinism
     apply_lora(model, config)
+    check_exportable(model)
     print(f"LoRA: {trainable_report(model)}")
     return LoraStageModel(model, base_path)

@@ -188,7 +188,10 @@ def build_model(config: StageConfig, tokenizer: Any, resume_from: Path | None, s
             raise ConfigError(f"stage {config.name!r}: LoRA trains with one process or DDP, not FSDP")
         # The frozen base is always the starting model; resuming restores the adapters from the checkpoint.
         base = build_model(dataclasses.replace(config, lora=None), tokenizer, None, seed)
-        return with_lora(base, config.lora, config.init_from, seed)
+        try:
+            return with_lora(base, config.lora, config.init_from, seed)
+        except ConfigError as err:
+            raise ConfigError(f"stage {config.name!r}: {err}") from None
     if resume_from is not None:
         return load_pretrained(resume_from, dtype=torch.float32)
     if config.init_from:
