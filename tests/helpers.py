@@ -33,3 +33,16 @@ def small_config(family: str, **overrides: object) -> ModelConfig:
 def small_model(family: str, seed: int = 0, **overrides: object) -> Transformer:
     torch.manual_seed(seed)
     return Transformer(small_config(family, **overrides)).eval()
+
+
+def solo_tokens(model: Transformer, prompt: list[int], params: object, eos: set[int]) -> list[int]:
+    """What ``prompt`` generates when it is the only request (``generate_ids``, a contiguous cache), EOS excluded."""
+    from omnilm.infer.generate import FINISHED, generate_ids
+
+    tokens = []
+    for step in generate_ids(model, [prompt], params, sorted(eos), 0):  # type: ignore[arg-type]
+        token = int(step[0])
+        if token == FINISHED or token in eos:
+            break
+        tokens.append(token)
+    return tokens

@@ -17,7 +17,8 @@ class SamplingParams:
     temperature: float = 1.0
     #: Keep only the k most likely tokens (0 = off).
     top_k: int = 0
-    #: Keep the smallest set of most likely tokens whose probability mass is ≥ top_p (1 = off).
+    #: Keep the smallest set of most likely tokens whose probability mass is ≥ top_p (1 = off; 0 keeps only the
+    #: most likely token, the most restrictive setting).
     top_p: float = 1.0
     #: Drop tokens less likely than min_p × the most likely token's probability (0 = off).
     min_p: float = 0.0
@@ -37,7 +38,7 @@ class SamplingParams:
             (self.max_new_tokens >= 1, "max_new_tokens must be ≥ 1"),
             (self.temperature >= 0, "temperature must be ≥ 0"),
             (self.top_k >= 0, "top_k must be ≥ 0"),
-            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.top_p <= 1, "top_p must be in [0, 1]"),
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.num_beams >= 1, "num_beams must be ≥ 1"),

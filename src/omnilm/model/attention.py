@@ -82,7 +82,11 @@ def build_attention_mask(attention_mask: torch.Tensor | None, past: int, q_len: 
     ``attention_mask`` is (B, past+q_len) with 1 for real tokens and 0 for padding. Returns None
     when plain causal attention suffices (the caller then uses SDPA's ``is_causal``). A padding
     query would see no key at all and give NaNs, so every query may always attend to itself.
+    A ready (B, 1, q_len, keys) boolean mask is returned as it is (the serving engine's paged batches,
+    whose rows each have their own length, build their own).
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        return attention_mask.bool()
     if attention_mask is None or bool(attention_mask.all()):
         if past == 0 or q_len == 1:
             return None

@@ -120,7 +120,8 @@ class Transformer(nn.Module):
                       inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final-norm hidden states (B, T, d_model).
 
-        ``attention_mask`` (B, past+T) covers the cached positions too (1 = token, 0 = padding).
+        ``attention_mask`` (B, past+T) covers the cached positions too (1 = token, 0 = padding); a 4-D boolean
+        mask (B, 1, T, keys) is used as it is (then pass ``position_ids`` too).
         With ``cache`` the new keys/values are appended and the cache advances by T.
         ``inputs_embeds`` (B, T, d_model) replaces the token-embedding lookup, so vectors that are no
         vocabulary entry (soft prompts) can be fed; pass it or ``input_ids``, not both.

@@ -3,31 +3,60 @@
 from __future__ import annotations
 
 import argparse
+import os
+
+API_KEY_ENV = "OMNILM_API_KEY"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from omnilm.serve.config import ServeConfig
+
+    defaults = ServeConfig()
     p = subparsers.add_parser("serve", help="serve a model over an OpenAI-compatible HTTP API (and a web chat)")
     p.add_argument("--model", required=True, help="model folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ routes")
+    p.add_argument("--api-key", default=None,
+                   help=f"require 'Authorization: Bearer KEY' on /v1/ routes (default: the {API_KEY_ENV} environment "
+                        "variable, which keeps the key out of the process list)")
     p.add_argument("--name", default=None, help="model id reported by /v1/models (default: the folder name)")
-    p.add_argument("--kv-budget-mb", type=int, default=256, help="KV-cache memory for concurrent requests")
+    p.add_argument("--kv-budget-mb", type=int, default=defaults.kv_budget_mb,
+                   help="memory of the paged KV cache shared by all running requests (MiB)")
+    p.add_argument("--block-size", type=int, default=defaults.block_size, help="positions per KV block")
+    p.add_argument("--max-batch", type=int, default=defaults.max_batch, help="most requests decoded together")
+    p.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk,
+                   help="most prompt tokens prefilled per step (long prompts are prefilled in chunks)")
+    p.add_argument("--max-queue", type=int, default=defaults.max_queue,
+                   help="most requests waiting to start; beyond it the answer is 429 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
+                   help="seconds after which an unfinished request is cancelled (504)")
+    p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="largest request body")
     p.add_argument("--draft-model", default=None,
                    help="a small model with the same tokenizer: requests are then decoded one at a time with "
                         "speculative decoding (lower latency per stream, no batching)")
-    p.add_argument("--speculative-k", type=int, default=4, help="draft tokens proposed per round")
+    p.add_argument("--speculative-k", type=int, default=defaults.speculative_k, help="draft tokens proposed per round")
     p.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
+    from omnilm.serve.config import ServeConfig
     from omnilm.serve.server import Service, create_app
 
-    service = Service(args.model, model_name=args.name, kv_budget_bytes=args.kv_budget_mb << 20,
-                      draft_dir=args.draft_model, speculative_k=args.speculative_k)
-    print(f"omnilm serve: {service.name} on http://{args.host}:{args.port} "
-          f"({service.engine.capacity} concurrent requests, context {service.context})", flush=True)
-    uvicorn.run(create_app(service, api_key=args.api_key), host=args.host, port=args.port, log_level="warning")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(kv_budget_mb=args.kv_budget_mb, block_size=args.block_size, max_batch=args.max_batch,
+                         prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                         draft_model=args.draft_model, speculative_k=args.speculative_k)
+    service = Service(args.model, model_name=args.name, config=config)
+    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    stats = service.engine.stats()
+    capacity = (f"{stats['kv_blocks']} KV blocks of {stats['block_size']} positions, up to {config.max_batch} "
+                "requests at once" if "kv_blocks" in stats else "one request at a time, speculative")
+    print(f"omnilm serve: {service.name} on http://{args.host}:{args.port} ({capacity}, context {service.context}"
+          f"{', API key required' if api_key else ''})", flush=True)
+    uvicorn.run(create_app(service, api_key=api_key), host=args.host, port=args.port, log_level="warning")
     return 0

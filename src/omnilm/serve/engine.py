@@ -1,29 +1,45 @@
-"""A generation engine with continuous batching over a preallocated, slot-based KV cache.
+"""A generation engine with continuous batching over a paged KV cache, prefix caching and chunked prefill.
 
-Written for this project. The cache has one row ("slot") per running request and one shared write position
-``t``: every decode step feeds one token per slot and writes its key/value at ``t``. A request joins between
-steps: its prompt is prefilled alone, and its keys/values are copied into a free slot so that they end just
-before ``t`` (right-aligned); the positions before them are masked out for that slot, and its position ids
-count its own tokens, so it computes exactly what it would compute alone. When ``t`` reaches the end of the
-buffer, all slots shift left by the longest prefix that no running request uses. A finished or cancelled
-request frees its slot at once.
+Written for this project (the scheduling is the point of the serving stage). Requests are submitted from any
+thread into a bounded waiting queue; ``step`` (called in a loop by one thread) does one round of work:
 
-The number of slots follows from the KV memory budget: each slot holds ``max_len`` positions of keys and
-values for every layer.
+1. **admit** waiting requests in arrival order while the block pool can hold them: a request takes the blocks
+   for its prompt plus ``max_new_tokens`` positions at once, so it can never be stopped for lack of memory,
+   and reuses the cached blocks of the longest prefix of its prompt that was computed before (the last prompt
+   token is always computed, for its logits). When the blocks do not fit, the request waits at the head of the
+   queue (no overtaking);
+2. **decode** one token for every request whose prompt is done, in one batched forward pass;
+3. **prefill** up to ``prefill_chunk`` prompt tokens of the requests still reading their prompts (oldest
+   first, a long prompt in several chunks over several steps), in a second forward pass, so a long prompt delays
+   running streams by one chunk per step instead of stalling them; a request whose prompt is complete samples
+   its first token.
+
+Each request keeps its own positions (0, 1, 2, … whatever its block table), so it computes exactly what it
+would compute alone; a finished, cancelled or failed request returns its blocks at once. An exception in a
+step fails the requests that step touched (with the error), is logged with its traceback, and the engine goes
+on with the others; non-finite logits fail their request only.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from omnilm.infer.detokenize import StreamingDecoder
+from omnilm.infer.generate import make_generator
 from omnilm.infer.sampling import SamplingParams, next_token
 from omnilm.model.transformer import Transformer
+from omnilm.serve.blocks import NULL_BLOCK, BlockPool, block_digests
+from omnilm.serve.paged_cache import PagedBatch, PagedKVCache
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,12 +54,15 @@ class Request:
     request_id: int = field(default_factory=itertools.count().__next__)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
-    finish_reason: str | None = None  # "stop" (EOS or stop string), "length", "cancelled"
+    #: "stop" (EOS or stop string), "length", "cancelled", or "error" (then ``error`` says what went wrong).
+    finish_reason: str | None = None
+    error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
-    def _end(self, reason: str) -> None:
-        if self.finish_reason is None:
-            self.finish_reason = reason
+    def _end(self, reason: str, error: str | None = None) -> None:
+        if self.done.is_set():
+            return
+        self.finish_reason, self.error = reason, error
         self.done.set()
         if self.on_finish is not None:
             self.on_finish()
@@ -55,49 +74,66 @@ class Request:
                 self.on_text(piece)
 
 
-@dataclass
-class _Slot:
-    request: Request
-    decoder: StreamingDecoder
-    generator: torch.Generator | None
-    length: int  # positions this request occupies in the cache (prompt + fed tokens)
-    next_input: int  # the token to feed at the next step
-
-
-def kv_bytes_per_slot(model: Transformer, max_len: int) -> int:
-    """Cache memory of one slot: keys and values of every layer for ``max_len`` positions."""
-    config = model.config
-    element = model.tok_emb.weight.element_size()
-    return 2 * config.n_layer * config.kv_heads * max_len * config.dim_per_head * element
+class QueueFull(RuntimeError):
+    """The waiting queue is at its bound; the request was not taken (retry later)."""
 
 
 class RequestQueue:
-    """What every engine shares: a thread-safe queue of waiting requests checked against the context."""
+    """What every engine shares: a bounded, thread-safe waiting queue, validation, cancellation and failure.
+
+    ``max_queue`` bounds the requests waiting to start (None: unbounded); ``submit_all`` beyond it raises
+    :class:`QueueFull` and takes nothing.
+    """
 
     max_len: int
 
-    def __init__(self) -> None:
-        self.waiting: list[Request] = []
+    def __init__(self, max_queue: int | None = None) -> None:
+        self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
+        self.max_queue = max_queue
 
-    def submit(self, request: Request) -> Request:
+    def check(self, request: Request) -> None:
+        """Raise ValueError for a request this engine can never serve."""
         if not request.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
         if len(request.prompt_ids) + request.params.max_new_tokens > self.max_len:
             raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
                              f"({request.params.max_new_tokens}) exceeds the context of {self.max_len}")
+
+    def submit(self, request: Request) -> Request:
+        return self.submit_all([request])[0]
+
+    def submit_all(self, requests: Sequence[Request]) -> list[Request]:
+        """Queue all of ``requests`` or none of them (ValueError for an invalid one, QueueFull when full)."""
+        for request in requests:
+            self.check(request)
         with self.lock:
-            self.waiting.append(request)
-        return request
+            if self.max_queue is not None and len(self.waiting) + len(requests) > self.max_queue:
+                raise QueueFull(f"{len(self.waiting)} requests are waiting (at most {self.max_queue})")
+            self.waiting.extend(requests)
+        return list(requests)
 
     def cancel(self, request: Request) -> None:
         """Stop ``request`` now, freeing whatever it holds."""
+        self.fail([request], None)
+
+    def fail(self, requests: Iterable[Request], error: str | None) -> None:
+        """End ``requests`` (those not done yet): with ``error``, as failed; without, as cancelled."""
         with self.lock:
+            self._fail_locked(requests, error)
+
+    def _fail_locked(self, requests: Iterable[Request], error: str | None) -> None:
+        for request in list(requests):
+            if request.done.is_set():
+                continue
             if request in self.waiting:
                 self.waiting.remove(request)
             self._release(request)
-            if not request.done.is_set():
-                request._end("cancelled")
+            request._end("cancelled" if error is None else "error", error)
+
+    def active(self) -> list[Request]:
+        """Requests started and not finished."""
+        raise NotImplementedError
 
     def _release(self, request: Request) -> None:
         """Free the resources of a running ``request`` (called with the lock held)."""
@@ -108,138 +144,222 @@ class RequestQueue:
 
     @property
     def busy(self) -> bool:
-        raise NotImplementedError
+        return bool(self.waiting) or bool(self.active())
+
+    def stats(self) -> dict[str, Any]:
+        return {"running": len(self.active()), "waiting": len(self.waiting)}
 
     def run_until_idle(self) -> None:
         while self.busy:
             self.step()
 
 
-class Engine(RequestQueue):
-    """Runs many requests at once; ``submit`` from any thread, ``step`` (or ``run_until_idle``) decodes."""
+@dataclass(eq=False)
+class _Sequence:
+    """A running request: its tokens, its block table and how much of it the cache holds."""
 
-    def __init__(self, model: Transformer, tokenizer, max_len: int | None = None,  # noqa: ANN001
-                 kv_budget_bytes: int = 256 * 2**20, max_slots: int = 64) -> None:
-        super().__init__()
+    request: Request
+    decoder: StreamingDecoder
+    generator: torch.Generator | None
+    tokens: list[int]  # the prompt, then every sampled token (the last one is fed at the next decode step)
+    blocks: list[int]  # block table
+    digests: list[bytes]  # digests of the sequence's full blocks known so far
+    registered: int  # leading blocks that are in the prefix cache (hits, or registered once written)
+    computed: int  # positions whose keys/values are in the cache
+    seen: torch.Tensor | None  # (1, vocab) tokens seen, for the repetition penalty
+
+    @property
+    def prompt_done(self) -> bool:
+        return self.computed >= len(self.request.prompt_ids)
+
+
+class Engine(RequestQueue):
+    """Runs many requests at once; ``submit`` from any thread, ``step`` (or ``run_until_idle``) decodes.
+
+    ``kv_budget_bytes`` sizes the block pool (keys and values of every layer); ``block_size`` positions per
+    block; at most ``max_batch`` requests run at once; ``prefill_chunk`` prompt tokens are prefilled per step;
+    ``max_queue`` bounds the waiting queue.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Any, max_len: int | None = None,
+                 kv_budget_bytes: int = 256 * 2**20, block_size: int = 16, max_batch: int = 64,
+                 prefill_chunk: int = 256, max_queue: int | None = None) -> None:
+        super().__init__(max_queue)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_len = max_len or model.config.max_seq_len
-        slots = min(max_slots, kv_budget_bytes // kv_bytes_per_slot(model, self.max_len))
-        if slots < 1:
-            raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds no slot of {self.max_len} positions")
-        p = model.tok_emb.weight
-        self.cache = model.new_cache(slots, self.max_len)
-        self.valid = torch.zeros(slots, self.max_len, dtype=torch.bool, device=p.device)
-        self.slots: list[_Slot | None] = [None] * slots
+        if prefill_chunk < 1 or max_batch < 1:
+            raise ValueError("prefill_chunk and max_batch must be ≥ 1")
+        self.max_batch, self.prefill_chunk = max_batch, prefill_chunk
+        weight = model.tok_emb.weight
+        per_block = PagedKVCache.bytes_per_block(model.config, block_size, weight.dtype)
+        num_blocks = kv_budget_bytes // per_block
+        if num_blocks < 2:
+            raise ValueError(f"a KV budget of {kv_budget_bytes} bytes holds no block of {block_size} positions "
+                             f"({per_block} bytes each, one more is reserved)")
+        self.pool = BlockPool(num_blocks, block_size)
+        self.cache = PagedKVCache(model.config, num_blocks, block_size, weight.device, weight.dtype)
+        self.device = weight.device
+        self.running: list[_Sequence] = []
         eos = {tokenizer.eos_id, model.config.eos_token_id}
         self.eos_ids = {i for i in eos if i is not None}
 
     @property
-    def capacity(self) -> int:
-        return len(self.slots)
+    def block_size(self) -> int:
+        return self.pool.block_size
+
+    def check(self, request: Request) -> None:
+        super().check(request)
+        needed = self.pool.blocks_for(len(request.prompt_ids) + request.params.max_new_tokens - 1)
+        if needed > self.pool.capacity:
+            raise ValueError(f"the request needs {needed} KV blocks of {self.block_size} positions; the KV budget "
+                             f"holds {self.pool.capacity}")
+
+    def active(self) -> list[Request]:
+        return [s.request for s in self.running]
+
+    def stats(self) -> dict[str, Any]:
+        pool = self.pool
+        return super().stats() | {"kv_blocks": pool.capacity, "kv_blocks_in_use": pool.num_in_use,
+                                  "block_size": pool.block_size, "prefix_cache_hit_blocks": pool.hits,
+                                  "prefix_cache_queried_blocks": pool.queries}
 
     def _release(self, request: Request) -> None:
-        for index, slot in enumerate(self.slots):
-            if slot is not None and slot.request is request:
-                self._free(index)
-
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting) or any(s is not None for s in self.slots)
-
-    # ------------------------------------------------------------------------------------------------ internals
-
-    def _free(self, index: int) -> None:
-        self.slots[index] = None
-        self.valid[index] = False
-
-    def _finish(self, index: int, reason: str) -> None:
-        slot = self.slots[index]
-        slot.request._emit(slot.decoder.finish())
-        self._free(index)
-        slot.request._end(reason)
-
-    def _make_room(self, needed: int) -> None:
-        """Shift every slot left so that ``needed`` positions fit before the end of the buffer."""
-        t = self.cache.length
-        used = [s.length for s in self.slots if s is not None]
-        shift = t - max(used, default=0)
-        if t + needed > self.max_len:
-            shift = min(shift, t)
-            if shift <= 0 or t - shift + needed > self.max_len:
+        for seq in self.running:
+            if seq.request is request:
+                self.running.remove(seq)
+                self.pool.release(seq.blocks)
                 return
-            for buffer in (self.cache.k, self.cache.v):
-                buffer[:, :, :, : t - shift] = buffer[:, :, :, shift:t].clone()
-            self.valid[:, : t - shift] = self.valid[:, shift:t].clone()
-            self.valid[:, t - shift:] = False
-            self.cache.length = t - shift
 
-    @torch.inference_mode()
-    def _admit(self, request: Request) -> bool:
-        free = [i for i, s in enumerate(self.slots) if s is None]
-        if not free:
-            return False
-        index, n = free[0], len(request.prompt_ids)
-        device = self.cache.k.device
-        self._make_room(1)
-        if self.cache.length < n:  # the shared position moves forward; other slots see masked gaps
-            self.cache.length = n if n <= self.max_len else self.cache.length
-        if self.cache.length + 1 > self.max_len or self.cache.length < n:
-            return False
-        solo = self.model.new_cache(1, n)
-        logits = self.model(torch.tensor([request.prompt_ids], device=device), cache=solo, last_only=True)[:, -1]
-        t = self.cache.length
-        self.cache.k[:, index, :, t - n:t] = solo.k[:, 0]
-        self.cache.v[:, index, :, t - n:t] = solo.v[:, 0]
-        self.valid[index] = False
-        self.valid[index, t - n:t] = True
-        params = request.params
-        generator = None if params.seed is None else torch.Generator(device).manual_seed(params.seed)
-        slot = _Slot(request, StreamingDecoder(self.tokenizer, params.stop), generator, n, -1)
-        self.slots[index] = slot
-        self._accept(index, int(next_token(logits, params, None, generator)[0]))
-        return True
-
-    def _accept(self, index: int, token: int) -> None:
-        """Record a sampled token of slot ``index``; finish the request when it is done."""
-        slot = self.slots[index]
-        request = slot.request
-        if token in self.eos_ids:
-            self._finish(index, "stop")
-            return
-        request.output_ids.append(token)
-        request._emit(slot.decoder.push(token))
-        if slot.decoder.stopped:
-            self._finish(index, "stop")
-        elif len(request.output_ids) >= request.params.max_new_tokens:
-            self._finish(index, "length")
-        else:
-            slot.next_input = token
+    # ------------------------------------------------------------------------------------------------ stepping
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Admit waiting requests into free slots, then decode one token for every running request."""
+        """Admit what fits, decode one token of every request past its prompt, then prefill one chunk."""
         with self.lock:
-            while self.waiting and self._admit(self.waiting[0]):
-                self.waiting.pop(0)
-            running = [i for i, s in enumerate(self.slots) if s is not None]
-            if not running:
-                return
-            self._make_room(1)
-            t = self.cache.length
-            device = self.cache.k.device
-            feed = torch.zeros(self.capacity, 1, dtype=torch.long, device=device)
-            positions = torch.zeros(self.capacity, 1, dtype=torch.long, device=device)
-            for i in running:
-                feed[i, 0], positions[i, 0] = self.slots[i].next_input, self.slots[i].length
-            self.valid[running, t] = True
-            mask = self.valid[:, : t + 1].clone()
-            idle = [i for i in range(self.capacity) if i not in running]
-            mask[idle, t] = True  # idle rows attend to themselves only; their output is ignored
-            logits = self.model(feed, mask.long(), positions, cache=self.cache)[:, -1]
-            self.valid[idle, t] = False
-            for i in running:
-                slot = self.slots[i]
-                slot.length += 1
-                token = next_token(logits[i: i + 1], slot.request.params, None, slot.generator)
-                self._accept(i, int(token[0]))
+            for phase in (self._admit, self._decode, self._prefill):
+                touched: list[Request] = []
+                try:
+                    phase(touched)
+                except Exception as err:  # noqa: BLE001 - any fault fails its requests, not the engine
+                    log.exception("engine step failed; failing %d request(s)", len(touched))
+                    self._fail_locked(touched, f"{type(err).__name__}: {err}")
+
+    def _admit(self, touched: list[Request]) -> None:
+        size = self.block_size
+        while self.waiting and len(self.running) < self.max_batch:
+            request = self.waiting[0]
+            touched[:] = [request]
+            prompt, params = request.prompt_ids, request.params
+            digests = block_digests(prompt, size)
+            reusable = digests[: (len(prompt) - 1) // size]  # the last prompt token is always computed
+            cached = self.pool.cached_prefix(reusable)
+            total = self.pool.blocks_for(len(prompt) + params.max_new_tokens - 1)
+            blocks = self.pool.allocate(cached, total - len(cached))
+            if blocks is None:
+                return  # waits for blocks to be freed; nothing behind it overtakes
+            self.waiting.popleft()
+            self.pool.record_lookup(len(reusable), len(cached))
+            self.cache.clear(blocks[len(cached):])
+            seen = None
+            if params.repetition_penalty != 1.0:
+                seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+                seen[0, prompt] = True
+            self.running.append(_Sequence(
+                request, StreamingDecoder(self.tokenizer, params.stop), make_generator(params.seed, self.device),
+                list(prompt), blocks, digests, len(cached), len(cached) * size, seen))
+
+    def _decode(self, touched: list[Request]) -> None:
+        rows = [(seq, seq.tokens[-1:]) for seq in self.running if seq.prompt_done]
+        touched += [seq.request for seq, _ in rows]
+        if rows:
+            logits = self._forward(rows)
+            for (seq, _), row in zip(rows, logits, strict=True):
+                self._sample(seq, row)
+
+    def _prefill(self, touched: list[Request]) -> None:
+        rows, budget = [], self.prefill_chunk
+        for seq in self.running:
+            remaining = len(seq.request.prompt_ids) - seq.computed
+            if remaining > 0 and budget > 0:
+                take = min(remaining, budget)
+                rows.append((seq, seq.tokens[seq.computed: seq.computed + take]))
+                budget -= take
+        touched += [seq.request for seq, _ in rows]
+        if rows:
+            logits = self._forward(rows)
+            for (seq, _), row in zip(rows, logits, strict=True):
+                if seq.prompt_done:
+                    self._sample(seq, row)
+
+    def _forward(self, rows: list[tuple[_Sequence, list[int]]]) -> torch.Tensor:
+        """Feed each row's new tokens after its cached positions; logits at each row's last new token (B, V)."""
+        size, device = self.block_size, self.device
+        batch, width = len(rows), max(len(tokens) for _, tokens in rows)
+        starts = [seq.computed for seq, _ in rows]
+        counts = [len(tokens) for _, tokens in rows]
+        n_blocks = self.pool.blocks_for(max(s + c for s, c in zip(starts, counts, strict=True)))
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        tables = torch.full((batch, n_blocks), NULL_BLOCK, dtype=torch.long)
+        write_rows, write_cols, write_slots = [], [], []
+        for b, ((seq, tokens), start) in enumerate(zip(rows, starts, strict=True)):
+            ids[b, : len(tokens)] = torch.tensor(tokens)
+            used = seq.blocks[: min(n_blocks, len(seq.blocks))]
+            tables[b, : len(used)] = torch.tensor(used)
+            for i in range(len(tokens)):
+                position = start + i
+                write_rows.append(b)
+                write_cols.append(i)
+                write_slots.append(seq.blocks[position // size] * size + position % size)
+        start_t = torch.tensor(starts)[:, None]
+        positions = start_t + torch.arange(width)[None, :]  # (B, T)
+        keys = torch.arange(n_blocks * size)
+        real = torch.arange(width)[None, :] < torch.tensor(counts)[:, None]  # (B, T)
+        # A query sees its own request's positions up to itself; a padding query sees key 0 only (no NaN).
+        mask = (keys[None, None, :] <= positions[:, :, None]) & real[:, :, None]
+        mask[:, :, 0] |= ~real
+        view = PagedBatch(self.cache, tables.to(device), torch.tensor(write_rows, device=device),
+                          torch.tensor(write_cols, device=device), torch.tensor(write_slots, device=device))
+        hidden = self.model.hidden_states(ids.to(device), mask[:, None].to(device), positions.to(device), view)
+        last = hidden[torch.arange(batch, device=device), torch.tensor(counts, device=device) - 1]  # (B, d)
+        for seq, count in zip((s for s, _ in rows), counts, strict=True):
+            seq.computed += count
+            self._register_full_blocks(seq)
+        return self.model.lm_head(last)
+
+    def _register_full_blocks(self, seq: _Sequence) -> None:
+        """Offer every newly completed block of ``seq`` to the prefix cache."""
+        size = self.block_size
+        for index in range(seq.registered, seq.computed // size):
+            if index >= len(seq.digests):
+                parent = seq.digests[index - 1] if index else b""
+                seq.digests += block_digests(seq.tokens[index * size:(index + 1) * size], size, parent)
+            self.pool.register(seq.blocks[index], seq.digests[index])
+        seq.registered = max(seq.registered, seq.computed // size)
+
+    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Pick ``seq``'s next token from its logits (V,), record it and finish the request when it is done."""
+        if not bool(torch.isfinite(logits).all()):
+            self._fail_locked([seq.request], "the model produced non-finite logits")
+            return
+        request = seq.request
+        token = int(next_token(logits[None], request.params, seq.seen, seq.generator)[0])
+        if token in self.eos_ids:
+            self._finish(seq, "stop")
+            return
+        request.output_ids.append(token)
+        request._emit(seq.decoder.push(token))
+        if seq.decoder.stopped:
+            self._finish(seq, "stop")
+        elif len(request.output_ids) >= request.params.max_new_tokens:
+            self._finish(seq, "length")
+        else:
+            seq.tokens.append(token)
+            if seq.seen is not None:
+                seq.seen[0, token] = True
+
+    def _finish(self, seq: _Sequence, reason: str) -> None:
+        seq.request._emit(seq.decoder.finish())
+        self._release(seq.request)
+        seq.request._end(reason)
+

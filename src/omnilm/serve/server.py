@@ -1,19 +1,31 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both also streaming as server-sent events,
-with ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` and ``GET /`` (a small web chat).
-Bad requests get OpenAI-style error objects with a 4xx status and the server keeps serving; a client that
-disconnects from a stream cancels its request. One background thread runs the engine; request handlers only
-submit requests and wait for their text.
+with ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` (with the engine's load) and ``GET /``
+(a web chat). One background thread runs the engine; request handlers only submit requests and wait for their text.
+
+What a client can rely on:
+
+- a bad request gets an OpenAI-style error object with a 4xx status and the server keeps serving; a body over the
+  limit is refused as soon as the limit is passed (also when sent chunked, without a length);
+- when the waiting queue is full the answer is 429 with ``Retry-After``;
+- a fault in the engine (an exception, non-finite logits) fails the requests it touched with a 500 error object,
+  is logged with its traceback, and the engine goes on serving; every request ends within ``request_timeout_s``
+  (504 after it), and a client that disconnects cancels its request, whose KV blocks are freed at once;
+- message content is encoded as plain text: a special-token string in a message cannot forge a turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
+import logging
+import math
 import threading
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -25,10 +37,12 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
 from omnilm.errors import UserError
 from omnilm.infer.sampling import SamplingParams
-from omnilm.serve.engine import Engine, Request
-from omnilm.tokenizer.chat import IM_END, format_chat, validate_messages
+from omnilm.serve.config import ServeConfig
+from omnilm.serve.engine import Engine, QueueFull, Request, RequestQueue
+from omnilm.tokenizer.chat import IM_END, encode_chat, validate_messages
 
-MAX_BODY_BYTES = 1 << 20
+log = logging.getLogger(__name__)
+
 MAX_CHOICES = 8
 
 
@@ -36,12 +50,16 @@ class APIError(Exception):
     """An error answered to the client as ``{"error": {...}}`` with an HTTP status."""
 
     def __init__(self, status: int, message: str, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
 @dataclass
@@ -59,7 +77,7 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise APIError(400, f"{key} must be a number, got {json.dumps(value)}", param=key)
     if value < low or (high is not None and value > high):
         bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
@@ -76,38 +94,74 @@ def _integer(body: dict[str, Any], key: str, default: int | None, low: int) -> i
     return value
 
 
+def check_draft(target: Any, target_tokenizer: Any, draft: Any, draft_tokenizer: Any) -> None:
+    """Refuse a draft model that cannot serve ``target`` (UserError), before any request reaches it."""
+    if draft.config.vocab_size != target.config.vocab_size:
+        raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
+                        f"model's ({target.config.vocab_size})")
+    if draft_tokenizer.backend.get_vocab() != target_tokenizer.backend.get_vocab():
+        raise UserError("the draft model's tokenizer differs from the model's: the same ids would mean other text")
+    if draft.config.max_seq_len < target.config.max_seq_len:
+        raise UserError(f"the draft model's context ({draft.config.max_seq_len}) is shorter than the model's "
+                        f"({target.config.max_seq_len})")
+
+
 class Service:
     """The model, its tokenizer and the engine thread behind the HTTP routes."""
 
-    def __init__(self, model_dir: str | Path, model_name: str | None = None, kv_budget_bytes: int = 256 << 20,
-                 draft_dir: str | Path | None = None, speculative_k: int = 4) -> None:
+    def __init__(self, model_dir: str | Path, model_name: str | None = None, config: ServeConfig | None = None,
+                 **overrides: Any) -> None:
+        import dataclasses
+
         from omnilm.infer.text import TextGenerator
 
+        self.config = dataclasses.replace(config or ServeConfig(), **overrides)
         generator = TextGenerator.from_pretrained(model_dir)
         self.model, self.tokenizer = generator.model, generator.tokenizer
         self.name = model_name or Path(model_dir).resolve().name
         self.context = self.model.config.max_seq_len
-        if draft_dir is not None:
+        self.engine: RequestQueue
+        if self.config.draft_model is not None:
             from omnilm.serve.speculative_engine import SpeculativeEngine
 
-            draft = TextGenerator.from_pretrained(draft_dir).model
-            self.engine = SpeculativeEngine(self.model, draft, self.tokenizer, speculative_k)
+            drafter = TextGenerator.from_pretrained(self.config.draft_model)
+            check_draft(self.model, self.tokenizer, drafter.model, drafter.tokenizer)
+            self.engine = SpeculativeEngine(self.model, drafter.model, self.tokenizer, self.config.speculative_k,
+                                            max_queue=self.config.max_queue)
         else:
-            self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=kv_budget_bytes)
+            self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=self.config.kv_budget_mb << 20,
+                                 block_size=self.config.block_size, max_batch=self.config.max_batch,
+                                 prefill_chunk=self.config.prefill_chunk, max_queue=self.config.max_queue)
         im_end = self.tokenizer.token_to_id(IM_END)
         if im_end is not None:
             self.engine.eos_ids.add(im_end)
         self.wake = threading.Event()
+        self.stopping = threading.Event()
         self.created = int(time.time())
-        threading.Thread(target=self._loop, daemon=True, name="omnilm-engine").start()
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="omnilm-engine")
+        self.thread.start()
 
     def _loop(self) -> None:
-        while True:
-            if self.engine.busy:
-                self.engine.step()
-            else:
+        while not self.stopping.is_set():
+            if not self.engine.busy:
                 self.wake.wait(0.05)
                 self.wake.clear()
+                continue
+            try:
+                self.engine.step()
+            except Exception:  # noqa: BLE001 - the engine thread must outlive any fault
+                log.exception("engine step failed outside a request; failing the running requests")
+                self.engine.fail(self.engine.active(), "internal error in the engine (see the server log)")
+
+    def close(self) -> None:
+        """Stop the engine thread (requests still running are cancelled)."""
+        self.stopping.set()
+        self.thread.join(timeout=30)
+        self.engine.fail(self.engine.active() + list(self.engine.waiting), None)
+
+    @property
+    def healthy(self) -> bool:
+        return self.thread.is_alive() and not self.stopping.is_set()
 
     def parse(self, body: dict[str, Any], chat: bool) -> GenerationRequest:
         """Validate an OpenAI request body into a GenerationRequest (APIError on anything wrong)."""
@@ -118,17 +172,17 @@ class Service:
             if "messages" not in body:
                 raise APIError(400, "messages is required", param="messages")
             try:
-                messages = validate_messages(body["messages"])
+                prompt_ids, _ = encode_chat(self.tokenizer, validate_messages(body["messages"]),
+                                            add_generation_prompt=True)
             except UserError as err:
                 raise APIError(400, str(err), param="messages") from err
-            prompt = format_chat(messages, add_generation_prompt=True)
         else:
             prompt = body.get("prompt")
             if isinstance(prompt, list) and len(prompt) == 1:
                 prompt = prompt[0]
             if not isinstance(prompt, str) or not prompt:
                 raise APIError(400, "prompt must be a non-empty string", param="prompt")
-        prompt_ids = self.tokenizer.encode(prompt)
+            prompt_ids = self.tokenizer.encode(prompt)  # a raw prompt is the client's whole text, markup included
         if len(prompt_ids) >= self.context:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context}",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
@@ -145,30 +199,36 @@ class Service:
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
             raise APIError(400, "stream_options must be an object", param="stream_options")
+        n = _integer(body, "n", 1, 1)
+        if n > MAX_CHOICES:
+            raise APIError(400, f"n must be at most {MAX_CHOICES}", param="n")
         params = SamplingParams(max_new_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-                                top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1.0, stop=tuple(stop),
+                                top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=tuple(stop),
                                 seed=_integer(body, "seed", None, 0))
-        return GenerationRequest(prompt_ids, params, _integer(body, "n", 1, 1), bool(body.get("stream", False)),
+        return GenerationRequest(prompt_ids, params, n, bool(body.get("stream", False)),
                                  bool(stream_options.get("include_usage", False)))
 
     def submit(self, request: GenerationRequest, on_text: Any = None, on_finish: Any = None) -> list[Request]:
-        if request.n > MAX_CHOICES:
-            raise APIError(400, f"n must be at most {MAX_CHOICES}", param="n")
-        submitted = []
+        """Queue the ``n`` choices of ``request`` (all or none: 429 when the queue cannot take them)."""
+        choices = []
         for index in range(request.n):
             seed = None if request.params.seed is None else request.params.seed + index
             params = SamplingParams(**{**request.params.__dict__, "seed": seed})
             text_callback = None if on_text is None else (lambda piece, i=index: on_text(i, piece))
             finish_callback = None if on_finish is None else (lambda i=index: on_finish(i))
-            submitted.append(self.engine.submit(Request(list(request.prompt_ids), params, text_callback,
-                                                        finish_callback)))
+            choices.append(Request(list(request.prompt_ids), params, text_callback, finish_callback))
+        try:
+            self.engine.submit_all(choices)
+        except QueueFull as err:
+            raise APIError(429, f"the server is busy ({err}); retry later", kind="rate_limit_error",
+                           code="queue_full", headers={"Retry-After": str(self.config.retry_after_s)}) from err
+        except ValueError as err:
+            raise APIError(400, str(err)) from err
         self.wake.set()
-        return submitted
+        return choices
 
     def cancel(self, requests: list[Request]) -> None:
-        for request in requests:
-            if not request.done.is_set():
-                self.engine.cancel(request)
+        self.engine.fail([r for r in requests if not r.done.is_set()], None)
 
 
 def _usage(prompt_tokens: int, requests: list[Request]) -> dict[str, int]:
@@ -176,32 +236,50 @@ def _usage(prompt_tokens: int, requests: list[Request]) -> dict[str, int]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
 
 
-def create_app(service: Service, api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI application serving ``service``."""
+def _failure(requests: list[Request]) -> APIError | None:
+    """The error to answer when a choice failed in the engine (500), or None."""
+    failed = next((r for r in requests if r.finish_reason == "error"), None)
+    if failed is None:
+        return None
+    return APIError(500, f"generation failed: {failed.error}", kind="server_error", code="engine_error")
+
+
+def _timeout(seconds: float) -> APIError:
+    return APIError(504, f"the request did not finish within {seconds:g} s and was cancelled", kind="timeout_error",
+                    code="timeout")
+
+
+def create_app(service: Service, api_key: str | None = None) -> FastAPI:
+    """The FastAPI application serving ``service``; ``api_key`` (if any) is required on the /v1/ routes."""
     app = FastAPI(title="omnilm", docs_url=None, redoc_url=None)
+    limit = service.config.max_body_bytes
+    expected_auth = f"Bearer {api_key}".encode() if api_key else None
 
     @app.exception_handler(APIError)
     async def api_error(_: HTTPRequest, err: APIError) -> JSONResponse:
-        return JSONResponse(err.body(), status_code=err.status)
+        return err.response()
 
     @app.middleware("http")
     async def guard(request: HTTPRequest, call_next: Any) -> Any:
-        if (api_key and request.url.path.startswith("/v1/")
-                and request.headers.get("authorization", "") != f"Bearer {api_key}"):
-            return JSONResponse(APIError(401, "invalid or missing API key", kind="authentication_error",
-                                         code="invalid_api_key").body(), status_code=401)
+        if expected_auth is not None and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected_auth):  # constant time: no key recovery by timing
+                return APIError(401, "invalid or missing API key", kind="authentication_error",
+                                code="invalid_api_key").response()
         length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > max_body_bytes:
-            return JSONResponse(APIError(413, f"request body larger than {max_body_bytes} bytes").body(),
-                                status_code=413)
+        if length is not None and length.isdigit() and int(length) > limit:
+            return APIError(413, f"request body larger than {limit} bytes").response()
         return await call_next(request)
 
     async def read_body(request: HTTPRequest) -> dict[str, Any]:
-        raw = await request.body()
-        if len(raw) > max_body_bytes:
-            raise APIError(413, f"request body larger than {max_body_bytes} bytes")
+        chunks, size = [], 0
+        async for chunk in request.stream():  # a chunked body has no length: stop reading once past the limit
+            size += len(chunk)
+            if size > limit:
+                raise APIError(413, f"request body larger than {limit} bytes")
+            chunks.append(chunk)
         try:
-            body = json.loads(raw)
+            body = json.loads(b"".join(chunks))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise APIError(400, f"invalid JSON body: {err}") from err
         if not isinstance(body, dict):
@@ -209,44 +287,72 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
         return body
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> JSONResponse:
+        if not service.healthy:
+            return JSONResponse({"status": "engine stopped"}, status_code=503)
+        return JSONResponse({"status": "ok"} | service.engine.stats())
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": service.name, "object": "model", "created": service.created,
-                                            "owned_by": "omnilm"}]}
+                                            "owned_by": "omnilm", "max_model_len": service.context}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
         return resources.files("omnilm.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+    async def events(http: HTTPRequest, parsed: GenerationRequest) -> tuple[list[Request], AsyncIterator]:
+        """Submit ``parsed``; return its choices and an iterator of (choice, text piece or None at its end).
+
+        The iterator ends early (and cancels what is left) when the client disconnects, and raises the 504
+        APIError when the request runs past the server's timeout.
+        """
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        # Pieces and the end of each choice travel through one queue, so an end never overtakes its text.
+        submitted = service.submit(parsed, lambda i, piece: loop.call_soon_threadsafe(queue.put_nowait, (i, piece)),
+                                   lambda i: loop.call_soon_threadsafe(queue.put_nowait, (i, None)))
+        deadline = loop.time() + service.config.request_timeout_s
+
+        async def iterate() -> AsyncIterator[tuple[int, str | None]]:
+            try:
+                finished = 0
+                while finished < len(submitted):
+                    try:
+                        i, piece = await asyncio.wait_for(queue.get(), timeout=0.1)
+                    except asyncio.TimeoutError:
+                        if await http.is_disconnected():
+                            return
+                        if loop.time() > deadline:
+                            raise _timeout(service.config.request_timeout_s) from None
+                        continue
+                    finished += piece is None
+                    yield i, piece
+            finally:
+                service.cancel(submitted)  # a no-op for finished requests; frees the blocks of abandoned ones
+
+        return submitted, iterate()
 
     async def complete(request: HTTPRequest, chat: bool) -> Any:
         parsed = service.parse(await read_body(request), chat)
         kind = "chat.completion" if chat else "text_completion"
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": ident, "created": int(time.time()), "model": service.name}
-        if not parsed.stream:
-            submitted = service.submit(parsed)
-            try:
-                for r in submitted:
-                    await asyncio.to_thread(r.done.wait)
-            except asyncio.CancelledError:
-                service.cancel(submitted)
-                raise
-            choices = [{"index": i, "finish_reason": r.finish_reason,
-                        **({"message": {"role": "assistant", "content": r.text}} if chat else {"text": r.text})}
-                       for i, r in enumerate(submitted)]
-            return head | {"object": kind, "choices": choices,
-                           "usage": _usage(len(parsed.prompt_ids), submitted)}
-        return StreamingResponse(_stream(request, parsed, chat, head), media_type="text/event-stream")
+        if parsed.stream:
+            return StreamingResponse(stream(request, parsed, chat, head), media_type="text/event-stream")
+        submitted, pieces = await events(request, parsed)
+        async for _ in pieces:
+            pass
+        error = _failure(submitted)
+        if error is not None:
+            raise error
+        choices = [{"index": i, "finish_reason": r.finish_reason,
+                    **({"message": {"role": "assistant", "content": r.text}} if chat else {"text": r.text})}
+                   for i, r in enumerate(submitted)]
+        return head | {"object": kind, "choices": choices, "usage": _usage(len(parsed.prompt_ids), submitted)}
 
-    async def _stream(http: HTTPRequest, parsed: GenerationRequest, chat: bool, head: dict[str, Any]) -> Any:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        # Pieces and the end of each choice travel through one queue, so an end never overtakes its text.
-        submitted = service.submit(parsed, lambda i, piece: loop.call_soon_threadsafe(queue.put_nowait, (i, piece)),
-                                   lambda i: loop.call_soon_threadsafe(queue.put_nowait, (i, None)))
+    async def stream(http: HTTPRequest, parsed: GenerationRequest, chat: bool, head: dict[str, Any]) -> Any:
+        submitted, pieces = await events(http, parsed)
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -261,24 +367,20 @@ def create_app(service: Service, api_key: str | None = None, max_body_bytes: int
         try:
             if chat:
                 yield event([choice(i, "", None, role=True) for i in range(len(submitted))])
-            finished = 0
-            while finished < len(submitted):
-                try:
-                    i, piece = await asyncio.wait_for(queue.get(), timeout=0.1)
-                except asyncio.TimeoutError:
-                    if await http.is_disconnected():
-                        return
-                    continue
-                if piece is None:
-                    finished += 1
-                    yield event([choice(i, None if chat else "", submitted[i].finish_reason)])
-                else:
+            async for i, piece in pieces:
+                if piece is not None:
                     yield event([choice(i, piece, None)])
+                elif submitted[i].finish_reason == "error":
+                    raise _failure(submitted)
+                else:
+                    yield event([choice(i, None if chat else "", submitted[i].finish_reason)])
             if parsed.include_usage:
                 yield event([], usage=_usage(len(parsed.prompt_ids), submitted))
             yield "data: [DONE]\n\n"
+        except APIError as err:  # the status line is sent already: the error travels as an event
+            yield "data: " + json.dumps(err.body()) + "\n\n"
         finally:
-            service.cancel(submitted)  # a no-op for finished requests; frees the slots of abandoned ones
+            await pieces.aclose()  # cancels whatever is unfinished when the client went away
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: HTTPRequest) -> Any:

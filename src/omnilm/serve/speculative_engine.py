@@ -7,6 +7,7 @@ the same; each ``step`` runs one speculative round (1 to k + 1 tokens) of the ol
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -17,22 +18,22 @@ from omnilm.infer.speculative import speculative_tokens
 from omnilm.model.transformer import Transformer
 from omnilm.serve.engine import Request, RequestQueue
 
+log = logging.getLogger(__name__)
+
 
 class SpeculativeEngine(RequestQueue):
     """One request at a time; the target verifies the draft's proposals (exact acceptance rule)."""
 
-    capacity = 1
-
-    def __init__(self, model: Transformer, draft: Transformer, tokenizer, k: int = 4) -> None:  # noqa: ANN001
-        super().__init__()
+    def __init__(self, model: Transformer, draft: Transformer, tokenizer, k: int = 4,  # noqa: ANN001
+                 max_queue: int | None = None) -> None:
+        super().__init__(max_queue)
         self.model, self.draft, self.tokenizer, self.k = model.eval(), draft.eval(), tokenizer, k
         self.max_len = model.config.max_seq_len
         self.eos_ids = {i for i in (tokenizer.eos_id, model.config.eos_token_id) if i is not None}
         self._current: tuple[Request, Iterator[list[int]], StreamingDecoder] | None = None
 
-    @property
-    def busy(self) -> bool:
-        return bool(self.waiting) or self._current is not None
+    def active(self) -> list[Request]:
+        return [] if self._current is None else [self._current[0]]
 
     def _release(self, request: Request) -> None:
         if self._current is not None and self._current[0] is request:
@@ -47,28 +48,38 @@ class SpeculativeEngine(RequestQueue):
     @torch.inference_mode()
     def step(self) -> None:
         with self.lock:
-            if self._current is None:
-                if not self.waiting:
-                    return
-                request = self.waiting.pop(0)
-                generator = make_generator(request.params.seed, self.model.tok_emb.weight.device)
-                rounds = speculative_tokens(self.model, self.draft, request.prompt_ids, request.params, self.k,
-                                            sorted(self.eos_ids), generator)
-                self._current = (request, rounds, StreamingDecoder(self.tokenizer, request.params.stop))
-            request, rounds, decoder = self._current
-            tokens = next(rounds, None)
-            if tokens is None:
+            try:
+                self._round()
+            except Exception as err:  # noqa: BLE001 - a fault fails its request, not the engine
+                log.exception("speculative step failed")
+                if self._current is not None:
+                    request = self._current[0]
+                    self._current = None
+                    request._end("error", f"{type(err).__name__}: {err}")
+
+    def _round(self) -> None:
+        if self._current is None:
+            if not self.waiting:
+                return
+            request = self.waiting.popleft()
+            generator = make_generator(request.params.seed, self.model.tok_emb.weight.device)
+            rounds = speculative_tokens(self.model, self.draft, request.prompt_ids, request.params, self.k,
+                                        sorted(self.eos_ids), generator)
+            self._current = (request, rounds, StreamingDecoder(self.tokenizer, request.params.stop))
+        request, rounds, decoder = self._current
+        tokens = next(rounds, None)
+        if tokens is None:
+            self._finish("length")
+            return
+        for token in tokens:
+            if token in self.eos_ids:
+                self._finish("stop")
+                return
+            request.output_ids.append(token)
+            request._emit(decoder.push(token))
+            if decoder.stopped:
+                self._finish("stop")
+                return
+            if len(request.output_ids) >= request.params.max_new_tokens:
                 self._finish("length")
                 return
-            for token in tokens:
-                if token in self.eos_ids:
-                    self._finish("stop")
-                    return
-                request.output_ids.append(token)
-                request._emit(decoder.push(token))
-                if decoder.stopped:
-                    self._finish("stop")
-                    return
-                if len(request.output_ids) >= request.params.max_new_tokens:
-                    self._finish("length")
-                    return

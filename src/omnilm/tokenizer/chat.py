@@ -68,33 +68,37 @@ def validate_messages(messages: Any, where: str = "") -> list[dict[str, Any]]:
     return list(messages)
 
 
-def _trained_spans(messages: Sequence[dict[str, Any]]) -> list[tuple[int, int]]:
-    """Character spans of each assistant message's content plus its closing ``<|im_end|>``."""
-    spans, position = [], 0
-    for message in messages:
-        start = position + len(_header(message["role"]))
-        end = start + len(message["content"]) + len(IM_END)
-        if message["role"] == "assistant":
-            spans.append((start, end))
-        position = end + 1  # the newline after <|im_end|>
-    return spans
-
-
 def encode_chat(tokenizer: Tokenizer, messages: Sequence[dict[str, Any]],
                 add_generation_prompt: bool = False) -> tuple[list[int], list[int]]:
     """Token ids of :func:`format_chat` and a mask that is 1 on the tokens the model is trained to produce.
 
-    Those are the tokens of each assistant content and its closing ``<|im_end|>`` (so that the model learns
-    to stop); headers, other roles and the newline between turns are 0. The whole text is encoded at once,
-    so the ids are exactly ``tokenizer.encode(format_chat(...))``, and the mask is read off token offsets.
-    A token that straddles a header and the content (the header's newline merged with newlines that open
-    the content) is not inside the content and stays 0.
+    ``<|im_start|>`` and ``<|im_end|>`` are the control tokens; everything a message brings (its role header and
+    content) is encoded as plain text, so a special-token string inside a message (``<|im_start|>``,
+    ``<|im_end|>``, ``<|endoftext|>``) is text, never a control token: no message can forge a turn of another
+    role. For any other content the ids are exactly ``tokenizer.encode(format_chat(...))``, since text between
+    two special tokens is encoded on its own either way.
+
+    The mask covers each assistant content and its closing ``<|im_end|>`` (so that the model learns to stop);
+    headers, other roles and the newline between turns are 0. A token that straddles a header and the content
+    (the header's newline merged with newlines that open the content) is not inside the content and stays 0.
     """
     messages = validate_messages(list(messages) if isinstance(messages, tuple) else messages)
-    text = format_chat(messages, add_generation_prompt)
-    encoding = tokenizer.backend.encode(text, add_special_tokens=False)
-    spans = _trained_spans(messages)
-    mask = []
-    for start, end in encoding.offsets:
-        mask.append(int(any(lo <= start and end <= hi for lo, hi in spans)))
-    return list(encoding.ids), mask
+    start, end = tokenizer.token_to_id(IM_START), tokenizer.token_to_id(IM_END)
+    if start is None or end is None:
+        raise UserError(f"the tokenizer has no {IM_START}/{IM_END} tokens, so it cannot encode conversations")
+    plain = tokenizer.plain_backend
+    newline = plain.encode("\n", add_special_tokens=False).ids
+    ids: list[int] = []
+    mask: list[int] = []
+    for message in messages:
+        header = f"{message['role']}\n"
+        trained = message["role"] == "assistant"
+        encoding = plain.encode(header + message["content"], add_special_tokens=False)
+        ids += [start, *encoding.ids, end, *newline]
+        mask += [0, *(int(trained and lo >= len(header)) for lo, _ in encoding.offsets), int(trained)]
+        mask += [0] * len(newline)
+    if add_generation_prompt:
+        header = plain.encode("assistant\n", add_special_tokens=False).ids
+        ids += [start, *header]
+        mask += [0] * (1 + len(header))
+    return ids, mask

@@ -84,9 +84,21 @@ class Tokenizer:
     def bos_id(self) -> int | None:
         return self.token_to_id(self.bos_token)
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special-token strings in the text map to their ids."""
-        return self.backend.encode(text, add_special_tokens=False).ids
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """Token ids of ``text``. Special-token strings in the text map to their ids, or with ``special=False``
+        are encoded as the plain text they are (what user-supplied text needs: it cannot inject control tokens)."""
+        backend = self.backend if special else self.plain_backend
+        return backend.encode(text, add_special_tokens=False).ids
+
+    @property
+    def plain_backend(self) -> BackendTokenizer:
+        """A copy of the backend that encodes special-token strings as plain text (a separate object, because the
+        switch is state of the backend and other threads may be encoding with the usual one)."""
+        if getattr(self, "_plain", None) is None:
+            plain = BackendTokenizer.from_str(self.backend.to_str())
+            plain.encode_special_tokens = True
+            self._plain = plain
+        return self._plain
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]

@@ -1,0 +1,31 @@
+"""Settings of ``omnilm serve`` (a light module: the CLI reads its defaults without importing torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How the server runs (``omnilm serve`` flags of the same names)."""
+
+    #: Memory for the paged KV cache of all running requests, in MiB (it sets how many requests fit at once).
+    kv_budget_mb: int = 256
+    #: Positions per KV block (the unit of allocation and of prefix sharing).
+    block_size: int = 16
+    #: Most requests decoded together.
+    max_batch: int = 64
+    #: Most prompt tokens prefilled per engine step (long prompts are prefilled in chunks of this size).
+    prefill_chunk: int = 256
+    #: Most requests waiting to start; beyond it requests are answered 429.
+    max_queue: int = 256
+    #: Seconds after which an unfinished request is cancelled and answered 504.
+    request_timeout_s: float = 600.0
+    #: Largest request body in bytes (413 beyond it).
+    max_body_bytes: int = 1 << 20
+    #: Seconds a client is asked to wait before retrying after a 429.
+    retry_after_s: int = 1
+    #: A smaller model with the same tokenizer: requests are then decoded one at a time, speculatively.
+    draft_model: str | None = None
+    #: Draft tokens proposed per speculative round.
+    speculative_k: int = 4
