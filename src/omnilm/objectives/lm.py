@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +12,13 @@ from torch import nn
 IGNORE_INDEX = -100
 
 
-def causal_lm_loss(model: nn.Module, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean next-token loss over a (B, T+1) token batch: inputs = tokens[:, :-1], targets = tokens[:, 1:]."""
+def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, reduction: Literal["mean", "sum"] = "mean",
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean (or summed) next-token loss over a (B, T+1) token batch: inputs = tokens[:, :-1], targets =
+    tokens[:, 1:]."""
     logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
     return loss, {}
 
 
@@ -23,17 +27,25 @@ def masked_targets(tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tenso
     return tokens[:, 1:].masked_fill(loss_mask[:, 1:] == 0, IGNORE_INDEX)
 
 
-def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+def loss_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """How many tokens of a ``tokens``/``loss_mask`` batch the masked loss scores (the first token never is)."""
+    return int(batch["loss_mask"][:, 1:].sum())
+
+
+def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: Literal["mean", "sum"] = "mean",
+                   ) -> tuple[torch.Tensor, dict[str, float]]:
     """Next-token loss over the tokens whose ``loss_mask`` is 1 (e.g. assistant replies in chat SFT).
 
     ``batch["tokens"]`` and ``batch["loss_mask"]`` are (B, L); position t is predicted from positions < t, so the
-    mask of the first token is never used. The mean is over masked tokens of the whole micro-batch.
+    mask of the first token is never used. The mean is over masked tokens of the whole micro-batch; with
+    ``reduction="sum"`` the token losses are summed (for normalising over a larger batch than this one).
     """
     tokens, mask = batch["tokens"], batch["loss_mask"]
     targets = masked_targets(tokens, mask)
     logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-    return loss, {"loss_tokens": float(mask[:, 1:].sum())}
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
+    return loss, {"loss_tokens": float(loss_token_count(batch))}
 
 
 def token_byte_lengths(tokenizer) -> torch.Tensor:  # noqa: ANN001 - omnilm.tokenizer.Tokenizer

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,
              ref_rejected: torch.Tensor, beta: float = 0.1, loss_type: Literal["sigmoid", "ipo"] = "sigmoid",
-             label_smoothing: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Direct preference optimisation loss, averaged over the batch.
+             label_smoothing: float = 0.0, reduction: Literal["mean", "sum"] = "mean",
+             ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Direct preference optimisation loss, averaged (or, with ``reduction="sum"``, summed) over the pairs.
 
     Inputs are per-sequence log-probabilities (B,) of the chosen (y_w) and rejected (y_l) responses under the
     policy π and the frozen reference. With h = (log π(y_w) − log π_ref(y_w)) − (log π(y_l) − log π_ref(y_l)):
@@ -45,7 +46,7 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_cho
         "rewards/accuracy": float((chosen_rewards > rejected_rewards).float().mean()),
         "rewards/margin": float((chosen_rewards - rejected_rewards).mean()),
     }
-    return losses.mean(), metrics
+    return (losses.sum() if reduction == "sum" else losses.mean()), metrics
 
 
 def bradley_terry_loss(reward_chosen: torch.Tensor, reward_rejected: torch.Tensor,

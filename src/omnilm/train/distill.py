@@ -24,7 +24,7 @@ from torch import nn
 from omnilm.config import ConfigError
 from omnilm.train.distributed import unwrap, wrap_model
 from omnilm.train.pretrain import token_batches
-from omnilm.train.sft import chat_batches
+from omnilm.train.sft import chat_batches, reply_units
 from omnilm.train.stage import (
     StageConfig,
     frozen_reference,
@@ -33,7 +33,7 @@ from omnilm.train.stage import (
     stage_options,
     stage_setup,
 )
-from omnilm.train.trainer import Trainer, TrainResult
+from omnilm.train.trainer import Objective, SummedObjective, Trainer, TrainResult
 
 DISTILL_OPTIONS = {"teacher": None, "temperature": 2.0, "alpha": 0.5, "data_format": "tokens", "strict": False}
 DATA_FORMATS = ("tokens", "chat")
@@ -97,9 +97,19 @@ def run_distill_stage(config: StageConfig, out_dir: Path, resume: bool) -> Train
             teacher_logits = teacher(inputs)
         return distillation_loss(student(inputs), teacher_logits, labels, temperature=temperature, alpha=alpha)
 
+    trained_with: Objective | SummedObjective = objective
+    if data_format == "chat":
+        # Replies differ in length: weigh every reply token of the global batch the same, as SFT does. Both
+        # terms are means over the same tokens, so mean × count is the micro-batch's sum.
+        def reply_sums(student: nn.Module, batch: Any) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+            loss, extra = objective(student, batch)
+            return {"reply_tokens": loss * reply_units(batch)["reply_tokens"]}, extra
+
+        trained_with = SummedObjective(reply_sums, reply_units)
+
     model = wrap_model(model, train.distributed, info, device)
     sample = greedy_sampler(tokenizer, train.sample_prompt, train.sample_tokens, chat=data_format == "chat") \
         if train.sample_prompt else None
-    trainer = Trainer(model, objective, loader, train, out_dir, info=info, tokenizer=tokenizer, sample=sample,
+    trainer = Trainer(model, trained_with, loader, train, out_dir, info=info, tokenizer=tokenizer, sample=sample,
                       tokens_per_batch=tokens_per_batch)
     return trainer.fit(resume=resume_from is not None)

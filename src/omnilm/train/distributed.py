@@ -75,6 +75,14 @@ def all_reduce_mean(values: torch.Tensor, info: Dist) -> torch.Tensor:
     return values
 
 
+def all_reduce_sum(values: torch.Tensor, info: Dist) -> torch.Tensor:
+    """Sum over processes (a no-op for a single process)."""
+    if info.enabled:
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
 def barrier(info: Dist) -> None:
     if info.enabled:
         dist.barrier()

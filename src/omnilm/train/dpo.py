@@ -23,7 +23,7 @@ from omnilm.data.sources import ReadReport
 from omnilm.train.distributed import Dist, wrap_model
 from omnilm.train.sft import padding_id, print_read_report
 from omnilm.train.stage import StageConfig, frozen_reference, register_stage, stage_options, stage_setup
-from omnilm.train.trainer import Trainer, TrainResult
+from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 if TYPE_CHECKING:
     from omnilm.data.chat_data import PreferenceExample
@@ -46,11 +46,33 @@ def preference_pairs(config: StageConfig, tokenizer: Any, strict: bool, info: Di
     return pairs
 
 
+def dpo_objective(reference: nn.Module, beta: float = 0.1, loss_type: str = "sigmoid",
+                  label_smoothing: float = 0.0) -> SummedObjective:
+    """The DPO (or IPO) loss of batches holding B chosen rows then B rejected rows, against the frozen
+    ``reference``. Its unit is the pair: every pair of the global batch weighs the same, however the pairs are
+    split into micro-batches and processes."""
+    from omnilm.objectives.logprobs import sequence_logprobs
+    from omnilm.objectives.preference import dpo_loss
+
+    average = loss_type == "ipo"
+
+    def loss_sums(policy: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
+                                                                                dict[str, float]]:
+        tokens, mask = batch["tokens"], batch["loss_mask"]
+        logps = sequence_logprobs(policy, tokens, None, mask, average=average)
+        with torch.no_grad():
+            ref = sequence_logprobs(reference, tokens, None, mask, average=average)
+        n = tokens.shape[0] // 2
+        total, metrics = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=beta, loss_type=loss_type,
+                                  label_smoothing=label_smoothing, reduction="sum")
+        return {"pairs": total}, metrics
+
+    return SummedObjective(loss_sums, lambda batch: {"pairs": batch["tokens"].shape[0] // 2})
+
+
 @register_stage("dpo")
 def run_dpo_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
     from omnilm.data.examples import ExampleLoader, pad_right
-    from omnilm.objectives.logprobs import sequence_logprobs
-    from omnilm.objectives.preference import dpo_loss
 
     options = stage_options(config, DPO_OPTIONS)
     if not config.init_from:
@@ -65,17 +87,8 @@ def run_dpo_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResu
         rows = [pairs[i].chosen for i in indices] + [pairs[i].rejected for i in indices]
         return {"tokens": pad_right([r.ids for r in rows], pad), "loss_mask": pad_right([r.mask for r in rows], 0)}
 
-    average = options["loss_type"] == "ipo"
-
-    def objective(policy: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        tokens, mask = batch["tokens"], batch["loss_mask"]
-        logps = sequence_logprobs(policy, tokens, None, mask, average=average)
-        with torch.no_grad():
-            ref = sequence_logprobs(reference, tokens, None, mask, average=average)
-        n = tokens.shape[0] // 2
-        return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=float(options["beta"]),
-                        loss_type=options["loss_type"], label_smoothing=float(options["label_smoothing"]))
-
+    objective = dpo_objective(reference, float(options["beta"]), options["loss_type"],
+                              float(options["label_smoothing"]))
     loader = ExampleLoader(len(pairs), train.batch_size, collate, seed=train.seed, rank=info.rank,
                            world_size=info.world_size)
     model = wrap_model(model, train.distributed, info, device)

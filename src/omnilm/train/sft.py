@@ -14,7 +14,6 @@ concatenated. Options:
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +29,7 @@ from omnilm.train.stage import (
     stage_options,
     stage_setup,
 )
-from omnilm.train.trainer import Trainer, TrainResult
+from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 
 def print_read_report(stage: str, report: ReadReport, kept: int) -> None:
@@ -90,28 +89,55 @@ class WithReplay:
         self.replay.load_state_dict(state["replay"])
 
 
-def replay_objective(objective: Callable[..., Any], weight: float) -> Callable[..., Any]:
-    """``objective`` on the main batch plus ``weight`` × the causal-LM loss on the replayed windows."""
-    from omnilm.objectives.lm import causal_lm_loss
+def reply_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+    """The summed next-token loss of a chat batch's assistant-reply tokens (``loss_mask`` 1)."""
+    from omnilm.objectives.lm import masked_lm_loss
 
-    def combined(model: nn.Module, batch: dict[str, Any]) -> tuple[Any, dict[str, float]]:
-        loss, extra = objective(model, batch["main"])
-        replay_loss, _ = causal_lm_loss(model, batch["replay"])
-        return loss + weight * replay_loss, extra | {"task_loss": loss.item(), "replay_loss": replay_loss.item()}
+    total, extra = masked_lm_loss(model, batch, reduction="sum")
+    return {"reply_tokens": total}, extra
 
-    return combined
+
+def reply_units(batch: dict[str, Any]) -> dict[str, float]:
+    from omnilm.objectives.lm import loss_token_count
+
+    return {"reply_tokens": loss_token_count(batch)}
+
+
+#: Chat SFT: the loss of every reply token of the global batch weighs the same, however the conversations are
+#: split into micro-batches and processes (a per-micro-batch mean would overweight short replies).
+SFT_OBJECTIVE = SummedObjective(reply_loss_sums, reply_units)
+
+
+def replay_objective(weight: float) -> SummedObjective:
+    """:data:`SFT_OBJECTIVE` on the main batch plus ``weight`` × the causal-LM loss on the replayed windows,
+    each term normalised over its own tokens in the global batch."""
+    from omnilm.objectives.lm import causal_lm_loss, loss_token_count
+
+    def loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
+        main, replay = batch["main"], batch["replay"]
+        sums, extra = reply_loss_sums(model, main)
+        replay_sum, _ = causal_lm_loss(model, replay, reduction="sum")
+        # Logged as this micro-batch's means, on the scale of a plain SFT or pre-training loss.
+        task_loss = float(sums["reply_tokens"].detach()) / max(loss_token_count(main), 1)
+        replay_loss = float(replay_sum.detach()) / replay[:, 1:].numel()
+        return (sums | {"replay_tokens": weight * replay_sum},
+                extra | {"task_loss": task_loss, "replay_loss": replay_loss})
+
+    def units(batch: dict[str, Any]) -> dict[str, float]:
+        return reply_units(batch["main"]) | {"replay_tokens": batch["replay"][:, 1:].numel()}
+
+    return SummedObjective(loss_sums, units)
 
 
 @register_stage("sft")
 def run_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
     from omnilm.data.loader import BatchLoader, TokenDataset
-    from omnilm.objectives.lm import masked_lm_loss
 
     options = stage_options(config, SFT_OPTIONS)
     train = config.train
     device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume)
     loader, tokens_per_batch = chat_batches(config, tokenizer, bool(options["strict"]), info)
-    objective = masked_lm_loss
+    objective = SFT_OBJECTIVE
     if options["replay_data"]:
         replayed = TokenDataset.open(options["replay_data"], "train")
         if replayed.vocab_size != tokenizer.vocab_size:
@@ -119,7 +145,7 @@ def run_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResu
                               f"vocabulary of {replayed.vocab_size}, the model's tokenizer has {tokenizer.vocab_size}")
         replay = BatchLoader(replayed, int(options["replay_batch_size"]), train.seq_len, seed=train.seed + 1,
                              rank=info.rank, world_size=info.world_size)
-        loader, objective = WithReplay(loader, replay), replay_objective(masked_lm_loss, options["replay_weight"])
+        loader, objective = WithReplay(loader, replay), replay_objective(float(options["replay_weight"]))
         tokens_per_batch += replay.batch_size * train.seq_len
     model = wrap_model(model, train.distributed, info, device)
     sample = greedy_sampler(tokenizer, train.sample_prompt, train.sample_tokens, chat=True) \

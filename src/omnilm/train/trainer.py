@@ -22,7 +22,7 @@ from torch import nn
 
 from omnilm.train.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from omnilm.train.config import TrainConfig
-from omnilm.train.distributed import Dist, all_reduce_mean, unwrap
+from omnilm.train.distributed import Dist, all_reduce_mean, all_reduce_sum, unwrap
 from omnilm.train.optim import build_optimizer
 from omnilm.train.schedule import lr_multiplier
 from omnilm.utils.atomic import write_text_atomic
@@ -39,8 +39,25 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-#: Loss of one micro-batch: returns the mean loss (a scalar with grad) and extra scalars to log.
+#: Loss of one micro-batch: returns the mean loss (a scalar with grad) and extra scalars to log. Every
+#: micro-batch weighs the same, which is exact when all hold as many loss units (fixed-size token windows).
 Objective = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class SummedObjective:
+    """An objective whose micro-batches hold different numbers of loss units (the reply tokens of padded
+    conversations, preference pairs), normalised over the global batch.
+
+    The step's loss is, for each term, the sum of its unit losses over every micro-batch on every process
+    divided by its number of units there: the gradient of the whole global batch computed at once, whatever
+    the accumulation and the number of processes. ``units(batch)`` counts each term's units in a micro-batch
+    without the model, so the trainer adds the counts up over the global batch before the first backward pass;
+    ``loss_sums(model, batch)`` returns each term's summed loss (its weight included) and extra scalars to log.
+    """
+
+    loss_sums: Callable[[nn.Module, Any], tuple[dict[str, torch.Tensor], dict[str, float]]]
+    units: Callable[[Any], dict[str, float]]
 
 
 class TrainingError(RuntimeError):
@@ -122,8 +139,8 @@ class Trainer:
     end), ``metrics.jsonl`` (one JSON object per logged step / evaluation), ``samples.jsonl``, ``loss.png``.
     """
 
-    def __init__(self, model: nn.Module, objective: Objective, batches: BatchSource, config: TrainConfig,
-                 out_dir: str | Path, info: Dist | None = None, tokenizer: Any = None,
+    def __init__(self, model: nn.Module, objective: Objective | SummedObjective, batches: BatchSource,
+                 config: TrainConfig, out_dir: str | Path, info: Dist | None = None, tokenizer: Any = None,
                  evaluate: Callable[[nn.Module], dict[str, float]] | None = None,
                  sample: Callable[[nn.Module], str] | None = None, tokens_per_batch: int | None = None) -> None:
         self.config = config
@@ -218,15 +235,43 @@ class Trainer:
         for micro in range(self.accumulation):
             yield micro, to_device(self.batches.next_batch(), self.device)
 
-    def train_step(self) -> dict[str, Any]:
-        """One optimizer step (accumulating micro-batches); returns what to log."""
-        model, config = self.forward_model, self.config
-        model.train()
-        lr = config.lr * lr_multiplier(self.step, config.schedule_steps or self.total_steps, config)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        losses, extras = [], {}
-        for micro, batch in self._micro_batches():
+    def _unit_scales(self, batches: list[Any]) -> dict[str, float]:
+        """1 / (units of each loss term in the global batch): every micro-batch here, summed over processes."""
+        counts: dict[str, float] = {}
+        for batch in batches:
+            for key, value in self.objective.units(batch).items():
+                counts[key] = counts.get(key, 0.0) + float(value)
+        keys = sorted(counts)
+        totals = all_reduce_sum(torch.tensor([counts[k] for k in keys], dtype=torch.float64, device=self.device),
+                                self.info)
+        # A term with no units anywhere has a zero sum; dividing by 1 keeps it zero rather than NaN.
+        return {k: 1.0 / max(float(total), 1.0) for k, total in zip(keys, totals.tolist(), strict=True)}
+
+    def _micro_loss(self, model: nn.Module, batch: Any, scales: dict[str, float] | None,
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the step's loss, scaled so that the gradients the processes average
+        (DDP and FSDP divide by the world size) add up to the gradient of the global batch's loss."""
+        if scales is None:
+            loss, extra = self.objective(model, batch)
+            return loss / self.accumulation, extra
+        sums, extra = self.objective.loss_sums(model, batch)
+        share = sum(total * scales[key] for key, total in sums.items())
+        return share * self.info.world_size, extra
+
+    def accumulate(self) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward and backward passes over this step's micro-batches, leaving the step's gradients in the
+        parameters; returns the step's loss (the same on every process) and the extras of this process."""
+        model = self.forward_model
+        summed = isinstance(self.objective, SummedObjective)
+        if summed:
+            # Counting the units of the whole step first needs its micro-batches in hand (token ids only).
+            batches = [to_device(self.batches.next_batch(), self.device) for _ in range(self.accumulation)]
+            scales = self._unit_scales(batches)
+            micro_batches: Iterator[tuple[int, Any]] = iter(enumerate(batches))
+        else:
+            scales, micro_batches = None, self._micro_batches()
+        shares, extras = [], {}
+        for micro, batch in micro_batches:
             last = micro == self.accumulation - 1
             # Gradients are reduced across processes only on the last micro-batch (DDP and FSDP2 spell it apart).
             if hasattr(model, "set_requires_gradient_sync"):
@@ -234,12 +279,22 @@ class Trainer:
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
             with sync:
                 with self._autocast():
-                    loss, extra = self.objective(model, batch)
-                (loss / self.accumulation).backward()
-            losses.append(loss.detach().float())
+                    share, extra = self._micro_loss(model, batch, scales)
+                share.backward()
+            shares.append(share.detach().float())
             for key, value in extra.items():
                 extras[key] = extras.get(key, 0.0) + float(value) / self.accumulation
-        mean_loss = all_reduce_mean(torch.stack(losses).mean(), self.info)
+        # Summed shares were multiplied by the world size for the gradient average: their mean is their sum.
+        return all_reduce_mean(torch.stack(shares).sum(), self.info), extras
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step (accumulating micro-batches); returns what to log."""
+        config = self.config
+        self.forward_model.train()
+        lr = config.lr * lr_multiplier(self.step, config.schedule_steps or self.total_steps, config)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        mean_loss, extras = self.accumulate()
         grad_norm = self._clip()
         finite = bool(torch.isfinite(mean_loss)) and math.isfinite(grad_norm)
         if finite:
