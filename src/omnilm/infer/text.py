@@ -53,9 +53,11 @@ class TextGenerator:
         return (self.draft is not None and len(prompts) == 1 and params.num_beams == 1
                 and params.repetition_penalty == 1.0)
 
-    def stream_batch(self, prompts: Sequence[str], params: SamplingParams) -> Iterator[list[str]]:
-        """Yield, step by step, each prompt's new text (empty strings where nothing is final yet)."""
-        prompt_ids = self.tokenizer.encode_batch(list(prompts))
+    def stream_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams) -> Iterator[list[str]]:
+        """Yield, step by step, each prompt's new text (empty strings where nothing is final yet).
+
+        A prompt is text, or token ids already encoded (a conversation from ``encode_chat``)."""
+        prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         decoders = [StreamingDecoder(self.tokenizer, params.stop) for _ in prompts]
         if params.num_beams > 1:
             yield [self._beam_text(ids, params, decoder) for ids, decoder in zip(prompt_ids, decoders, strict=True)]
@@ -90,14 +92,14 @@ class TextGenerator:
         pieces = [decoder.push(token) for token in tokens if token not in self.eos_ids]
         return "".join(pieces) + decoder.finish()
 
-    def stream(self, prompt: str, params: SamplingParams) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> Iterator[str]:
         """Yield the continuation of one prompt piece by piece, as soon as each piece is final."""
         for deltas in self.stream_batch([prompt], params):
             if deltas[0]:
                 yield deltas[0]
 
-    def generate(self, prompts: str | Sequence[str], params: SamplingParams) -> list[str]:
-        """The continuation of each prompt (batched with left padding)."""
+    def generate(self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams) -> list[str]:
+        """The continuation of each prompt, text or token ids (batched with left padding)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         texts = [""] * len(prompts)
