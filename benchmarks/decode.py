@@ -9,7 +9,8 @@ What is measured
 
     tokens/s = batch x new_tokens / wall time of one whole generate call. The prefill of the prompt is
     included in that time (it is not a pure per-step decode figure). Each implementation gets one
-    warm-up call, then ``--repeats`` timed calls (omnilm and transformers interleaved) and the best is kept.
+    warm-up call, then ``--repeats`` timed calls (omnilm and transformers interleaved: A B A B ...); the table
+    reports the median and the min-max range.
 
     "same tokens" says whether both produced identical token ids. In float32 they should; in bfloat16
     small numeric differences may legitimately flip a near-tie argmax, so there it is only reported.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -71,6 +73,8 @@ class Result:
     omnilm_tps: float
     hf_tps: float
     same_tokens: bool
+    omnilm_range: tuple[float, float]
+    hf_range: tuple[float, float]
 
     @property
     def ratio(self) -> float:
@@ -145,22 +149,22 @@ def check_length(name: str, tokens: torch.Tensor, batch: int, new_tokens: int) -
 
 @torch.inference_mode()
 def run_case(omni: Transformer, hf: torch.nn.Module, prompts: torch.Tensor,
-             work: Workload) -> tuple[float, float, bool]:
-    """Best tokens/s of each implementation and whether their tokens agree."""
+             work: Workload) -> tuple[list[float], list[float], bool]:
+    """Tokens/s of every timed call of each implementation and whether their tokens agree."""
     run_omni = partial(omnilm_generate, omni, prompts, work.new_tokens)
     run_hf = partial(hf_generate, hf, prompts, work.new_tokens)
     omni_tokens, hf_tokens = run_omni(), run_hf()  # warm-up
     batch = prompts.shape[0]
     check_length("omnilm", omni_tokens, batch, work.new_tokens)
     check_length("transformers", hf_tokens, batch, work.new_tokens)
-    omni_best = hf_best = float("inf")
+    generated = batch * work.new_tokens
+    omni_tps, hf_tps = [], []
     for _ in range(work.repeats):
         seconds, omni_tokens = timed(run_omni)
-        omni_best = min(omni_best, seconds)
+        omni_tps.append(generated / seconds)
         seconds, hf_tokens = timed(run_hf)
-        hf_best = min(hf_best, seconds)
-    generated = batch * work.new_tokens
-    return generated / omni_best, generated / hf_best, torch.equal(omni_tokens, hf_tokens.to(omni_tokens))
+        hf_tps.append(generated / seconds)
+    return omni_tps, hf_tps, torch.equal(omni_tokens, hf_tokens.to(omni_tokens))
 
 
 def bench_shape(shape: str, dtypes: Sequence[str], batch_sizes: Sequence[int], work: Workload,
@@ -178,7 +182,8 @@ def bench_shape(shape: str, dtypes: Sequence[str], batch_sizes: Sequence[int], w
             for batch in batch_sizes:
                 prompts = random_prompts(config.vocab_size, batch, work.prompt_len, seed + batch)
                 omni_tps, hf_tps, same = run_case(omni, hf, prompts, work)
-                results.append(Result(shape, dtype_name, batch, omni_tps, hf_tps, same))
+                results.append(Result(shape, dtype_name, batch, statistics.median(omni_tps), statistics.median(hf_tps),
+                                      same, (min(omni_tps), max(omni_tps)), (min(hf_tps), max(hf_tps))))
                 print(f"  done: {shape} {dtype_name} batch={batch}", flush=True)
             del omni, hf
     return results
@@ -192,7 +197,8 @@ def header(work: Workload, quick: bool) -> str:
     lines = [
         "# Decode throughput on CPU: omnilm vs transformers (same weights, greedy)",
         "",
-        f"prompt {work.prompt_len} tokens, {work.new_tokens} new tokens, best of {work.repeats} after 1 warm-up"
+        f"prompt {work.prompt_len} tokens, {work.new_tokens} new tokens; median (min-max) of {work.repeats} "
+        "interleaved runs after 1 warm-up"
         + (f"; QUICK smoke run ({QUICK_LAYERS} layers)" if quick else ""),
         "tok/s = batch x new_tokens / wall time of the whole generate call (prompt prefill included).",
     ]
@@ -204,8 +210,11 @@ def table(results: Sequence[Result]) -> str:
         "| shape | dtype | batch | omnilm tok/s | transformers tok/s | ratio (omnilm/transformers) | same tokens |",
         "|---|---|---:|---:|---:|---:|---|",
     ]
-    rows += [f"| {r.shape} | {r.dtype} | {r.batch} | {r.omnilm_tps:.1f} | {r.hf_tps:.1f} | {r.ratio:.2f}x | "
-             f"{'yes' if r.same_tokens else 'no'} |" for r in results]
+    def cell(median: float, spread: tuple[float, float]) -> str:
+        return f"{median:.1f} ({spread[0]:.1f}-{spread[1]:.1f})"
+
+    rows += [f"| {r.shape} | {r.dtype} | {r.batch} | {cell(r.omnilm_tps, r.omnilm_range)} | "
+             f"{cell(r.hf_tps, r.hf_range)} | {r.ratio:.2f}x | {'yes' if r.same_tokens else 'no'} |" for r in results]
     return "\n".join(rows)
 
 
@@ -226,7 +235,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=None,
                         help=f"tokens to generate (default 64, or {QUICK_NEW_TOKENS} with --quick)")
     parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_LAYERS} layers and {QUICK_NEW_TOKENS} new tokens")
