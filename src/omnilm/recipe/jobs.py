@@ -3,8 +3,9 @@
 Each job writes into ``<run>/<out>`` (``out`` defaults to the job's name) and leaves a marker
 ``.omnilm-job.json`` holding its settings, the fingerprints of the jobs it read (those whose output folders
 its ``data``/``tokenizer`` paths point into) and its own fingerprint, a hash of both. A job whose marker
-holds its current fingerprint is skipped; one whose settings or inputs changed runs again and says why, so a
-rerun upstream job reruns everything that reads it. Relative paths in a job are relative to the run folder.
+holds its current fingerprint is skipped; one whose settings or inputs changed runs again and says why, and
+its new fingerprint in turn reruns the jobs and stages that read its output. Relative paths in a job are
+relative to the run folder.
 """
 
 from __future__ import annotations
