@@ -31,7 +31,7 @@ from omnilm.data.sources import ReadReport
 from omnilm.errors import UserError
 from omnilm.infer.generate import FINISHED, generate_ids
 from omnilm.infer.sampling import SamplingParams
-from omnilm.tokenizer.chat import IM_END, format_chat
+from omnilm.tokenizer.chat import IM_END, encode_chat
 from omnilm.train.sft import padding_id
 
 
@@ -86,7 +86,7 @@ def load_prompts(paths: Sequence[str], tokenizer: Any, max_prompt_len: int, wher
     prompts = []
     for record, location in read_records(paths, where, strict, report):
         try:
-            ids = tokenizer.encode(format_chat(prompt_messages(record), add_generation_prompt=True))
+            ids, _ = encode_chat(tokenizer, prompt_messages(record), add_generation_prompt=True)
             if len(ids) > max_prompt_len:
                 raise UserError(f"prompt of {len(ids)} tokens leaves no room for the response "
                                 f"(at most {max_prompt_len} prompt tokens)")

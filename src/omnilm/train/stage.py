@@ -259,11 +259,12 @@ def greedy_sampler(tokenizer: Any, prompt: str, max_new_tokens: int, chat: bool 
     prompt is a user turn and the reply ends at ``<|im_end|>``."""
     from omnilm.infer.generate import generate_ids
     from omnilm.infer.sampling import SamplingParams
-    from omnilm.tokenizer.chat import IM_END, format_chat
+    from omnilm.tokenizer.chat import IM_END, encode_chat
 
     if chat:
-        prompt = format_chat([{"role": "user", "content": prompt}], add_generation_prompt=True)
-    prompt_ids = tokenizer.encode(prompt)
+        prompt_ids, _ = encode_chat(tokenizer, [{"role": "user", "content": prompt}], add_generation_prompt=True)
+    else:
+        prompt_ids = tokenizer.encode(prompt)
     stops = [tokenizer.eos_id] + ([tokenizer.token_to_id(IM_END)] if chat else [])
     eos = [t for t in stops if t is not None]
 
