@@ -324,11 +324,13 @@ class Trainer:
         self.model.eval()
         with torch.no_grad(), self._autocast():
             result = self.evaluate_fn(self.model)
-        return {k: float(all_reduce_mean(torch.tensor(float(v)), self.info)) for k, v in result.items()}
+        # On the training device: NCCL reduces only CUDA tensors.
+        return {k: float(all_reduce_mean(torch.tensor(float(v), device=self.device), self.info))
+                for k, v in result.items()}
 
     def _agree(self, flag: bool) -> bool:
         """True on every process when it is true on any (a signal may reach only some ranks)."""
-        return bool(all_reduce_mean(torch.tensor(float(flag)), self.info) > 0)
+        return bool(all_reduce_mean(torch.tensor(float(flag), device=self.device), self.info) > 0)
 
     def _maybe_sample(self, force: bool = False) -> None:
         every = self.config.sample_every
