@@ -35,3 +35,13 @@ def test_chat_replies_follow_the_conversation(model_dir, tokenizer) -> None:  # 
     third = reference_reply(model_dir, tokenizer, [{"role": "system", "content": "Be brief."},
                                                    {"role": "user", "content": "Hello there"}], 12)
     assert out.stdout == f"{first}\n{second}\n{third}\n"
+
+
+@pytest.mark.parametrize("family", ["qwen2"])
+def test_chat_starts_with_a_banner_on_stderr(model_dir) -> None:  # noqa: ANN001
+    out = subprocess.run([sys.executable, "-m", "omnilm.cli", "chat", "--model", str(model_dir)], input="/quit\n",
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    # The model's name is its folder's; stdout stays for replies only (none were asked for here).
+    assert "omnilm chat · qwen2-model (context 128) · /reset /system TEXT /quit\n" in out.stderr
+    assert out.stdout == ""

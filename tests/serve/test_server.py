@@ -4,52 +4,15 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
-import socket
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-from helpers import small_model
 from omnilm.infer.generate import FINISHED, generate_ids
 from omnilm.infer.sampling import SamplingParams
-from omnilm.model.hf import save_pretrained
 from omnilm.tokenizer import Tokenizer
 from omnilm.tokenizer.chat import IM_END, format_chat
-
-API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Iterator[dict]:
-    folder = tmp_path_factory.mktemp("served") / "tiny-chat"
-    model = small_model("llama", vocab_size=tokenizer.vocab_size, max_seq_len=128)
-    save_pretrained(model, folder, tokenizer=tokenizer)
-    port = free_port()
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "omnilm.cli", "serve", "--model", str(folder), "--port", str(port),
-                             "--api-key", API_KEY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-            time.sleep(0.1)
-    yield {"port": port, "folder": folder, "model": model.eval(), "proc": proc}
-    proc.terminate()
-    proc.wait(timeout=30)
+from serve.conftest import API_KEY
 
 
 def client(served: dict, key: str = API_KEY):  # noqa: ANN201
@@ -160,32 +123,3 @@ def test_a_disconnected_stream_frees_its_request(served: dict) -> None:
     replies = [api.chat.completions.create(model="tiny-chat", messages=[{"role": "user", "content": f"q{i}"}],
                                            max_tokens=5, temperature=0) for i in range(3)]
     assert all(r.choices[0].finish_reason in ("stop", "length") for r in replies)
-
-
-def test_web_chat_page_is_served(served: dict) -> None:
-    conn = http.client.HTTPConnection("127.0.0.1", served["port"], timeout=10)
-    conn.request("GET", "/")
-    response = conn.getresponse()
-    page = response.read().decode()
-    assert response.status == 200 and "/v1/chat/completions" in page and 'id="reset"' in page
-
-
-def test_web_chat_in_a_browser(served: dict) -> None:
-    chromium = Path("/usr/bin/chromium")
-    if not chromium.exists():
-        pytest.skip("no Chromium at /usr/bin/chromium (Debian package 'chromium'; .ci/run installs it)")
-    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(chromium), headless=True)
-        page = browser.new_page()
-        page.goto(f"http://127.0.0.1:{served['port']}/")
-        page.fill("#input", "Hello")
-        page.click("#send")
-        page.wait_for_selector(".assistant:not([data-streaming])", timeout=30000)
-        assert page.inner_text(".user") == "You: Hello"
-        assert len(page.inner_text(".assistant")) > len("Model: ")
-        page.click("#reset")
-        assert page.inner_text("#log") == ""
-        browser.close()
-
-

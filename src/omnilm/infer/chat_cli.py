@@ -3,13 +3,15 @@
 Each input line is one user turn; the assistant's reply is printed (streamed) followed by a newline, so
 ``printf 'Where was X born?\\n' | omnilm chat --model DIR`` prints one reply per line. The conversation keeps its
 history (oldest turns are dropped when it no longer fits the context). Commands: ``/reset`` starts over,
-``/system TEXT`` sets a system message (and starts over), ``/quit`` leaves.
+``/system TEXT`` sets a system message (and starts over), ``/quit`` leaves. On start a one-line banner with the
+model's name, its context and the commands goes to stderr, so that piped stdout carries only the replies.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Any
 
 
@@ -36,6 +38,11 @@ def fit_history(tokenizer: Any, system: list[dict[str, str]], turns: list[dict[s
     return system + kept
 
 
+def banner(model_dir: str | Path, context: int) -> str:
+    """The line ``omnilm chat`` starts with: the model's name (its folder's), its context and the commands."""
+    return f"omnilm chat · {Path(model_dir).resolve().name} (context {context}) · /reset /system TEXT /quit"
+
+
 def run_chat(args: argparse.Namespace) -> int:
     from omnilm.infer import SamplingParams, TextGenerator
     from omnilm.tokenizer.chat import IM_END, format_chat
@@ -52,6 +59,7 @@ def run_chat(args: argparse.Namespace) -> int:
                             seed=args.seed)
     budget = generator.model.config.max_seq_len - args.max_new_tokens
     interactive = sys.stdin.isatty()
+    print(banner(args.model, generator.model.config.max_seq_len), file=sys.stderr, flush=True)
     system = [{"role": "system", "content": args.system}] if args.system else []
     turns: list[dict[str, str]] = []
     while True:
