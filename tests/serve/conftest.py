@@ -1,27 +1,17 @@
-"""The server tests' shared fixture: ``omnilm serve`` as a real process over a tiny chat model, behind an API key."""
+"""The server tests' shared fixtures: ``omnilm serve`` as a real process behind an API key (``served``), and a
+factory of servers in this process (``serve``) for tests that put hooks on the served model."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from helpers import small_model
+from live_server import API_KEY, InProcess, free_port, start_process
 from omnilm.model.hf import save_pretrained
 from omnilm.tokenizer import Tokenizer
-
-API_KEY = "test-key"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -31,17 +21,24 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> It
     model = small_model("llama", vocab_size=tokenizer.vocab_size, max_seq_len=128)
     save_pretrained(model, folder, tokenizer=tokenizer)
     port = free_port()
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "omnilm.cli", "serve", "--model", str(folder), "--port", str(port),
-                             "--api-key", API_KEY], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    deadline = time.time() + 60
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-        except OSError:
-            assert proc.poll() is None and time.time() < deadline, proc.stderr.read().decode()
-            time.sleep(0.1)
+    proc = start_process(folder, port, "--api-key", API_KEY)
     yield {"port": port, "folder": folder, "model": model.eval(), "proc": proc}
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture
+def serve(tmp_path: Path, tokenizer: Tokenizer) -> Iterator[Callable[..., InProcess]]:
+    """``serve(**ServeConfig overrides)`` starts a server in this process over a tiny model (context 128); every
+    server started is stopped at the end of the test."""
+    folder = save_pretrained(small_model("llama", vocab_size=tokenizer.vocab_size, max_seq_len=128),
+                             tmp_path / "tiny", tokenizer=tokenizer)
+    started: list[InProcess] = []
+
+    def start(**overrides: object) -> InProcess:
+        started.append(InProcess(folder, **overrides))
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

@@ -1,107 +1,17 @@
-"""Fault injection: the server runs in this process (uvicorn in a thread) so that hooks on its real model can make
+"""Fault injection: the server runs in this process (the ``serve`` fixture) so that hooks on its real model can make
 an engine step raise or run slowly; every fault must end in an answer, and the next request must be served."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
-import threading
 import time
-from collections.abc import Iterator
 
-import pytest
-import torch
-
-from helpers import small_model
 from helpers import solo_tokens as alone
 from omnilm.infer.sampling import SamplingParams
-from omnilm.model.hf import save_pretrained
-from omnilm.serve.server import Service, create_app
 from omnilm.tokenizer.chat import IM_END
 
 POISON = 7  # a prompt containing this token id makes the injected hook raise
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Running:
-    """A live server in this process, and ways to talk to it."""
-
-    def __init__(self, service: Service, port: int) -> None:
-        self.service, self.port = service, port
-
-    def post(self, body: dict, path: str = "/v1/completions") -> tuple[int, dict, dict]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        return response.status, dict(response.getheaders()), json.loads(response.read())
-
-    def open_stream(self, body: dict) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=60)
-        conn.request("POST", "/v1/completions", body=json.dumps(body | {"stream": True}),
-                     headers={"Content-Type": "application/json"})
-        response = conn.getresponse()
-        assert response.status == 200
-        return conn, response
-
-    def health(self) -> dict:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
-        conn.request("GET", "/health")
-        return json.loads(conn.getresponse().read())
-
-    def wait_idle(self, timeout: float = 2) -> dict:
-        deadline = time.time() + timeout
-        while True:
-            health = self.health()
-            if health["running"] == 0 and health["waiting"] == 0 or time.time() > deadline:
-                return health
-            time.sleep(0.05)
-
-    def expected_text(self, prompt: str, max_tokens: int) -> str:
-        tokenizer = self.service.tokenizer
-        eos = self.service.engine.eos_ids
-        tokens = alone(self.service.model, tokenizer.encode(prompt), SamplingParams(max_new_tokens=max_tokens,
-                                                                                      temperature=0), eos)
-        return tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-@pytest.fixture
-def serve(tmp_path, tokenizer) -> Iterator:  # noqa: ANN001
-    """A factory: ``serve(**ServeConfig overrides)`` starts a server; all are stopped at the end."""
-    import uvicorn
-
-    folder = save_pretrained(small_model("llama", vocab_size=tokenizer.vocab_size, max_seq_len=128),
-                             tmp_path / "tiny", tokenizer=tokenizer)
-    started: list[tuple[uvicorn.Server, threading.Thread, Service]] = []
-
-    def start(**overrides: object) -> Running:
-        service = Service(folder, **overrides)
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(create_app(service), host="127.0.0.1", port=port,
-                                               log_level="warning"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.time() + 30
-        while not server.started:
-            assert time.time() < deadline and thread.is_alive(), "the server did not start"
-            time.sleep(0.02)
-        started.append((server, thread, service))
-        return Running(service, port)
-
-    yield start
-    for server, thread, service in started:
-        server.should_exit = True
-        thread.join(timeout=30)
-        service.close()
-
-
-def slow_down(model: torch.nn.Module, seconds: float) -> None:
-    model.tok_emb.register_forward_pre_hook(lambda module, args: time.sleep(seconds))
 
 
 def test_an_engine_fault_is_a_500_and_the_server_goes_on(serve, caplog) -> None:  # noqa: ANN001
@@ -155,7 +65,7 @@ def test_an_oversized_chunked_body_is_refused_before_it_ends(serve) -> None:  # 
 
 def test_a_full_queue_answers_429_with_retry_after(serve) -> None:  # noqa: ANN001
     running = serve(max_batch=1, max_queue=1, retry_after_s=2)
-    slow_down(running.service.model, 0.03)  # 100 tokens would take 3 s: the test waits at most 2
+    running.slow_down(0.03)  # 100 tokens would take 3 s: the test waits at most 2
     first = running.open_stream({"prompt": "one", "max_tokens": 100, "temperature": 0})
     first[1].read(10)  # running
     second = running.open_stream({"prompt": "two", "max_tokens": 100, "temperature": 0})
@@ -176,7 +86,7 @@ def test_a_full_queue_answers_429_with_retry_after(serve) -> None:  # noqa: ANN0
 
 def test_a_request_past_the_timeout_is_cancelled_with_504(serve) -> None:  # noqa: ANN001
     running = serve(request_timeout_s=0.5)
-    slow_down(running.service.model, 0.05)
+    running.slow_down(0.05)
     began = time.time()
     status, _, body = running.post({"prompt": "a long one", "max_tokens": 100})
     assert status == 504 and body["error"]["type"] == "timeout_error" and time.time() - began < 5
@@ -186,7 +96,7 @@ def test_a_request_past_the_timeout_is_cancelled_with_504(serve) -> None:  # noq
 
 def test_a_disconnected_stream_frees_its_blocks(serve) -> None:  # noqa: ANN001
     running = serve()
-    slow_down(running.service.model, 0.05)  # 100 tokens would take 5 s: the test waits at most 2
+    running.slow_down(0.05)  # 100 tokens would take 5 s: the test waits at most 2
     conn, response = running.open_stream({"prompt": "go on", "max_tokens": 100})
     assert response.read(20).startswith(b"data: ")
     assert running.health()["kv_blocks_in_use"] > 0

@@ -56,3 +56,24 @@ def test_an_incompatible_draft_is_refused_when_the_server_starts(tokenizer, tmp_
     assert swapped.vocab_size == tokenizer.vocab_size
     with pytest.raises(UserError, match="tokenizer differs"):
         Service(target_dir, draft_model=str(same_size))
+
+
+def test_a_failing_draft_fails_its_request_and_the_next_one_is_served(tokenizer, tmp_path) -> None:  # noqa: ANN001
+    from omnilm.serve.engine import Request
+    from omnilm.serve.speculative_engine import SpeculativeEngine
+
+    target = small_model("llama", vocab_size=tokenizer.vocab_size)
+    draft = small_model("llama", seed=5, vocab_size=tokenizer.vocab_size, n_layer=1)
+    engine = SpeculativeEngine(target, draft, tokenizer, k=3)
+
+    def broken(module, args) -> None:  # noqa: ANN001
+        raise RuntimeError("draft exploded")
+
+    handle = draft.tok_emb.register_forward_pre_hook(broken)
+    failed = engine.submit(Request([10, 11, 12], SamplingParams(max_new_tokens=8, temperature=0)))
+    engine.run_until_idle()
+    handle.remove()
+    assert failed.finish_reason == "error" and "draft exploded" in failed.error
+    served = engine.submit(Request([10, 11, 12], SamplingParams(max_new_tokens=8, temperature=0)))
+    engine.run_until_idle()
+    assert served.output_ids == alone(target, [10, 11, 12], served.params, engine.eos_ids)

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from serve.conftest import API_KEY
+from live_server import API_KEY
 
 CHROMIUM = Path("/usr/bin/chromium")
 # The machine running the tests may be offline and runs as root: no sandbox, no background traffic.
@@ -253,3 +253,26 @@ def test_text_stays_text_the_conversation_survives_reload_and_reset_clears_it(pa
     page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-chat'")
     assert messages(page) == []
     assert page.input_value("#system") == "Be kind."  # reset forgets the conversation, not the settings
+
+
+def test_stop_frees_the_request_on_the_server(browser: Any, serve: Any) -> None:
+    """Stop aborts the stream, and the server cancels the request and frees its KV blocks at once (a server whose
+    every forward pass is slowed down, so the whole reply would take seconds)."""
+    running = serve()
+    running.slow_down(0.05)  # 100 tokens: 5 s
+    context = browser.new_context()
+    context.set_default_timeout(TIMEOUT_MS)
+    page = context.new_page()
+    page.goto(running.url + "/")
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny'")
+    set_controls(page, temperature="0", max_tokens="100")
+    page.fill("#input", "Hello")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelector('#log [data-streaming] .content')?.textContent.length > 0")
+    assert running.health()["kv_blocks_in_use"] > 0
+    page.click("#stop")
+    wait_idle(page, 2)
+    health = running.wait_idle(timeout=2)
+    assert health["running"] == 0 and health["kv_blocks_in_use"] == 0
+    assert messages(page)[1]["stopped"]
+    context.close()
