@@ -30,10 +30,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def fit_history(tokenizer: Any, system: list[dict[str, str]], turns: list[dict[str, str]], budget: int,
                 ) -> list[dict[str, str]]:
     """System message plus the most recent whole user/assistant turns that fit ``budget`` tokens."""
-    from omnilm.tokenizer.chat import format_chat
+    from omnilm.tokenizer.chat import encode_chat
 
     kept = list(turns)
-    while len(kept) > 1 and len(tokenizer.encode(format_chat(system + kept, add_generation_prompt=True))) > budget:
+    while len(kept) > 1 and len(encode_chat(tokenizer, system + kept, add_generation_prompt=True)[0]) > budget:
         kept = kept[2:] if len(kept) > 2 else kept[1:]
     return system + kept
 
@@ -45,7 +45,7 @@ def banner(model_dir: str | Path, context: int) -> str:
 
 def run_chat(args: argparse.Namespace) -> int:
     from omnilm.infer import SamplingParams, TextGenerator
-    from omnilm.tokenizer.chat import IM_END, format_chat
+    from omnilm.tokenizer.chat import IM_END, encode_chat
 
     generator = TextGenerator.from_pretrained(args.model, device=args.device)
     tokenizer = generator.tokenizer
@@ -84,7 +84,8 @@ def run_chat(args: argparse.Namespace) -> int:
         turns.append({"role": "user", "content": text})
         messages = fit_history(tokenizer, system, turns, budget)
         reply = ""
-        for piece in generator.stream(format_chat(messages, add_generation_prompt=True), params):
+        # Encoded as the server does: what the user types is text, never a control token.
+        for piece in generator.stream(encode_chat(tokenizer, messages, add_generation_prompt=True)[0], params):
             reply += piece
             print(piece, end="", flush=True)
         print(flush=True)
