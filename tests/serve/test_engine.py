@@ -262,3 +262,33 @@ def test_non_finite_logits_fail_their_request_and_leave_no_trace(served_model, t
     engine.run_until_idle()
     for request in reused:
         assert request.output_ids == alone(model, request.prompt_ids, request.params, engine.eos_ids)
+
+
+def test_a_cancellation_during_a_step_is_applied_when_it_ends(served_model, tokenizer) -> None:  # noqa: ANN001
+    """Cancelling from another thread never waits for a running step; the step's end applies it."""
+    import threading
+
+    model = served_model
+    engine = Engine(model, tokenizer, block_size=4)
+    keep = engine.submit(Request([11, 12, 13], SamplingParams(max_new_tokens=10, temperature=0)))
+    drop = engine.submit(Request([21, 22], SamplingParams(max_new_tokens=20, temperature=0)))
+    engine.step()
+    inside, release = threading.Event(), threading.Event()
+
+    def pause(module, args) -> None:  # noqa: ANN001
+        inside.set()
+        release.wait(10)
+
+    handle = model.tok_emb.register_forward_pre_hook(pause)
+    stepping = threading.Thread(target=engine.step)
+    stepping.start()
+    assert inside.wait(10)
+    engine.cancel(drop)  # returns at once although the step holds the engine
+    assert not drop.done.is_set() and drop in engine.active()
+    handle.remove()
+    release.set()
+    stepping.join(10)
+    assert drop.finish_reason == "cancelled" and drop not in engine.active()
+    engine.run_until_idle()
+    assert keep.output_ids == alone(model, keep.prompt_ids, keep.params, engine.eos_ids)
+    assert engine.pool.num_in_use == 0

@@ -82,7 +82,9 @@ class RequestQueue:
     """What every engine shares: a bounded, thread-safe waiting queue, validation, cancellation and failure.
 
     ``max_queue`` bounds the requests waiting to start (None: unbounded); ``submit_all`` beyond it raises
-    :class:`QueueFull` and takes nothing.
+    :class:`QueueFull` and takes nothing. Two locks: ``lock`` is held by a whole ``step``, ``queue_lock`` only
+    for moments, so submitting and cancelling from other threads never wait for a step: a cancellation that
+    arrives during a step is applied as soon as it ends.
     """
 
     max_len: int
@@ -90,6 +92,8 @@ class RequestQueue:
     def __init__(self, max_queue: int | None = None) -> None:
         self.waiting: deque[Request] = deque()
         self.lock = threading.Lock()
+        self.queue_lock = threading.Lock()
+        self.pending: list[tuple[Request, str | None]] = []  # failures and cancellations to apply after a step
         self.max_queue = max_queue
 
     def check(self, request: Request) -> None:
@@ -107,29 +111,50 @@ class RequestQueue:
         """Queue all of ``requests`` or none of them (ValueError for an invalid one, QueueFull when full)."""
         for request in requests:
             self.check(request)
-        with self.lock:
+        with self.queue_lock:
             if self.max_queue is not None and len(self.waiting) + len(requests) > self.max_queue:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (at most {self.max_queue})")
             self.waiting.extend(requests)
         return list(requests)
 
     def cancel(self, request: Request) -> None:
-        """Stop ``request`` now, freeing whatever it holds."""
+        """Stop ``request``, freeing whatever it holds (at once, or as soon as a running step ends)."""
         self.fail([request], None)
 
     def fail(self, requests: Iterable[Request], error: str | None) -> None:
         """End ``requests`` (those not done yet): with ``error``, as failed; without, as cancelled."""
-        with self.lock:
-            self._fail_locked(requests, error)
+        with self.queue_lock:
+            for request in requests:
+                if request.done.is_set():
+                    continue
+                if request in self.waiting:
+                    self.waiting.remove(request)
+                    request._end("cancelled" if error is None else "error", error)
+                else:
+                    self.pending.append((request, error))
+            if not self.pending:
+                return
+        if self.lock.acquire(blocking=False):  # no step is running: apply now
+            try:
+                self._apply_pending()
+            finally:
+                self.lock.release()
 
-    def _fail_locked(self, requests: Iterable[Request], error: str | None) -> None:
+    def _apply_pending(self) -> None:
+        """End the requests failed or cancelled while a step ran (called with ``lock`` held)."""
+        with self.queue_lock:
+            pending, self.pending = self.pending, []
+        self._fail_locked((request for request, _ in pending), None, {id(r): e for r, e in pending})
+
+    def _fail_locked(self, requests: Iterable[Request], error: str | None,
+                     errors: dict[int, str | None] | None = None) -> None:
+        """End running ``requests`` now (``lock`` held); ``errors`` gives a request its own error."""
         for request in list(requests):
             if request.done.is_set():
                 continue
-            if request in self.waiting:
-                self.waiting.remove(request)
+            reason = errors.get(id(request), error) if errors is not None else error
             self._release(request)
-            request._end("cancelled" if error is None else "error", error)
+            request._end("cancelled" if reason is None else "error", reason)
 
     def active(self) -> list[Request]:
         """Requests started and not finished."""
@@ -237,6 +262,7 @@ class Engine(RequestQueue):
     def step(self) -> None:
         """Admit what fits, decode one token of every request past its prompt, then prefill one chunk."""
         with self.lock:
+            self._apply_pending()
             for phase in (self._admit, self._decode, self._prefill):
                 touched: list[Request] = []
                 try:
@@ -244,30 +270,34 @@ class Engine(RequestQueue):
                 except Exception as err:  # noqa: BLE001 - any fault fails its requests, not the engine
                     log.exception("engine step failed; failing %d request(s)", len(touched))
                     self._fail_locked(touched, f"{type(err).__name__}: {err}")
+            self._apply_pending()
 
     def _admit(self, touched: list[Request]) -> None:
         size = self.block_size
-        while self.waiting and len(self.running) < self.max_batch:
-            request = self.waiting[0]
+        while len(self.running) < self.max_batch:
+            with self.queue_lock:
+                if not self.waiting:
+                    return
+                request = self.waiting[0]
+                prompt, params = request.prompt_ids, request.params
+                digests = block_digests(prompt, size)
+                reusable = digests[: (len(prompt) - 1) // size]  # the last prompt token is always computed
+                cached = self.pool.cached_prefix(reusable)
+                total = self.pool.blocks_for(len(prompt) + params.max_new_tokens - 1)
+                blocks = self.pool.allocate(cached, total - len(cached))
+                if blocks is None:
+                    return  # waits for blocks to be freed; nothing behind it overtakes
+                self.waiting.popleft()
             touched[:] = [request]
-            prompt, params = request.prompt_ids, request.params
-            digests = block_digests(prompt, size)
-            reusable = digests[: (len(prompt) - 1) // size]  # the last prompt token is always computed
-            cached = self.pool.cached_prefix(reusable)
-            total = self.pool.blocks_for(len(prompt) + params.max_new_tokens - 1)
-            blocks = self.pool.allocate(cached, total - len(cached))
-            if blocks is None:
-                return  # waits for blocks to be freed; nothing behind it overtakes
-            self.waiting.popleft()
+            seq = _Sequence(request, StreamingDecoder(self.tokenizer, params.stop),
+                            make_generator(params.seed, self.device), list(prompt), blocks, digests, len(cached),
+                            len(cached) * size, None)
+            self.running.append(seq)  # from here on a failure releases its blocks
             self.pool.record_lookup(len(reusable), len(cached))
             self.cache.clear(blocks[len(cached):])
-            seen = None
             if params.repetition_penalty != 1.0:
-                seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-                seen[0, prompt] = True
-            self.running.append(_Sequence(
-                request, StreamingDecoder(self.tokenizer, params.stop), make_generator(params.seed, self.device),
-                list(prompt), blocks, digests, len(cached), len(cached) * size, seen))
+                seq.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+                seq.seen[0, prompt] = True
 
     def _decode(self, touched: list[Request]) -> None:
         rows = [(seq, seq.tokens[-1:]) for seq in self.running if seq.prompt_done]

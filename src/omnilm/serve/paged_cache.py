@@ -39,10 +39,9 @@ class PagedKVCache:
         survive the attention mask, since 0 · NaN is NaN)."""
         if not blocks:
             return
-        rows = (torch.tensor(blocks, device=self.k.device)[:, None] * self.block_size
-                + torch.arange(self.block_size, device=self.k.device)).flatten()
-        self.k[:, rows] = 0
-        self.v[:, rows] = 0
+        index = torch.tensor(blocks, device=self.k.device)
+        for store in (self.k, self.v):
+            store.view(store.shape[0], -1, self.block_size, *store.shape[2:])[:, index] = 0
 
 
 class PagedBatch:

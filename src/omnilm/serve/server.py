@@ -18,6 +18,7 @@ What a client can rely on:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import logging
@@ -25,6 +26,7 @@ import math
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from importlib import resources
@@ -106,6 +108,72 @@ def check_draft(target: Any, target_tokenizer: Any, draft: Any, draft_tokenizer:
                         f"({target.config.max_seq_len})")
 
 
+class Channel:
+    """The events of one HTTP request, from the engine thread to its handler on the event loop.
+
+    The engine appends ``(choice, text piece)`` pairs, ``(choice, None)`` at a choice's end, without blocking; the
+    handler is woken once per engine step (``Service.flush``) however many events arrived, and takes them all at
+    once. (One wake-up per token from another thread costs a system call and a task switch each, which under
+    load competes with the engine for the interpreter.)
+    """
+
+    def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
+        self.service, self.loop = service, loop
+        self.items: deque[tuple[int, str | None]] = deque()
+        self.waiter: asyncio.Future | None = None
+
+    def push(self, item: tuple[int, str | None]) -> None:
+        """Called from any thread."""
+        self.items.append(item)
+        self.service.notify(self)
+
+    def wake(self) -> None:
+        """Called on the event loop."""
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+    async def take(self, timeout: float) -> list[tuple[int, str | None]]:
+        """Every event that arrived, waiting up to ``timeout`` seconds for one (an empty list if none came)."""
+        if not self.items:
+            self.waiter = self.loop.create_future()
+            timer = self.loop.call_later(timeout, self.wake)
+            try:
+                await self.waiter
+            finally:
+                timer.cancel()
+                self.waiter = None
+        taken = []
+        while self.items:
+            taken.append(self.items.popleft())
+        return taken
+
+
+class Guard:
+    """ASGI middleware: the API key on /v1/ routes (compared in constant time, so timing cannot recover it) and
+    a declared body length over the limit, both refused before the request reaches a route. Plain ASGI, so
+    streamed responses pass through untouched."""
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app, self.limit = app, max_body_bytes
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope["headers"])
+            error = None
+            if self.expected is not None and scope["path"].startswith("/v1/") and not hmac.compare_digest(
+                    headers.get(b"authorization", b""), self.expected):
+                error = APIError(401, "invalid or missing API key", kind="authentication_error",
+                                 code="invalid_api_key")
+            length = headers.get(b"content-length", b"")
+            if error is None and length.isdigit() and int(length) > self.limit:
+                error = APIError(413, f"request body larger than {self.limit} bytes")
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 class Service:
     """The model, its tokenizer and the engine thread behind the HTTP routes."""
 
@@ -137,6 +205,8 @@ class Service:
             self.engine.eos_ids.add(im_end)
         self.wake = threading.Event()
         self.stopping = threading.Event()
+        self.dirty: set[Channel] = set()
+        self.dirty_lock = threading.Lock()
         self.created = int(time.time())
         self.thread = threading.Thread(target=self._loop, daemon=True, name="omnilm-engine")
         self.thread.start()
@@ -146,12 +216,29 @@ class Service:
             if not self.engine.busy:
                 self.wake.wait(0.05)
                 self.wake.clear()
-                continue
-            try:
-                self.engine.step()
-            except Exception:  # noqa: BLE001 - the engine thread must outlive any fault
-                log.exception("engine step failed outside a request; failing the running requests")
-                self.engine.fail(self.engine.active(), "internal error in the engine (see the server log)")
+            else:
+                try:
+                    self.engine.step()
+                except Exception:  # noqa: BLE001 - the engine thread must outlive any fault
+                    log.exception("engine step failed outside a request; failing the running requests")
+                    self.engine.fail(self.engine.active(), "internal error in the engine (see the server log)")
+            self.flush()
+
+    def notify(self, channel: Channel) -> None:
+        """``channel`` has new events (its handler is woken at the next ``flush``)."""
+        with self.dirty_lock:
+            self.dirty.add(channel)
+
+    def flush(self) -> None:
+        """Wake the handlers of every channel with new events: one call into each event loop."""
+        with self.dirty_lock:
+            channels, self.dirty = self.dirty, set()
+        by_loop: dict[asyncio.AbstractEventLoop, list[Channel]] = {}
+        for channel in channels:
+            by_loop.setdefault(channel.loop, []).append(channel)
+        for loop, group in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a loop that has closed has nobody left to wake
+                loop.call_soon_threadsafe(_wake_all, group)
 
     def close(self) -> None:
         """Stop the engine thread (requests still running are cancelled)."""
@@ -228,7 +315,25 @@ class Service:
         return choices
 
     def cancel(self, requests: list[Request]) -> None:
-        self.engine.fail([r for r in requests if not r.done.is_set()], None)
+        unfinished = [r for r in requests if not r.done.is_set()]
+        if unfinished:
+            self.engine.fail(unfinished, None)
+
+
+def _wake_all(channels: list[Channel]) -> None:
+    for channel in channels:
+        channel.wake()
+
+
+def _coalesce(events: list[tuple[int, str | None]]) -> list[tuple[int, str | None]]:
+    """Adjacent text pieces of the same choice joined into one (one streamed event instead of several)."""
+    out: list[tuple[int, str | None]] = []
+    for index, piece in events:
+        if piece is not None and out and out[-1][0] == index and out[-1][1] is not None:
+            out[-1] = (index, out[-1][1] + piece)
+        else:
+            out.append((index, piece))
+    return out
 
 
 def _usage(prompt_tokens: int, requests: list[Request]) -> dict[str, int]:
@@ -253,23 +358,11 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     """The FastAPI application serving ``service``; ``api_key`` (if any) is required on the /v1/ routes."""
     app = FastAPI(title="omnilm", docs_url=None, redoc_url=None)
     limit = service.config.max_body_bytes
-    expected_auth = f"Bearer {api_key}".encode() if api_key else None
+    app.add_middleware(Guard, api_key=api_key, max_body_bytes=limit)
 
     @app.exception_handler(APIError)
     async def api_error(_: HTTPRequest, err: APIError) -> JSONResponse:
         return err.response()
-
-    @app.middleware("http")
-    async def guard(request: HTTPRequest, call_next: Any) -> Any:
-        if expected_auth is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(given, expected_auth):  # constant time: no key recovery by timing
-                return APIError(401, "invalid or missing API key", kind="authentication_error",
-                                code="invalid_api_key").response()
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return APIError(413, f"request body larger than {limit} bytes").response()
-        return await call_next(request)
 
     async def read_body(request: HTTPRequest) -> dict[str, Any]:
         chunks, size = [], 0
@@ -302,32 +395,30 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return resources.files("omnilm.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
 
     async def events(http: HTTPRequest, parsed: GenerationRequest) -> tuple[list[Request], AsyncIterator]:
-        """Submit ``parsed``; return its choices and an iterator of (choice, text piece or None at its end).
+        """Submit ``parsed``; return its choices and an iterator of lists of (choice, text piece or None at its end).
 
         The iterator ends early (and cancels what is left) when the client disconnects, and raises the 504
         APIError when the request runs past the server's timeout.
         """
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        # Pieces and the end of each choice travel through one queue, so an end never overtakes its text.
-        submitted = service.submit(parsed, lambda i, piece: loop.call_soon_threadsafe(queue.put_nowait, (i, piece)),
-                                   lambda i: loop.call_soon_threadsafe(queue.put_nowait, (i, None)))
+        channel = Channel(service, loop)
+        # Pieces and the end of each choice travel through one channel, so an end never overtakes its text.
+        submitted = service.submit(parsed, lambda i, piece: channel.push((i, piece)),
+                                   lambda i: channel.push((i, None)))
         deadline = loop.time() + service.config.request_timeout_s
 
-        async def iterate() -> AsyncIterator[tuple[int, str | None]]:
+        async def iterate() -> AsyncIterator[list[tuple[int, str | None]]]:
             try:
                 finished = 0
                 while finished < len(submitted):
-                    try:
-                        i, piece = await asyncio.wait_for(queue.get(), timeout=0.1)
-                    except asyncio.TimeoutError:
-                        if await http.is_disconnected():
-                            return
-                        if loop.time() > deadline:
-                            raise _timeout(service.config.request_timeout_s) from None
-                        continue
-                    finished += piece is None
-                    yield i, piece
+                    events = await channel.take(timeout=0.1)
+                    if events:
+                        finished += sum(piece is None for _, piece in events)
+                        yield events
+                    elif await http.is_disconnected():
+                        return
+                    if loop.time() > deadline and finished < len(submitted):
+                        raise _timeout(service.config.request_timeout_s)
             finally:
                 service.cancel(submitted)  # a no-op for finished requests; frees the blocks of abandoned ones
 
@@ -367,13 +458,14 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         try:
             if chat:
                 yield event([choice(i, "", None, role=True) for i in range(len(submitted))])
-            async for i, piece in pieces:
-                if piece is not None:
-                    yield event([choice(i, piece, None)])
-                elif submitted[i].finish_reason == "error":
-                    raise _failure(submitted)
-                else:
-                    yield event([choice(i, None if chat else "", submitted[i].finish_reason)])
+            async for arrived in pieces:
+                for i, piece in _coalesce(arrived):
+                    if piece is not None:
+                        yield event([choice(i, piece, None)])
+                    elif submitted[i].finish_reason == "error":
+                        raise _failure(submitted)
+                    else:
+                        yield event([choice(i, None if chat else "", submitted[i].finish_reason)])
             if parsed.include_usage:
                 yield event([], usage=_usage(len(parsed.prompt_ids), submitted))
             yield "data: [DONE]\n\n"

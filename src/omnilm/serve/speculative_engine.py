@@ -48,6 +48,7 @@ class SpeculativeEngine(RequestQueue):
     @torch.inference_mode()
     def step(self) -> None:
         with self.lock:
+            self._apply_pending()
             try:
                 self._round()
             except Exception as err:  # noqa: BLE001 - a fault fails its request, not the engine
@@ -59,9 +60,10 @@ class SpeculativeEngine(RequestQueue):
 
     def _round(self) -> None:
         if self._current is None:
-            if not self.waiting:
-                return
-            request = self.waiting.popleft()
+            with self.queue_lock:
+                if not self.waiting:
+                    return
+                request = self.waiting.popleft()
             generator = make_generator(request.params.seed, self.model.tok_emb.weight.device)
             rounds = speculative_tokens(self.model, self.draft, request.prompt_ids, request.params, self.k,
                                         sorted(self.eos_ids), generator)
