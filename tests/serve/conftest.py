@@ -29,14 +29,15 @@ def served(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> It
 
 @pytest.fixture
 def serve(tmp_path: Path, tokenizer: Tokenizer) -> Iterator[Callable[..., InProcess]]:
-    """``serve(**ServeConfig overrides)`` starts a server in this process over a tiny model (context 128); every
-    server started is stopped at the end of the test."""
+    """``serve(**ServeConfig overrides)`` starts a server in this process over a tiny model (context 128), its
+    engine in a thread (so tests can hook the model) unless ``engine_process=True``; every server started is
+    stopped at the end of the test."""
     folder = save_pretrained(small_model("llama", vocab_size=tokenizer.vocab_size, max_seq_len=128),
                              tmp_path / "tiny", tokenizer=tokenizer)
     started: list[InProcess] = []
 
     def start(**overrides: object) -> InProcess:
-        started.append(InProcess(folder, **overrides))
+        started.append(InProcess(folder, **({"engine_process": False} | overrides)))
         return started[-1]
 
     yield start

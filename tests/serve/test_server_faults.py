@@ -141,3 +141,29 @@ def test_special_tokens_in_a_message_stay_text(serve, tokenizer) -> None:  # noq
     plain, _ = encode_chat(tokenizer, messages, add_generation_prompt=True)
     assert status == 200 and body["usage"]["prompt_tokens"] == len(plain)
     assert len(plain) != len(tokenizer.encode(format_chat(messages, add_generation_prompt=True)))
+
+
+def test_a_dead_engine_process_fails_its_requests_and_is_restarted(serve) -> None:  # noqa: ANN001
+    import os
+    import signal
+
+    running = serve(engine_process=True)
+    status, _, body = running.post({"prompt": "Alice was born in", "max_tokens": 6, "temperature": 0})
+    assert status == 200
+    before = body["choices"][0]["text"]
+    engine = running.service.runner.process
+    os.kill(engine.pid, signal.SIGSTOP)  # paused: the next request is taken but cannot be answered
+    conn, stream = running.open_stream({"prompt": "Bob studied", "max_tokens": 20, "temperature": 0})
+    os.kill(engine.pid, signal.SIGKILL)
+    events = stream.read().decode()
+    conn.close()
+    assert '"error"' in events and "engine process died" in events
+    deadline = time.time() + 60
+    while True:  # while it restarts, requests are refused with 503 and Retry-After
+        status, headers, body = running.post({"prompt": "Alice was born in", "max_tokens": 6, "temperature": 0})
+        if status == 200:
+            break
+        assert status == 503 and "retry-after" in headers and time.time() < deadline, (status, body)
+        time.sleep(0.2)
+    assert body["choices"][0]["text"] == before  # the restarted engine serves the same model
+    assert running.service.runner.process.pid != engine.pid and running.health()["status"] == "ok"

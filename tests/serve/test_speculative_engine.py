@@ -19,7 +19,7 @@ def test_serving_with_a_draft_model_gives_the_targets_greedy_output(tokenizer, t
     target_dir = save_pretrained(target, tmp_path / "target", tokenizer=tokenizer)
     draft = small_model("llama", seed=5, vocab_size=tokenizer.vocab_size, n_layer=1)
     draft_dir = save_pretrained(draft, tmp_path / "draft", tokenizer=tokenizer)
-    service = Service(target_dir, draft_model=str(draft_dir), speculative_k=3)
+    service = Service(target_dir, draft_model=str(draft_dir), speculative_k=3, engine_process=False)
     target = load_pretrained(target_dir).eval()
     body = {"prompt": "Alice was born in", "max_tokens": 24, "temperature": 0}
     first, second = (service.submit(service.parse(body, chat=False))[0] for _ in range(2))

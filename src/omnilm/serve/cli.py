@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=float, default=defaults.request_timeout_s,
                    help="seconds after which an unfinished request is cancelled (504)")
     p.add_argument("--max-body-bytes", type=int, default=defaults.max_body_bytes, help="largest request body")
+    p.add_argument("--engine-thread", action="store_true",
+                   help="run the engine in a thread of the server process instead of a process of its own")
     p.add_argument("--draft-model", default=None,
                    help="a small model with the same tokenizer: requests are then decoded one at a time with "
                         "speculative decoding (lower latency per stream, no batching)")
@@ -50,10 +52,11 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(kv_budget_mb=args.kv_budget_mb, block_size=args.block_size, max_batch=args.max_batch,
                          prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                         draft_model=args.draft_model, speculative_k=args.speculative_k)
+                         draft_model=args.draft_model, speculative_k=args.speculative_k,
+                         engine_process=not args.engine_thread)
     service = Service(args.model, model_name=args.name, config=config)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    stats = service.engine.stats()
+    stats = service.runner.stats()
     capacity = (f"{stats['kv_blocks']} KV blocks of {stats['block_size']} positions, up to {config.max_batch} "
                 "requests at once" if "kv_blocks" in stats else "one request at a time, speculative")
     print(f"omnilm serve: {service.name} on http://{args.host}:{args.port} ({capacity}, context {service.context}"

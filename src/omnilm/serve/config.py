@@ -25,6 +25,9 @@ class ServeConfig:
     max_body_bytes: int = 1 << 20
     #: Seconds a client is asked to wait before retrying after a 429.
     retry_after_s: int = 1
+    #: Run the engine in a process of its own (True) or in a thread of the server process (False: one interpreter
+    #: for both, slower under load, but the model is reachable in-process, as tests need).
+    engine_process: bool = True
     #: A smaller model with the same tokenizer: requests are then decoded one at a time, speculatively.
     draft_model: str | None = None
     #: Draft tokens proposed per speculative round.

@@ -78,6 +78,10 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the request was not taken (retry later)."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine is restarting after a fault; the request was not taken (retry later)."""
+
+
 class RequestQueue:
     """What every engine shares: a bounded, thread-safe waiting queue, validation, cancellation and failure.
 
@@ -303,9 +307,7 @@ class Engine(RequestQueue):
         rows = [(seq, seq.tokens[-1:]) for seq in self.running if seq.prompt_done]
         touched += [seq.request for seq, _ in rows]
         if rows:
-            logits = self._forward(rows)
-            for (seq, _), row in zip(rows, logits, strict=True):
-                self._sample(seq, row)
+            self._sample([seq for seq, _ in rows], self._forward(rows))
 
     def _prefill(self, touched: list[Request]) -> None:
         rows, budget = [], self.prefill_chunk
@@ -318,9 +320,9 @@ class Engine(RequestQueue):
         touched += [seq.request for seq, _ in rows]
         if rows:
             logits = self._forward(rows)
-            for (seq, _), row in zip(rows, logits, strict=True):
-                if seq.prompt_done:
-                    self._sample(seq, row)
+            done = [i for i, (seq, _) in enumerate(rows) if seq.prompt_done]
+            if done:
+                self._sample([rows[i][0] for i in done], logits[done])
 
     def _forward(self, rows: list[tuple[_Sequence, list[int]]]) -> torch.Tensor:
         """Feed each row's new tokens after its cached positions; logits at each row's last new token (B, V)."""
@@ -329,18 +331,15 @@ class Engine(RequestQueue):
         starts = [seq.computed for seq, _ in rows]
         counts = [len(tokens) for _, tokens in rows]
         n_blocks = self.pool.blocks_for(max(s + c for s, c in zip(starts, counts, strict=True)))
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        tables = torch.full((batch, n_blocks), NULL_BLOCK, dtype=torch.long)
+        # Built as Python lists and turned into tensors once (per-row tensor writes cost more than the model here).
+        ids = torch.tensor([tokens + [0] * (width - len(tokens)) for _, tokens in rows])
+        tables = torch.tensor([seq.blocks[:n_blocks] + [NULL_BLOCK] * (n_blocks - len(seq.blocks[:n_blocks]))
+                               for seq, _ in rows])
         write_rows, write_cols, write_slots = [], [], []
         for b, ((seq, tokens), start) in enumerate(zip(rows, starts, strict=True)):
-            ids[b, : len(tokens)] = torch.tensor(tokens)
-            used = seq.blocks[: min(n_blocks, len(seq.blocks))]
-            tables[b, : len(used)] = torch.tensor(used)
-            for i in range(len(tokens)):
-                position = start + i
-                write_rows.append(b)
-                write_cols.append(i)
-                write_slots.append(seq.blocks[position // size] * size + position % size)
+            write_rows += [b] * len(tokens)
+            write_cols += range(len(tokens))
+            write_slots += [seq.blocks[p // size] * size + p % size for p in range(start, start + len(tokens))]
         start_t = torch.tensor(starts)[:, None]
         positions = start_t + torch.arange(width)[None, :]  # (B, T)
         keys = torch.arange(n_blocks * size)
@@ -367,13 +366,23 @@ class Engine(RequestQueue):
             self.pool.register(seq.blocks[index], seq.digests[index])
         seq.registered = max(seq.registered, seq.computed // size)
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> None:
-        """Pick ``seq``'s next token from its logits (V,), record it and finish the request when it is done."""
-        if not bool(torch.isfinite(logits).all()):
-            self._fail_locked([seq.request], "the model produced non-finite logits")
-            return
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> None:
+        """Pick each sequence's next token from its row of ``logits`` (B, V), record it, finish what is done."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        argmax = logits.argmax(-1).tolist()  # greedy rows without a penalty: one call for all of them
+        for row, (seq, ok) in enumerate(zip(seqs, finite, strict=True)):
+            request = seq.request
+            if not ok:
+                self._fail_locked([request], "the model produced non-finite logits")
+                continue
+            if request.params.greedy and seq.seen is None:
+                token = argmax[row]
+            else:
+                token = int(next_token(logits[row: row + 1], request.params, seq.seen, seq.generator)[0])
+            self._accept(seq, token)
+
+    def _accept(self, seq: _Sequence, token: int) -> None:
         request = seq.request
-        token = int(next_token(logits[None], request.params, seq.seen, seq.generator)[0])
         if token in self.eos_ids:
             self._finish(seq, "stop")
             return

@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both also streaming as server-sent events,
 with ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` (with the engine's load) and ``GET /``
-(a web chat). One background thread runs the engine; request handlers only submit requests and wait for their text.
+(a web chat). The engine runs in a process of its own (or a thread, see :mod:`omnilm.serve.runner`); request handlers
+only submit requests and relay their text.
 
 What a client can rely on:
 
@@ -10,7 +11,8 @@ What a client can rely on:
   limit is refused as soon as the limit is passed (also when sent chunked, without a length);
 - when the waiting queue is full the answer is 429 with ``Retry-After``;
 - a fault in the engine (an exception, non-finite logits) fails the requests it touched with a 500 error object,
-  is logged with its traceback, and the engine goes on serving; every request ends within ``request_timeout_s``
+  is logged with its traceback, and the engine goes on serving; an engine process that dies fails its requests
+  and is restarted (503 with ``Retry-After`` meanwhile); every request ends within ``request_timeout_s``
   (504 after it), and a client that disconnects cancels its request, whose KV blocks are freed at once;
 - message content is encoded as plain text: a special-token string in a message cannot forge a turn.
 """
@@ -40,8 +42,8 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from omnilm.errors import UserError
 from omnilm.infer.sampling import SamplingParams
 from omnilm.serve.config import ServeConfig
-from omnilm.serve.engine import Engine, QueueFull, Request, RequestQueue
-from omnilm.tokenizer.chat import IM_END, encode_chat, validate_messages
+from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue
+from omnilm.tokenizer.chat import encode_chat, validate_messages
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +99,15 @@ def _integer(body: dict[str, Any], key: str, default: int | None, low: int) -> i
 
 
 def check_draft(target: Any, target_tokenizer: Any, draft: Any, draft_tokenizer: Any) -> None:
-    """Refuse a draft model that cannot serve ``target`` (UserError), before any request reaches it."""
-    if draft.config.vocab_size != target.config.vocab_size:
-        raise UserError(f"the draft model's vocabulary ({draft.config.vocab_size} tokens) differs from the "
-                        f"model's ({target.config.vocab_size})")
+    """Refuse a draft model (config and tokenizer) that cannot serve ``target``'s, before any request reaches it."""
+    if draft.vocab_size != target.vocab_size:
+        raise UserError(f"the draft model's vocabulary ({draft.vocab_size} tokens) differs from the "
+                        f"model's ({target.vocab_size})")
     if draft_tokenizer.backend.get_vocab() != target_tokenizer.backend.get_vocab():
         raise UserError("the draft model's tokenizer differs from the model's: the same ids would mean other text")
-    if draft.config.max_seq_len < target.config.max_seq_len:
-        raise UserError(f"the draft model's context ({draft.config.max_seq_len}) is shorter than the model's "
-                        f"({target.config.max_seq_len})")
+    if draft.max_seq_len < target.max_seq_len:
+        raise UserError(f"the draft model's context ({draft.max_seq_len}) is shorter than the model's "
+                        f"({target.max_seq_len})")
 
 
 class Channel:
@@ -175,54 +177,50 @@ class Guard:
 
 
 class Service:
-    """The model, its tokenizer and the engine thread behind the HTTP routes."""
+    """The tokenizer, the engine's runner (a thread, or a process of its own) and the channels to the handlers."""
 
     def __init__(self, model_dir: str | Path, model_name: str | None = None, config: ServeConfig | None = None,
                  **overrides: Any) -> None:
         import dataclasses
 
-        from omnilm.infer.text import TextGenerator
+        from omnilm.model.hf import read_config
+        from omnilm.serve.runner import ProcessRunner, ThreadRunner, build_engine
+        from omnilm.tokenizer import Tokenizer
 
         self.config = dataclasses.replace(config or ServeConfig(), **overrides)
-        generator = TextGenerator.from_pretrained(model_dir)
-        self.model, self.tokenizer = generator.model, generator.tokenizer
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        model_config = read_config(model_dir)
         self.name = model_name or Path(model_dir).resolve().name
-        self.context = self.model.config.max_seq_len
-        self.engine: RequestQueue
+        self.context = model_config.max_seq_len
         if self.config.draft_model is not None:
-            from omnilm.serve.speculative_engine import SpeculativeEngine
-
-            drafter = TextGenerator.from_pretrained(self.config.draft_model)
-            check_draft(self.model, self.tokenizer, drafter.model, drafter.tokenizer)
-            self.engine = SpeculativeEngine(self.model, drafter.model, self.tokenizer, self.config.speculative_k,
-                                            max_queue=self.config.max_queue)
-        else:
-            self.engine = Engine(self.model, self.tokenizer, kv_budget_bytes=self.config.kv_budget_mb << 20,
-                                 block_size=self.config.block_size, max_batch=self.config.max_batch,
-                                 prefill_chunk=self.config.prefill_chunk, max_queue=self.config.max_queue)
-        im_end = self.tokenizer.token_to_id(IM_END)
-        if im_end is not None:
-            self.engine.eos_ids.add(im_end)
-        self.wake = threading.Event()
-        self.stopping = threading.Event()
+            check_draft(model_config, self.tokenizer, read_config(self.config.draft_model),
+                        Tokenizer.from_dir(self.config.draft_model))
         self.dirty: set[Channel] = set()
         self.dirty_lock = threading.Lock()
         self.created = int(time.time())
-        self.thread = threading.Thread(target=self._loop, daemon=True, name="omnilm-engine")
-        self.thread.start()
+        self.runner: ThreadRunner | ProcessRunner
+        if self.config.engine_process:
+            self.runner = ProcessRunner(model_dir, self.config, self.flush)
+        else:
+            self.runner = ThreadRunner(build_engine(model_dir, self.config), self.flush)
 
-    def _loop(self) -> None:
-        while not self.stopping.is_set():
-            if not self.engine.busy:
-                self.wake.wait(0.05)
-                self.wake.clear()
-            else:
-                try:
-                    self.engine.step()
-                except Exception:  # noqa: BLE001 - the engine thread must outlive any fault
-                    log.exception("engine step failed outside a request; failing the running requests")
-                    self.engine.fail(self.engine.active(), "internal error in the engine (see the server log)")
-            self.flush()
+    @property
+    def engine(self) -> RequestQueue:
+        """The engine itself, when it runs in this process (a thread runner)."""
+        return self.runner.engine  # type: ignore[union-attr]
+
+    @property
+    def model(self) -> Any:
+        """The served model, when the engine runs in this process."""
+        return self.engine.model  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Stop the engine (requests still running are cancelled)."""
+        self.runner.close()
+
+    @property
+    def healthy(self) -> bool:
+        return self.runner.alive
 
     def notify(self, channel: Channel) -> None:
         """``channel`` has new events (its handler is woken at the next ``flush``)."""
@@ -239,16 +237,6 @@ class Service:
         for loop, group in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a loop that has closed has nobody left to wake
                 loop.call_soon_threadsafe(_wake_all, group)
-
-    def close(self) -> None:
-        """Stop the engine thread (requests still running are cancelled)."""
-        self.stopping.set()
-        self.thread.join(timeout=30)
-        self.engine.fail(self.engine.active() + list(self.engine.waiting), None)
-
-    @property
-    def healthy(self) -> bool:
-        return self.thread.is_alive() and not self.stopping.is_set()
 
     def parse(self, body: dict[str, Any], chat: bool) -> GenerationRequest:
         """Validate an OpenAI request body into a GenerationRequest (APIError on anything wrong)."""
@@ -305,19 +293,21 @@ class Service:
             finish_callback = None if on_finish is None else (lambda i=index: on_finish(i))
             choices.append(Request(list(request.prompt_ids), params, text_callback, finish_callback))
         try:
-            self.engine.submit_all(choices)
+            self.runner.submit_all(choices)
         except QueueFull as err:
             raise APIError(429, f"the server is busy ({err}); retry later", kind="rate_limit_error",
                            code="queue_full", headers={"Retry-After": str(self.config.retry_after_s)}) from err
+        except EngineUnavailable as err:
+            raise APIError(503, str(err), kind="server_error", code="engine_unavailable",
+                           headers={"Retry-After": str(self.config.retry_after_s)}) from err
         except ValueError as err:
             raise APIError(400, str(err)) from err
-        self.wake.set()
         return choices
 
     def cancel(self, requests: list[Request]) -> None:
         unfinished = [r for r in requests if not r.done.is_set()]
         if unfinished:
-            self.engine.fail(unfinished, None)
+            self.runner.fail(unfinished, None)
 
 
 def _wake_all(channels: list[Channel]) -> None:
@@ -383,7 +373,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     async def health() -> JSONResponse:
         if not service.healthy:
             return JSONResponse({"status": "engine stopped"}, status_code=503)
-        return JSONResponse({"status": "ok"} | service.engine.stats())
+        return JSONResponse({"status": "ok"} | service.runner.stats())
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
