@@ -64,12 +64,16 @@ class PagedBatch:
         """Store the new keys/values (B, H, T, D) of ``layer``; return each row's keys/values (B, H, n·size, D)."""
         size = self.cache.block_size
         batch, n_blocks = self.tables.shape
+        heads, dim = k.shape[1], k.shape[3]
+        every_query_real = len(self.write_slots) == k.shape[0] * k.shape[2]
         out = []
         for store, new in ((self.cache.k[layer], k), (self.cache.v[layer], v)):
-            real = new.transpose(1, 2)[self.write_rows, self.write_cols]  # (N, H, D)
-            store.index_copy_(0, self.write_slots, real.to(store.dtype))
-            blocks = store.view(-1, size, *store.shape[1:])[self.tables]  # (B, n, size, H, D)
-            out.append(blocks.reshape(batch, n_blocks * size, *store.shape[1:]).transpose(1, 2))
+            new = new.transpose(1, 2)  # (B, T, H, D)
+            # index_select over whole blocks: several times faster than advanced indexing on CPU
+            real = new.reshape(-1, heads, dim) if every_query_real else new[self.write_rows, self.write_cols]
+            store.index_copy_(0, self.write_slots, real.to(store.dtype))  # (N, H, D) rows of the cache
+            blocks = store.view(-1, size, heads, dim).index_select(0, self.tables.flatten())  # (B·n, size, H, D)
+            out.append(blocks.view(batch, n_blocks * size, heads, dim).transpose(1, 2))
         return out[0], out[1]
 
     def advance(self, n: int) -> None:
