@@ -61,8 +61,15 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_new_tokens=0),
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(top_k=-2), dict(max_new_tokens=0),
                                  dict(min_p=1.5), dict(repetition_penalty=0), dict(num_beams=0)])
 def test_invalid_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token():
+    logits = torch.tensor([[0.1, 2.0, 1.9, -1.0]]).expand(500, -1)
+    params = SamplingParams(temperature=1.0, top_p=0.0)
+    tokens = next_token(logits, params, generator=torch.Generator().manual_seed(0))
+    assert tokens.tolist() == [1] * 500
