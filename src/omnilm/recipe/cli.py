@@ -21,7 +21,12 @@ def run_recipe_cli(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, preset=args.preset)
     name = recipe.name + (f"-{args.preset}" if args.preset else "")
     out = args.out or f"runs/{name}"
-    summary = run_recipe(recipe, out)
+    from omnilm.train.distributed import shutdown
+
+    try:
+        summary = run_recipe(recipe, out)
+    finally:
+        shutdown()
     if "interrupted" in summary:
         print(f"omnilm run: interrupted in stage {summary['interrupted']}; run the same command again to resume")
         return 130

@@ -45,7 +45,12 @@ def train(args: argparse.Namespace) -> int:
         changes = resume_changes(config, out)
         if changes:
             print(f"omnilm train: resuming under a changed config (--force): {'; '.join(changes)}")
-    result = run_stage(config, out, resume=args.resume, force=args.force)
+    from omnilm.train.distributed import shutdown
+
+    try:
+        result = run_stage(config, out, resume=args.resume, force=args.force)
+    finally:
+        shutdown()
     if result.status == "interrupted":
         print(f"omnilm train: interrupted at step {result.step}/{result.total_steps}; checkpoint saved in {out}; "
               "continue with --resume")

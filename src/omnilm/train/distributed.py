@@ -88,6 +88,8 @@ def barrier(info: Dist) -> None:
         dist.barrier()
 
 
-def shutdown(info: Dist) -> None:
-    if info.enabled and dist.is_initialized():
+def shutdown() -> None:
+    """Leave the process group, if this process joined one (before exit: a group left to the interpreter's
+    teardown can abort the process while its communication threads are destroyed)."""
+    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
