@@ -19,6 +19,9 @@ What is measured
     first ``<|im_end|>``/end-of-sequence token (that token and the padding after it are not counted). The
     best batch size (by median tokens/s) is the reference.
 
+    Also omnilm's engine alone, in this process without HTTP: ``--clients`` requests kept in flight for
+    ``--peer-seconds`` (the same prompts, settings and token counting), to show what the HTTP/SSE path costs.
+
     Server runs and peer measurements are interleaved (server, peer, server, peer, ... ``--repeats`` times);
     every figure is the median over the runs, with min-max. ratio = median server tokens/s / median tokens/s
     of the best peer batch size.
@@ -45,6 +48,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -253,6 +257,45 @@ class Peer:
                 return tokens / elapsed, rows / elapsed
 
 
+class EngineAlone:
+    """omnilm's engine in this process, without HTTP: ``clients`` requests kept in flight (a finished one is
+    replaced at once by the next prompt), the server's settings, the same prompts. It shows what the HTTP/SSE
+    path and the clients, which share the CPU with the server, cost."""
+
+    def __init__(self, model_dir: Path, prompts: Sequence[list[dict[str, str]]], max_tokens: int,
+                 clients: int) -> None:
+        from omnilm.serve.config import ServeConfig
+        from omnilm.serve.runner import build_engine
+        from omnilm.tokenizer.chat import encode_chat
+
+        self.engine = build_engine(model_dir, ServeConfig())
+        self.ids = [encode_chat(self.engine.tokenizer, m, add_generation_prompt=True)[0] for m in prompts]
+        self.max_tokens, self.clients, self.next = max_tokens, clients, 0
+
+    def _request(self) -> Any:
+        from omnilm.infer.sampling import SamplingParams
+        from omnilm.serve.engine import Request
+
+        ids = self.ids[self.next % len(self.ids)]
+        self.next += 1
+        return self.engine.submit(Request(ids, SamplingParams(max_new_tokens=self.max_tokens, temperature=0)))
+
+    def measure(self, seconds: float) -> tuple[float, float]:
+        """(tokens/s, requests/s) over ``seconds`` of closed-loop load."""
+        live = [self._request() for _ in range(self.clients)]
+        tokens = finished = 0
+        began = time.perf_counter()
+        while time.perf_counter() - began < seconds:
+            self.engine.step()
+            for index, request in enumerate(live):
+                if request.done.is_set():
+                    tokens, finished = tokens + len(request.output_ids), finished + 1
+                    live[index] = self._request()
+        elapsed = time.perf_counter() - began
+        self.engine.fail(live, None)
+        return tokens / elapsed, finished / elapsed
+
+
 def counted_tokens(generated: Sequence[int], stops: Sequence[int]) -> int:
     """Generated tokens before the first stop token (the stop token and padding after it are not counted)."""
     return next((i for i, token in enumerate(generated) if token in stops), len(generated))
@@ -269,7 +312,8 @@ def summary(values: Sequence[float], fmt: str = ".1f") -> str:
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}–{max(values):{fmt}})"
 
 
-def report(args: argparse.Namespace, runs: Sequence[LoadResult], peer: dict[int, list[tuple[float, float]]]) -> str:
+def report(args: argparse.Namespace, runs: Sequence[LoadResult], peer: dict[int, list[tuple[float, float]]],
+           alone: Sequence[tuple[float, float]]) -> str:
     ms = 1000.0
     server_tps = [r.tokens / r.seconds for r in runs]
     best = max(peer, key=lambda b: statistics.median(tps for tps, _ in peer[b]))
@@ -296,6 +340,8 @@ def report(args: argparse.Namespace, runs: Sequence[LoadResult], peer: dict[int,
         f"{statistics.median(percentile(r.itl, 0.5) for r in runs) * ms:.0f} / "
         f"{statistics.median(percentile(r.itl, 0.99) for r in runs) * ms:.0f} | {len(errors)} |",
     ]
+    lines.append(f"| omnilm engine in-process, {args.clients} in flight (no HTTP) | "
+                 f"{summary([tps for tps, _ in alone])} | {summary([rps for _, rps in alone], '.2f')} | – | – | – |")
     for size, values in peer.items():
         mark = " (best)" if size == best else ""
         lines.append(f"| transformers generate, batch {size}{mark} | {summary([tps for tps, _ in values])} | "
@@ -317,6 +363,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(args.model) if args.model else random_model(Path(tmp) / "model")
         peer = Peer(model_dir, prompts, args.max_tokens)
+        engine = EngineAlone(model_dir, prompts, args.max_tokens, args.clients)
+        engine.measure(1.0)  # warm-up
+        alone: list[tuple[float, float]] = []
         proc, port = start_server(model_dir, args)
         try:
             server_run(port, prompts, args, seconds=float("inf"), max_requests=1)  # warm-up, untimed
@@ -324,13 +373,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 runs.append(server_run(port, prompts, args, args.seconds))
                 for size in args.batch_sizes:
                     peer_runs[size].append(peer.measure(size, args.peer_seconds))
+                alone.append(engine.measure(args.peer_seconds))
                 print(f"  run {repeat + 1}/{args.repeats}: server {runs[-1].tokens / runs[-1].seconds:.1f} tok/s, "
                       + ", ".join(f"batch {s} {v[-1][0]:.1f} tok/s" for s, v in peer_runs.items()), flush=True)
         finally:
             proc.terminate()
             proc.wait(timeout=30)
     print()
-    print(report(args, runs, peer_runs))
+    print(report(args, runs, peer_runs, alone))
 
 
 if __name__ == "__main__":
