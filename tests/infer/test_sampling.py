@@ -61,8 +61,9 @@ def test_sampled_frequencies_follow_the_filtered_distribution():
     torch.testing.assert_close(freq, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.015, rtol=0)
 
 
-@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(top_k=-2), dict(max_new_tokens=0),
-                                 dict(min_p=1.5), dict(repetition_penalty=0), dict(num_beams=0)])
+@pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=-0.1), dict(top_p=1.5), dict(top_k=-2),
+                                 dict(max_new_tokens=0), dict(min_p=1.5), dict(repetition_penalty=0),
+                                 dict(num_beams=0)])
 def test_invalid_params(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
