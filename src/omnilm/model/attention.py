@@ -55,16 +55,23 @@ class KVCache:
         self.v = self.v.index_select(1, index)
 
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float,
-                 dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 mrope_section: tuple[int, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables of shape (B, 1, T, head_dim) for the given positions (B, T).
 
     Uses the "rotate half" layout (first half of each head pairs with the second half), the
     layout of Hugging Face's Llama/Qwen2 weights, so checkpoints need no permutation.
+    Multimodal RoPE: with 3-D positions (3, B, T) and ``mrope_section`` (t, h, w) the first t frequencies turn
+    with the temporal component, the next h with the height one and the last w with the width one.
     """
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=position_ids.device,
                                              dtype=torch.int64).float() / head_dim))
-    freqs = position_ids.float()[..., None] * inv_freq
+    freqs = position_ids.float()[..., None] * inv_freq  # (B, T, hd/2) or (3, B, T, hd/2)
+    if position_ids.dim() == 3:
+        if mrope_section is None:
+            raise ValueError("3-D position ids need a model with mrope_section")
+        parts = freqs.split(list(mrope_section), dim=-1)
+        freqs = torch.cat([part[axis] for axis, part in enumerate(parts)], dim=-1)  # (B, T, hd/2)
     emb = torch.cat((freqs, freqs), dim=-1)[:, None]
     return emb.cos().to(dtype), emb.sin().to(dtype)
 

@@ -36,6 +36,10 @@ class ModelConfig:
     max_seq_len: int = 1024
     #: RoPE base frequency (llama/qwen2 only).
     rope_theta: float = 10000.0
+    #: Multimodal RoPE (Qwen2-VL / Qwen2.5-Omni): the rotary frequencies split into temporal, height and width
+    #: sections of these sizes (summing to head_dim / 2), each rotated by its own component of 3-D position ids
+    #: (3, B, T). None = plain RoPE; with it, 2-D position ids act as three equal components (plain RoPE too).
+    mrope_section: tuple[int, ...] | None = None
     #: Epsilon of LayerNorm / RMSNorm.
     norm_eps: float = 1e-5
     #: Biases on the q/k/v projections (forced on for gpt2 and qwen2).
@@ -60,6 +64,11 @@ class ModelConfig:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.family == "gpt2" and (self.n_kv_head not in (None, self.n_head)):
             raise ConfigError("gpt2 family has no grouped-query attention (n_kv_head must equal n_head)")
+        if self.mrope_section is not None:
+            object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
+            if not self.uses_rope or len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.dim_per_head:
+                raise ConfigError(f"mrope_section={list(self.mrope_section)} must be 3 sizes summing to head_dim/2 = "
+                                  f"{self.dim_per_head // 2} on a rotary (llama/qwen2) model")
 
     # Derived sizes, resolved once here so the model never re-implements the defaults.
     @property

@@ -73,6 +73,8 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "rope_theta": config.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
     }
+    if config.mrope_section is not None:
+        hf["rope_parameters"]["mrope_section"] = list(config.mrope_section)
     if config.family == "llama":
         hf |= {"attention_bias": False, "mlp_bias": False}
     else:
@@ -86,9 +88,17 @@ def _require(hf: dict[str, Any], key: str, source: str) -> Any:
     return hf[key]
 
 
+def _mrope_section(hf: dict[str, Any]) -> tuple[int, ...] | None:
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    section = params.get("mrope_section")
+    return tuple(section) if section else None
+
+
 def _rope_theta(hf: dict[str, Any], source: str) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "mrope":  # Qwen2-VL's spelling of default frequencies with mrope_section
+        rope_type = "default"
     if rope_type != "default":
         raise CheckpointError(f"{source}: unsupported RoPE scaling type {rope_type!r} (only 'default')")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
@@ -128,6 +138,7 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d,
             d_ff=_require(hf, "intermediate_size", source), head_dim=hf.get("head_dim") or d // n_head,
             max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=_rope_theta(hf, source),
+            mrope_section=_mrope_section(hf),
             norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2",
             tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
             init_std=hf.get("initializer_range", 0.02), **ids)

@@ -137,7 +137,8 @@ class Transformer(nn.Module):
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
         else:
-            rope = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x.dtype)
+            rope = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x.dtype,
+                                self.config.mrope_section)
         x = self.drop(x)
         mask = build_attention_mask(attention_mask, past, T, x.device)
         for block in self.blocks:
