@@ -261,6 +261,29 @@ def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         save_file(tensors, str(tmp), metadata={"format": "pt"})
 
 
+def write_weights(folder: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                  ) -> None:
+    """Write ``tensors`` (Hugging Face names) into ``folder`` as ``model.safetensors``, or as shards plus an index
+    above ``max_shard_bytes``; each file atomically, the index last, stale shards removed."""
+    shards = _shard(tensors, max_shard_bytes)
+    old_shards = set(folder.glob("model-*-of-*.safetensors"))
+    if len(shards) == 1:
+        _write_safetensors(folder / SAFETENSORS_FILE, shards[0])
+        (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
+    else:
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards, start=1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            _write_safetensors(folder / name, shard)
+            old_shards.discard(folder / name)
+            weight_map |= dict.fromkeys(shard, name)
+            total += sum(t.numel() * t.element_size() for t in shard.values())
+        write_json_atomic(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        (folder / SAFETENSORS_FILE).unlink(missing_ok=True)
+    for stale in old_shards:
+        stale.unlink()
+
+
 def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = None,
                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                     state: dict[str, torch.Tensor] | None = None,
@@ -280,23 +303,7 @@ def save_pretrained(model: Transformer, folder: str | Path, tokenizer: Any = Non
     # they keep the layout conversion (e.g. GPT-2's fused q/k/v) working and are left out of the files.
     tensors = {k: v for k, v in state_to_hf(model, state).items() if not v.is_meta}
     tensors |= {k: v.detach().contiguous() for k, v in (extra_tensors or {}).items()}
-    shards = _shard(tensors, max_shard_bytes)
-    old_shards = set(folder.glob("model-*-of-*.safetensors"))
-    if len(shards) == 1:
-        _write_safetensors(folder / SAFETENSORS_FILE, shards[0])
-        (folder / SAFETENSORS_INDEX).unlink(missing_ok=True)
-    else:
-        weight_map, total = {}, 0
-        for i, shard in enumerate(shards, start=1):
-            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-            _write_safetensors(folder / name, shard)
-            old_shards.discard(folder / name)
-            weight_map |= dict.fromkeys(shard, name)
-            total += sum(t.numel() * t.element_size() for t in shard.values())
-        write_json_atomic(folder / SAFETENSORS_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
-        (folder / SAFETENSORS_FILE).unlink(missing_ok=True)
-    for stale in old_shards:
-        stale.unlink()
+    write_weights(folder, tensors, max_shard_bytes)
     config = model.config
     write_json_atomic(folder / "config.json",
                       config_to_hf(config) | {"dtype": _dtype_name(tensors)} | (config_updates or {}))
