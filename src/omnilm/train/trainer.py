@@ -423,6 +423,8 @@ class Trainer:
 def _flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6·(non-embedding parameters) + attention scores (12·layers·d·T), as in the
     scaling-law literature's estimate."""
+    if hasattr(model, "flops_per_token"):  # a model that is more than a decoder counts its own
+        return model.flops_per_token(seq_len)
     config = getattr(model, "config", None)
     params = sum(p.numel() for name, p in model.named_parameters() if "emb" not in name)
     if config is None:
