@@ -24,7 +24,7 @@ from omnilm.utils.fingerprint import fingerprint, stale_reasons
 MARKER = ".omnilm-job.json"
 #: Job settings that name input files or folders (relative to the run folder): they make a job depend on the
 #: jobs whose outputs they point into.
-INPUT_KEYS = ("data", "tokenizer")
+INPUT_KEYS = ("data", "tokenizer", "bios")
 JobFn = Callable[[dict[str, Any], Path, Path], dict[str, Any]]
 JOBS: dict[str, JobFn] = {}
 
@@ -63,6 +63,19 @@ def synth_arithmetic(spec: dict[str, Any], out: Path, root: Path) -> dict[str, A
     from omnilm.data.synth.arithmetic import ArithmeticConfig, write_arithmetic
 
     return write_arithmetic(from_dict(ArithmeticConfig, spec, source="synth_arithmetic job"), out)
+
+
+@job("synth_omni")
+def synth_omni(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """Spoken, image and video QA (``omnilm data synth omni``): ``scale`` names a size, the other settings are
+    ``OmniConfig`` fields; ``bios`` (a biographies job's folder) makes this job depend on that one."""
+    from omnilm.data.synth.omni import omni_config, write_omni
+
+    spec = dict(spec)
+    scale = spec.pop("scale", "default")
+    if spec.get("bios"):
+        spec["bios"] = _paths(spec["bios"], root)[0]
+    return write_omni(omni_config(scale, spec, source="synth_omni job"), out)
 
 
 @job("tokenizer")

@@ -1,0 +1,682 @@
+"""Multimodal synthetic data: spoken questions about the biography people, image QA and narrated digit videos.
+
+Everything is made offline: speech by espeak-ng (many accents, voice variants, speeds and pitches, resampled to
+16 kHz), images and video frames by Pillow. Records are chat conversations whose user turn mixes ``text``,
+``audio``, ``image`` and ``video`` parts; media are files referenced by paths relative to the output folder.
+Files written:
+
+``train.jsonl``   training records of every task, shuffled
+``eval.jsonl``    evaluation records: held-out voices, fresh image layouts, fresh videos in held-out voices
+``stats.json``    counts per task and split, the voices of each split, seconds of audio, generation time
+``config.json``   the settings used
+``audio/``        spoken questions (file name: a hash of text and voice, so reruns reuse them)
+``images/``       ``train/`` and ``eval/`` PNG renders
+``video/``        ``train/vNNNN/`` and ``eval/vNNNN/``: PNG frames, ``narration.wav`` and ``video.json``
+``bios/``         the biographies the questions are about, when no ``bios`` folder was given
+
+Tasks (``task`` field) and what the evaluations compare:
+
+``spoken_qa``  a question of the biographies' ``qa.jsonl`` spoken: training records cover the people whose QA
+               pairs are for training (``qa_split: train``, as in the text SFT) in training voices; evaluation
+               records ask one phrasing per person and attribute, for every person, in held-out voices
+               (disjoint voice variants), so ``qa_split`` separates trained facts from facts known only from
+               pre-training, and ``seen: false`` people must be answered "I don't know."
+``text_qa``    the same questions as text (``item`` pairs a text record with its spoken ones): the speech gap
+``image_qa``   colour, shape, count, digit or position of drawn objects; evaluation layouts never occur in
+               training (``scene`` holds the drawing, so answers can be checked against the pixels)
+``video_qa``   frames at ``video_fps`` with a digit that changes every second or two, and a narration that says
+               distinct words at known times: "Which digit was on screen when the voice said WORD?" needs the
+               audio and the frames aligned in time (the audio is the video's own track)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import multiprocessing
+import random
+import shutil
+import time
+import wave
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from omnilm.data.synth.io import write_jsonl
+from omnilm.data.synth.media import (
+    COLOURS,
+    SAMPLE_RATE,
+    SHAPES,
+    Voice,
+    draw_digit,
+    draw_shape,
+    espeak_version,
+    read_wav,
+    require_espeak,
+    speak,
+    trim_silence,
+    write_wav,
+)
+from omnilm.errors import UserError
+from omnilm.utils.atomic import write_json_atomic
+
+#: Bump when the speech pipeline (resampling, trimming) changes: cached audio of another version is discarded.
+SPEECH_VERSION = 1
+SPEECH_STAMP = ".speech-version.json"
+
+#: Narration words of the videos: short, common and distinct in sound.
+WORDS = ("red", "green", "blue", "yellow", "purple", "cat", "dog", "horse", "tiger", "lion", "zebra", "rabbit",
+         "monkey", "eagle", "whale", "snake", "mouse", "bear", "frog", "apple")
+
+IMAGE_KINDS = ("colour", "shape", "count", "digit", "position")
+IMAGE_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "colour": ("What colour is the {shape}?", "Which colour does the {shape} have?"),
+    "shape": ("What shape is the {colour} object?", "Which shape is {colour}?"),
+    "count": ("How many {shape}s are there?", "Count the {shape}s."),
+    "digit": ("Which digit is shown?", "What number is in the picture?"),
+    "position": ("Where is the {shape}?", "On which side of the picture is the {shape}?"),
+}
+POSITIONS = ("left", "right", "top", "bottom")
+VIDEO_QUESTION = "Which digit was on screen when the voice said {word}?"
+
+
+@dataclass
+class OmniConfig:
+    seed: int = 0
+    # Biographies whose QA pairs are spoken: a folder holding qa.jsonl (e.g. a demo run's bios); empty: generate
+    # one into OUT/bios with the settings of the synth_bios job of recipe bios_recipe (with preset bios_preset).
+    bios: str = ""
+    bios_recipe: str = "demo"
+    bios_preset: str = ""
+    spoken_people: int = 0  # people whose questions are spoken (0: all), taken evenly from QA splits and seen/unseen
+    # Voices: accents × variants, each voice a fixed (accent, variant, speed, pitch). Evaluation voices use only
+    # eval_variants, training voices only variants: the two sets share no voice variant.
+    accents: str = "en-us,en-gb,en-gb-scotland,en-gb-x-rp,en-gb-x-gbclan,en-gb-x-gbcwmd,en-029,en-us-nyc"
+    variants: str = ("m1,m2,m4,m5,m7,m8,f1,f3,f4,klatt,klatt2,klatt4,croak,whisper,Alex,Andy,Annie,adam,aunty,"
+                     "belinda,benjamin,caleb,david,ed,john,norbert,paul,quincy,robert,travis,victor,zac")
+    eval_variants: str = "m3,m6,f2,f5,klatt3,edward,linda,max,michel,steph"
+    train_voices: int = 48
+    eval_voices: int = 16
+    speed_min: int = 140  # words per minute
+    speed_max: int = 200
+    pitch_min: int = 25  # espeak-ng pitch, 0-99
+    pitch_max: int = 75
+    train_voices_per_question: int = 2  # each training question spoken by this many training voices
+    eval_phrasings_per_fact: int = 1  # evaluation: question phrasings per person and attribute (of 2)
+    eval_voices_per_question: int = 1
+    # Images: one question per image, the kinds in turn.
+    image_size: int = 112
+    train_images: int = 3000
+    eval_images: int = 500
+    # Videos: video_segments digits, each shown for segment_seconds_min..max (whole frames); words_per_video
+    # narration words, each inside a different digit's time with word_margin seconds to spare on both sides.
+    video_size: int = 112
+    train_videos: int = 300
+    eval_videos: int = 50
+    video_fps: int = 2
+    video_segments: int = 4
+    segment_seconds_min: float = 1.0
+    segment_seconds_max: float = 2.5
+    words_per_video: int = 3
+    word_margin: float = 0.15
+    workers: int = 2  # processes running espeak-ng (results do not depend on it)
+
+
+#: Named sizes: ``smoke`` finishes in seconds (tests), ``default`` is the dataclass's defaults.
+SCALES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "smoke": {"bios_preset": "smoke", "spoken_people": 8, "train_voices": 4, "eval_voices": 2,
+              "train_voices_per_question": 1, "train_images": 40, "eval_images": 15, "train_videos": 4,
+              "eval_videos": 2, "video_segments": 3, "words_per_video": 2},
+}
+
+
+def omni_config(scale: str = "default", overrides: dict[str, Any] | None = None,
+                source: str = "omni config") -> OmniConfig:
+    """The config of a named scale (:data:`SCALES`) with ``overrides`` applied; unknown keys are an error."""
+    from omnilm.config import from_dict, to_dict
+
+    if scale not in SCALES:
+        raise UserError(f"unknown scale {scale!r} (known: {', '.join(SCALES)})")
+    return from_dict(OmniConfig, to_dict(OmniConfig()) | SCALES[scale] | (overrides or {}), source=source)
+
+
+def _names(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def check_config(config: OmniConfig) -> None:
+    """Refuse settings that cannot produce the promised data, naming the setting."""
+    train, held_out = set(_names(config.variants)), set(_names(config.eval_variants))
+    if not train or not held_out or not _names(config.accents):
+        raise UserError("accents, variants and eval_variants must each name at least one")
+    if train & held_out:
+        raise UserError(f"variants and eval_variants must be disjoint; both have {sorted(train & held_out)}")
+    if config.train_voices < config.train_voices_per_question or config.eval_voices < config.eval_voices_per_question:
+        raise UserError("each question needs distinct voices: train_voices >= train_voices_per_question and "
+                        "eval_voices >= eval_voices_per_question")
+    if config.train_voices_per_question < 1 or config.eval_voices_per_question < 1:
+        raise UserError("train_voices_per_question and eval_voices_per_question must be at least 1")
+    if not 1 <= config.eval_phrasings_per_fact <= 2:
+        raise UserError("eval_phrasings_per_fact must be 1 or 2 (the biographies ask each fact in 2 phrasings)")
+    if not 0 < config.speed_min <= config.speed_max or not 0 <= config.pitch_min <= config.pitch_max <= 99:
+        raise UserError("need 0 < speed_min <= speed_max and 0 <= pitch_min <= pitch_max <= 99")
+    if not 56 <= config.image_size <= 224 or not 56 <= config.video_size <= 224:
+        raise UserError("image_size and video_size must be 56..224 pixels")
+    if not 1 <= config.words_per_video <= config.video_segments <= 10:
+        raise UserError("need 1 <= words_per_video <= video_segments <= 10 (one distinct digit per segment)")
+    if config.words_per_video > len(WORDS):
+        raise UserError(f"words_per_video is at most {len(WORDS)}")
+    if config.video_fps < 1 or not 0 < config.segment_seconds_min <= config.segment_seconds_max:
+        raise UserError("need video_fps >= 1 and 0 < segment_seconds_min <= segment_seconds_max")
+
+
+# ---------------------------------------------------------------------------------------------- voices
+
+
+def make_voices(config: OmniConfig) -> dict[str, list[Voice]]:
+    """Training and evaluation voices: distinct (accent, variant, speed, pitch) tuples, the evaluation ones
+    built only from ``eval_variants``."""
+    rng = random.Random(config.seed * 1_000_003 + 11)
+    accents = _names(config.accents)
+    voices: dict[str, list[Voice]] = {}
+    for split, variants, count in (("train", _names(config.variants), config.train_voices),
+                                   ("eval", _names(config.eval_variants), config.eval_voices)):
+        chosen: dict[str, Voice] = {}
+        # Cycle through variants so that every variant is used before any is used twice.
+        order: list[str] = []
+        for _ in range(count * 50):
+            if not order:
+                order = list(variants)
+                rng.shuffle(order)
+            voice = Voice(rng.choice(accents), order.pop(), rng.randint(config.speed_min, config.speed_max),
+                          rng.randint(config.pitch_min, config.pitch_max))
+            chosen.setdefault(voice.name, voice)
+            if len(chosen) == count:
+                break
+        if len(chosen) < count:
+            raise UserError(f"could not make {count} distinct {split} voices; widen the speed or pitch range")
+        voices[split] = list(chosen.values())
+    return voices
+
+
+# ---------------------------------------------------------------------------------------------- speech jobs
+
+
+@dataclass(frozen=True)
+class SpeechJob:
+    """One utterance to synthesise into ``path`` (relative to the output folder); ``pad`` seconds of the
+    silence around the speech are kept (0: the clip starts and ends with the word, for exact timing)."""
+
+    text: str
+    voice: Voice
+    pad: float
+    folder: str
+
+    @property
+    def path(self) -> str:
+        key = hashlib.sha1(f"{self.text}\n{self.voice.name}\n{self.pad}".encode()).hexdigest()[:16]
+        return f"{self.folder}/{key}.wav"
+
+
+def _wav_seconds(path: Path) -> float | None:
+    """Duration of a complete cached wav, or None when it is missing or unreadable."""
+    try:
+        with wave.open(str(path), "rb") as handle:
+            if handle.getframerate() != SAMPLE_RATE or handle.getnchannels() != 1 or handle.getnframes() == 0:
+                return None
+            return handle.getnframes() / SAMPLE_RATE
+    except (OSError, EOFError, wave.Error):
+        return None
+
+
+def _run_speech_job(args: tuple[SpeechJob, str]) -> tuple[str, float, bool]:
+    """Synthesise one job unless its file exists; returns (path, seconds, whether it was cached)."""
+    job, root = args
+    target = Path(root) / job.path
+    seconds = _wav_seconds(target)
+    if seconds is not None:
+        return job.path, seconds, True
+    samples = trim_silence(speak(job.text, job.voice), SAMPLE_RATE, pad=job.pad)
+    if len(samples) == 0:
+        raise RuntimeError(f"espeak-ng produced silence for {job.text!r} in voice {job.voice.name}")
+    write_wav(target, samples)
+    return job.path, len(samples) / SAMPLE_RATE, False
+
+
+def synthesise(jobs: list[SpeechJob], root: Path, workers: int) -> tuple[dict[str, float], int]:
+    """Run the distinct ``jobs`` (in ``workers`` processes); returns seconds per path and how many were cached."""
+    unique = list({job.path: job for job in jobs}.values())
+    args = [(job, str(root)) for job in unique]
+    if workers > 1 and len(args) > 1:
+        # spawn: a clean interpreter per worker whatever threads the caller has started.
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = list(pool.imap_unordered(_run_speech_job, args, chunksize=16))
+    else:
+        results = [_run_speech_job(a) for a in args]
+    return {path: seconds for path, seconds, _ in results}, sum(cached for _, _, cached in results)
+
+
+def prepare_audio_cache(folder: Path) -> None:
+    """Keep cached speech only if it was made by this espeak-ng and this pipeline version."""
+    stamp = {"espeak": espeak_version(), "pipeline": SPEECH_VERSION, "rate": SAMPLE_RATE}
+    marker = folder / SPEECH_STAMP
+    if folder.exists():
+        try:
+            current = json.loads(marker.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            current = None
+        if current != stamp:
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(marker, stamp)
+
+
+def prune(folder: Path, keep: set[Path]) -> int:
+    """Delete the wav files under ``folder`` that are not in ``keep`` (left over from other settings)."""
+    removed = 0
+    for path in folder.rglob("*.wav"):
+        if path.resolve() not in keep:
+            path.unlink()
+            removed += 1
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------- spoken QA
+
+
+def bios_folder(config: OmniConfig, out: Path) -> Path:
+    """The biographies folder: ``config.bios``, or one generated into ``out/bios`` like the recipe's."""
+    if config.bios:
+        folder = Path(config.bios)
+        if not (folder / "qa.jsonl").is_file():
+            raise UserError(f"bios folder {folder} has no qa.jsonl (make one with `omnilm data synth bios`)")
+        return folder
+    from omnilm.config import from_dict
+    from omnilm.data.synth.bios import BiosConfig, write_bios
+    from omnilm.recipe.recipe import load_recipe
+
+    recipe = load_recipe(config.bios_recipe, config.bios_preset or None)
+    specs = [spec for spec in recipe.prepare.values() if spec.get("job") == "synth_bios"]
+    if not specs:
+        raise UserError(f"recipe {config.bios_recipe!r} has no synth_bios job to copy the biographies from")
+    settings = {k: v for k, v in specs[0].items() if k not in ("job", "out")}
+    folder = out / "bios"
+    write_bios(from_dict(BiosConfig, settings, source=f"{recipe.source}: synth_bios job"), folder)
+    return folder
+
+
+def read_qa(folder: Path) -> list[dict[str, Any]]:
+    """The QA pairs of a biographies folder, each with ``item`` (its line number) and ``question``."""
+    pairs = []
+    with open(folder / "qa.jsonl", encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle):
+            record = json.loads(line)
+            question = record["messages"][0]["content"]
+            pairs.append(record | {"item": f"qa{line_number:05d}", "question": question})
+    return pairs
+
+
+def select_people(pairs: list[dict[str, Any]], limit: int) -> set[int]:
+    """``limit`` people (0: all), taken in turn from the groups (QA split × seen) so that each is represented."""
+    groups: dict[tuple[str, bool], list[int]] = defaultdict(list)
+    for pair in pairs:
+        group = groups[(pair["split"], pair["seen"])]
+        if pair["person_id"] not in group:
+            group.append(pair["person_id"])
+    everyone = {p for group in groups.values() for p in group}
+    if limit <= 0 or limit >= len(everyone):
+        return everyone
+    chosen: list[int] = []
+    queues = [list(group) for _, group in sorted(groups.items(), key=lambda kv: (kv[0][0], not kv[0][1]))]
+    while len(chosen) < limit:
+        for queue in queues:
+            if queue and len(chosen) < limit:
+                chosen.append(queue.pop(0))
+    return set(chosen)
+
+
+def _qa_common(pair: dict[str, Any], split: str) -> dict[str, Any]:
+    return {"split": split, "text": pair["question"], "answer": pair["answer"], "item": pair["item"],
+            "person_id": pair["person_id"], "attribute": pair["attribute"], "seen": pair["seen"],
+            "qa_split": pair["split"]}
+
+
+def spoken_records(config: OmniConfig, pairs: list[dict[str, Any]],
+                   voices: dict[str, list[Voice]]) -> tuple[list[dict[str, Any]], list[SpeechJob]]:
+    """Spoken and text QA records of both splits, and the utterances they need."""
+    rng = random.Random(config.seed * 1_000_003 + 23)
+    people = select_people(pairs, config.spoken_people)
+    pairs = [p for p in pairs if p["person_id"] in people]
+    records: list[dict[str, Any]] = []
+    jobs: list[SpeechJob] = []
+
+    def spoken(pair: dict[str, Any], split: str, voice: Voice) -> None:
+        job = SpeechJob(pair["question"], voice, 0.05, "audio")
+        jobs.append(job)
+        records.append({"messages": [{"role": "user", "content": [{"type": "audio", "audio": job.path}]},
+                                     {"role": "assistant", "content": pair["answer"]}],
+                        "task": "spoken_qa", "voice": voice.name} | _qa_common(pair, split))
+
+    def text(pair: dict[str, Any], split: str) -> None:
+        records.append({"messages": [{"role": "user", "content": [{"type": "text", "text": pair["question"]}]},
+                                     {"role": "assistant", "content": pair["answer"]}],
+                        "task": "text_qa"} | _qa_common(pair, split))
+
+    # Training: the QA pairs the text SFT trains on, each phrasing in several training voices.
+    for pair in pairs:
+        if pair["split"] == "train":
+            text(pair, "train")
+            for voice in rng.sample(voices["train"], config.train_voices_per_question):
+                spoken(pair, "train", voice)
+    # Evaluation: every person and attribute (trained facts and facts only read in pre-training), in held-out
+    # voices, with the same questions as text for the speech/text comparison.
+    facts: dict[tuple[int, str], list[dict[str, Any]]] = defaultdict(list)
+    for pair in pairs:
+        facts[(pair["person_id"], pair["attribute"])].append(pair)
+    for phrasings in facts.values():
+        for pair in rng.sample(phrasings, min(len(phrasings), config.eval_phrasings_per_fact)):
+            text(pair, "eval")
+            for voice in rng.sample(voices["eval"], config.eval_voices_per_question):
+                spoken(pair, "eval", voice)
+    return records, jobs
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    return (rng.randint(225, 255), rng.randint(225, 255), rng.randint(225, 255))
+
+
+def _place(rng: random.Random, size: int, r: int, taken: list[tuple[int, int, int]],
+           region: str | None = None) -> tuple[int, int] | None:
+    """A centre for a disc of radius ``r`` inside the image (and inside ``region`` if given) that keeps two
+    pixels clear of every disc in ``taken``; None if none was found."""
+    lo, hi = r + 1, size - r - 2
+    band = (round(0.38 * size), round(0.62 * size))  # the middle band, across the region's direction
+    side = (round(0.3 * size), size - round(0.3 * size))
+    ranges = {None: ((lo, hi), (lo, hi)), "left": ((lo, side[0]), band), "right": ((side[1], hi), band),
+              "top": (band, (lo, side[0])), "bottom": (band, (side[1], hi))}[region]
+    (x0, x1), (y0, y1) = ranges
+    if x0 > x1 or y0 > y1:
+        return None
+    for _ in range(200):
+        x, y = rng.randint(x0, x1), rng.randint(y0, y1)
+        if all((x - ox) ** 2 + (y - oy) ** 2 >= (r + orad + 2) ** 2 for ox, oy, orad in taken):
+            return x, y
+    return None
+
+
+def _objects(rng: random.Random, size: int, specs: list[tuple[str, str]], radius: tuple[float, float],
+             taken: list[tuple[int, int, int]], region: str | None = None) -> list[dict[str, Any]] | None:
+    """Place one object per (shape, colour) of ``specs``: the first in ``region``, the others anywhere."""
+    objects = []
+    for i, (shape, colour) in enumerate(specs):
+        r = rng.randint(round(radius[0] * size), round(radius[1] * size))
+        centre = _place(rng, size, r, taken, region if i == 0 else None)
+        if centre is None:
+            return None
+        taken.append((*centre, r))
+        objects.append({"shape": shape, "colour": colour, "x": centre[0], "y": centre[1], "r": r})
+    return objects
+
+
+def make_scene(kind: str, rng: random.Random, size: int) -> tuple[dict[str, Any], str, str]:
+    """A random scene of question ``kind`` with its question and answer; the scene says everything drawn."""
+    for _ in range(100):  # a layout that does not fit is drawn again
+        scene: dict[str, Any] = {"kind": kind, "size": size, "background": list(_background(rng))}
+        question = rng.choice(IMAGE_QUESTIONS[kind])
+        taken: list[tuple[int, int, int]] = []
+        if kind in ("colour", "shape"):
+            n = rng.randint(1, 3)
+            specs = list(zip(rng.sample(SHAPES, n), rng.sample(list(COLOURS), n), strict=True))
+            objects = _objects(rng, size, specs, (0.09, 0.16), taken)
+            target = specs[0]
+            text = question.format(shape=target[0], colour=target[1])
+            answer = target[1] if kind == "colour" else target[0]
+        elif kind == "count":
+            shape = rng.choice(SHAPES)
+            count = rng.randint(1, 5)
+            others = [s for s in SHAPES if s != shape]
+            specs = [(shape, rng.choice(list(COLOURS))) for _ in range(count)]
+            specs += [(rng.choice(others), rng.choice(list(COLOURS))) for _ in range(rng.randint(0, 2))]
+            objects = _objects(rng, size, specs, (0.06, 0.1), taken)
+            text, answer = question.format(shape=shape), str(count)
+        elif kind == "position":
+            position = rng.choice(POSITIONS)
+            shapes = rng.sample(SHAPES, rng.randint(1, 3))
+            specs = [(s, rng.choice(list(COLOURS))) for s in shapes]
+            objects = _objects(rng, size, specs, (0.08, 0.12), taken, position)
+            text, answer = question.format(shape=shapes[0]), position
+            scene["position"] = position
+        elif kind == "digit":
+            digit = rng.randint(0, 9)
+            w = rng.randint(round(0.25 * size), round(0.4 * size))
+            h = round(1.8 * w)
+            x, y = rng.randint(2, size - w - 2), rng.randint(2, size - h - 2)
+            # The digit's box as a disc, so that distractor shapes keep clear of it.
+            taken.append((x + w // 2, y + h // 2, math.ceil(math.hypot(w, h) / 2)))
+            colour = rng.choice(list(COLOURS))
+            distractors = [(rng.choice(SHAPES), rng.choice(list(COLOURS))) for _ in range(rng.randint(0, 1))]
+            objects = _objects(rng, size, distractors, (0.06, 0.09), taken)
+            scene["digit"] = {"digit": digit, "colour": colour, "box": [x, y, w, h]}
+            text, answer = question, str(digit)
+        else:
+            raise ValueError(f"unknown image question kind {kind!r}")
+        if objects is not None:
+            scene["objects"] = objects
+            return scene, text, answer
+    raise RuntimeError(f"could not lay out a {kind!r} scene at {size} px")
+
+
+def render_scene(scene: dict[str, Any]) -> Any:
+    """The ``PIL.Image`` of a scene from :func:`make_scene`."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (scene["size"], scene["size"]), tuple(scene["background"]))
+    draw = ImageDraw.Draw(image)
+    if "digit" in scene:
+        digit = scene["digit"]
+        draw_digit(draw, digit["digit"], tuple(digit["box"]), COLOURS[digit["colour"]])
+    for obj in scene["objects"]:
+        draw_shape(draw, obj["shape"], obj["x"], obj["y"], obj["r"], COLOURS[obj["colour"]])
+    return image
+
+
+def layout_key(scene: dict[str, Any]) -> str:
+    """What makes two layouts the same: the drawn objects and digit (the background tint aside)."""
+    return json.dumps({k: scene.get(k) for k in ("kind", "objects", "digit")}, sort_keys=True)
+
+
+def image_records(config: OmniConfig, out: Path) -> list[dict[str, Any]]:
+    """Render the images of both splits into ``out/images``; evaluation layouts never occur in training."""
+    rng = random.Random(config.seed * 1_000_003 + 37)
+    seen: set[str] = set()
+    records = []
+    for split, count in (("train", config.train_images), ("eval", config.eval_images)):
+        for index in range(count):
+            kind = IMAGE_KINDS[index % len(IMAGE_KINDS)]
+            for _ in range(1000):
+                scene, text, answer = make_scene(kind, rng, config.image_size)
+                if layout_key(scene) not in seen:
+                    break
+            else:
+                raise UserError(f"ran out of distinct {kind!r} layouts at {config.image_size} px; ask for fewer")
+            seen.add(layout_key(scene))
+            path = f"images/{split}/i{index:05d}.png"
+            render_scene(scene).save(out / path, optimize=False)
+            records.append({"messages": [{"role": "user", "content": [{"type": "image", "image": path},
+                                                                      {"type": "text", "text": text}]},
+                                         {"role": "assistant", "content": answer}],
+                            "task": "image_qa", "split": split, "kind": kind, "text": text, "answer": answer,
+                            "scene": scene})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- videos
+
+
+@dataclass
+class VideoPlan:
+    split: str
+    folder: str
+    voice: Voice
+    digits: list[int]
+    words: list[str]  # words[i] is said during the digit of word_segments[i]
+    word_segments: list[int]
+
+
+def plan_videos(config: OmniConfig, voices: dict[str, list[Voice]], rng: random.Random) -> list[VideoPlan]:
+    plans = []
+    for split, count in (("train", config.train_videos), ("eval", config.eval_videos)):
+        for index in range(count):
+            digits = rng.sample(range(10), config.video_segments)  # distinct: each word has its own answer
+            plans.append(VideoPlan(split, f"video/{split}/v{index:04d}", rng.choice(voices[split]), digits,
+                                   rng.sample(WORDS, config.words_per_video),
+                                   sorted(rng.sample(range(config.video_segments), config.words_per_video))))
+    return plans
+
+
+def word_job(word: str, voice: Voice) -> SpeechJob:
+    return SpeechJob(word, voice, 0.0, "audio/words")
+
+
+def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Random,
+                clips: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Frames, narration and ``video.json`` of one planned video; returns its question records."""
+    from PIL import Image, ImageDraw
+
+    fps, size = config.video_fps, config.video_size
+    lo = max(1, math.ceil(config.segment_seconds_min * fps - 1e-9))
+    hi = max(lo, math.floor(config.segment_seconds_max * fps + 1e-9))
+    said = dict(zip(plan.word_segments, plan.words, strict=True))
+    frames_per_segment = []
+    for segment in range(len(plan.digits)):
+        frames = rng.randint(lo, hi)
+        if segment in said:  # long enough for the word with the margin on both sides
+            need = len(clips[said[segment]]) / SAMPLE_RATE + 2 * config.word_margin
+            frames = max(frames, math.ceil(need * fps - 1e-9))
+        frames_per_segment.append(frames)
+    total_frames = sum(frames_per_segment)
+    duration = total_frames / fps
+    narration = np.zeros(round(duration * SAMPLE_RATE))
+    background = _background(rng)
+    folder = out / plan.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    timeline, words, frame_files, records = [], [], [], []
+    first = 0
+    for segment, (digit, frames) in enumerate(zip(plan.digits, frames_per_segment, strict=True)):
+        start, end = first / fps, (first + frames) / fps
+        w = rng.randint(round(0.3 * size), round(0.42 * size))
+        h = round(1.8 * w)
+        box = [rng.randint(2, size - w - 2), rng.randint(2, size - h - 2), w, h]
+        colour = rng.choice(list(COLOURS))
+        image = Image.new("RGB", (size, size), background)
+        draw_digit(ImageDraw.Draw(image), digit, tuple(box), COLOURS[colour])
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        for frame in range(first, first + frames):  # a still digit: the same picture for each of its frames
+            name = f"frame_{frame:03d}.png"
+            (folder / name).write_bytes(buffer.getvalue())
+            frame_files.append(name)
+        timeline.append({"digit": digit, "start": start, "end": end, "first_frame": first, "frames": frames,
+                         "colour": colour, "box": box})
+        if segment in said:
+            clip = clips[said[segment]]
+            earliest = round((start + config.word_margin) * SAMPLE_RATE)
+            latest = round((end - config.word_margin) * SAMPLE_RATE) - len(clip)
+            offset = rng.randint(earliest, max(earliest, latest))
+            narration[offset:offset + len(clip)] += clip
+            words.append({"word": said[segment], "start": offset / SAMPLE_RATE,
+                          "end": (offset + len(clip)) / SAMPLE_RATE})
+        first += frames
+    write_wav(folder / "narration.wav", narration)
+    write_json_atomic(folder / "video.json", {
+        "fps": fps, "size": size, "frames": frame_files, "duration": duration, "narration": "narration.wav",
+        "sample_rate": SAMPLE_RATE, "voice": plan.voice.name, "timeline": timeline, "words": words})
+    for spoken in words:
+        text = VIDEO_QUESTION.format(word=spoken["word"])
+        answer = str(next(t["digit"] for t in timeline if t["start"] <= spoken["start"] < t["end"]))
+        content = [{"type": "video", "video": plan.folder, "audio": f"{plan.folder}/narration.wav"},
+                   {"type": "text", "text": text}]
+        records.append({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}],
+                        "task": "video_qa", "split": plan.split, "voice": plan.voice.name, "text": text,
+                        "answer": answer, "word": spoken["word"], "time": [spoken["start"], spoken["end"]],
+                        "video": plan.folder, "use_audio_in_video": True})
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- all of it
+
+
+def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
+    """Generate every multimodal record and file into ``out``; returns record counts (details in stats.json)."""
+    began = time.perf_counter()
+    check_config(config)
+    require_espeak()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    voices = make_voices(config)
+    pairs = read_qa(bios_folder(config, out))
+
+    qa_records, jobs = spoken_records(config, pairs, voices)
+    video_rng = random.Random(config.seed * 1_000_003 + 53)
+    plans = plan_videos(config, voices, video_rng)
+    word_jobs = {(w, p.voice.name): word_job(w, p.voice) for p in plans for w in p.words}
+    prepare_audio_cache(out / "audio")
+    speech_began = time.perf_counter()
+    seconds, cached = synthesise(jobs + list(word_jobs.values()), out, config.workers)
+    speech_time = time.perf_counter() - speech_began
+    for record in qa_records:
+        if record["task"] == "spoken_qa":
+            record["audio_seconds"] = round(seconds[record["messages"][0]["content"][0]["audio"]], 4)
+
+    for folder in ("images", "video"):  # rendered afresh every run: nothing stale may stay
+        shutil.rmtree(out / folder, ignore_errors=True)
+    for split in ("train", "eval"):
+        (out / "images" / split).mkdir(parents=True)
+    images = image_records(config, out)
+
+    video_records = []
+    for plan in plans:
+        clips = {w: read_wav(out / word_jobs[(w, plan.voice.name)].path)[0].astype(np.float64) for w in plan.words}
+        video_records += build_video(config, plan, out, video_rng, clips)
+    removed = prune(out / "audio", {(out / job.path).resolve() for job in jobs + list(word_jobs.values())})
+
+    records = qa_records + images + video_records
+    train = [r for r in records if r["split"] == "train"]
+    random.Random(config.seed * 1_000_003 + 71).shuffle(train)  # a mixture, not task after task
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "eval.jsonl", [r for r in records if r["split"] == "eval"])
+    write_json_atomic(out / "config.json", asdict(config))
+
+    counts: dict[str, dict[str, int]] = defaultdict(Counter)
+    audio_seconds: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for record in records:
+        counts[record["task"]][record["split"]] += 1
+        if record["task"] == "spoken_qa":
+            audio_seconds["spoken_qa"][record["split"]] += record["audio_seconds"]
+    for plan in plans:
+        meta = json.loads((out / plan.folder / "video.json").read_text(encoding="utf-8"))
+        audio_seconds["video_narration"][plan.split] += meta["duration"]
+    elapsed = time.perf_counter() - began
+    stats = {
+        "records": {task: dict(by_split) for task, by_split in counts.items()},
+        "videos": dict(Counter(p.split for p in plans)),
+        "voices": {split: [v.name for v in vs] for split, vs in voices.items()},
+        "audio_seconds": {k: {s: round(v, 1) for s, v in d.items()} for k, d in audio_seconds.items()},
+        "speech": {"utterances": len(seconds), "cached": cached, "synthesised": len(seconds) - cached,
+                   "seconds": round(speech_time, 2), "stale_files_removed": removed,
+                   "utterances_per_second": round((len(seconds) - cached) / max(speech_time, 1e-9), 1),
+                   "workers": config.workers, "espeak": espeak_version()},
+        "seconds": round(elapsed, 2),
+    }
+    write_json_atomic(out / "stats.json", stats)
+    return {f"{task}_{split}": n for task, by_split in counts.items() for split, n in by_split.items()} | {
+        "videos": len(plans), "seconds": round(elapsed, 1)}

@@ -1,0 +1,313 @@
+"""Multimodal synthetic data: speech (espeak-ng), image QA and narrated digit videos, checked against the files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import wave
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from omnilm.cli import main
+from omnilm.config import ConfigError
+from omnilm.data.synth import media
+from omnilm.data.synth.media import COLOURS, parse_wav, read_wav, resample, write_wav
+from omnilm.data.synth.omni import OmniConfig, omni_config, write_omni
+from omnilm.errors import UserError
+from omnilm.recipe.jobs import job_inputs, run_job
+
+needs_espeak = pytest.mark.skipif(not media.espeak_available(),
+                                  reason="espeak-ng is not installed (Debian package espeak-ng)")
+
+# Standard seven-segment encodings, written out here independently of the generator's table.
+DIGIT_OF_SEGMENTS = {"abcdef": 0, "bc": 1, "abdeg": 2, "abcdg": 3, "bcfg": 4, "acdfg": 5, "acdefg": 6, "abc": 7,
+                     "abcdefg": 8, "abcdfg": 9}
+
+
+def read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def decode_digit(image: Image.Image, box: list[int], colour: tuple[int, int, int]) -> int | None:
+    """The digit a seven-segment figure in ``box`` shows, from the pixels at the middle of each segment."""
+    x, y, w, h = box
+    t = w / 5
+    middles = {"a": (x + w / 2, y + t / 2), "b": (x + w - t / 2, y + h / 4), "c": (x + w - t / 2, y + 3 * h / 4),
+               "d": (x + w / 2, y + h - t / 2), "e": (x + t / 2, y + 3 * h / 4), "f": (x + t / 2, y + h / 4),
+               "g": (x + w / 2, y + h / 2)}
+    lit = "".join(s for s, (px, py) in sorted(middles.items()) if image.getpixel((int(px), int(py))) == colour)
+    return DIGIT_OF_SEGMENTS.get(lit)
+
+
+def wav_info(path: Path) -> tuple[int, int, int, int]:
+    with wave.open(str(path), "rb") as handle:
+        return handle.getframerate(), handle.getnchannels(), handle.getsampwidth(), handle.getnframes()
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.suffix in (".wav", ".png", ".jsonl")
+            and "bios" not in p.parts}
+
+
+# ---------------------------------------------------------------------------------------------- no espeak-ng needed
+
+
+@pytest.mark.parametrize("dst", [16_000, 16_001, 8_000, 44_100])
+def test_resample_keeps_the_band_and_removes_what_would_alias(dst: int) -> None:
+    src = 22_050
+    t = np.arange(src) / src
+    for freq in (440.0, 1_000.0, 3_000.0):
+        out = resample(np.sin(2 * np.pi * freq * t), src, dst)
+        assert len(out) == math.ceil(src * dst / src)
+        expected = np.sin(2 * np.pi * freq * np.arange(len(out)) / dst)
+        inner = slice(100, -100)  # the ends see the zeros outside the signal
+        assert np.abs(out[inner] - expected[inner]).max() < 1e-3, (freq, dst)
+    if dst < src:
+        # Above the new Nyquist frequency: plain decimation would fold it back at full strength.
+        above = 0.5 * (dst / 2 + src / 2)
+        out = resample(np.sin(2 * np.pi * above * t), src, dst)
+        assert np.sqrt(np.mean(out[100:-100] ** 2)) < 1e-3
+
+
+def test_wav_round_trip_and_streaming_header(tmp_path: Path) -> None:
+    samples = np.random.default_rng(0).uniform(-0.9, 0.9, 5000)
+    write_wav(tmp_path / "a.wav", samples, 16_000)
+    assert wav_info(tmp_path / "a.wav") == (16_000, 1, 2, 5000)
+    back, rate = read_wav(tmp_path / "a.wav")
+    assert rate == 16_000 and np.abs(back - samples).max() <= 0.5 / 32768 + 1e-9
+    # A header whose sizes are streaming placeholders (as espeak-ng --stdout writes it): data runs to the end.
+    data = bytearray((tmp_path / "a.wav").read_bytes())
+    data[4:8] = data[40:44] = (0x7FFFFFFF).to_bytes(4, "little")
+    streamed, rate = parse_wav(bytes(data))
+    assert rate == 16_000 and np.array_equal(streamed, back)
+    write_wav(tmp_path / "b.wav", back, 16_000)  # float -> int16 -> float -> int16 is stable
+    assert (tmp_path / "b.wav").read_bytes() == (tmp_path / "a.wav").read_bytes()
+
+
+def test_seven_segment_digits_read_back() -> None:
+    for digit in range(10):
+        image = Image.new("RGB", (64, 64), (255, 255, 255))
+        media.draw_digit(ImageDraw.Draw(image), digit, (20, 8, 20, 40), COLOURS["blue"])
+        assert decode_digit(image, [20, 8, 20, 40], COLOURS["blue"]) == digit
+
+
+def test_config_errors_and_missing_espeak(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match="unknown key"):
+        omni_config("smoke", {"voices": 3})
+    with pytest.raises(UserError, match="unknown scale"):
+        omni_config("huge")
+    with pytest.raises(UserError, match="disjoint"):
+        write_omni(omni_config("smoke", {"eval_variants": "m3,m1"}), tmp_path / "x")
+    monkeypatch.setattr(media, "ESPEAK", "espeak-ng-that-does-not-exist")
+    assert not media.espeak_available()
+    with pytest.raises(UserError, match="apt-get install espeak-ng"):
+        write_omni(omni_config("smoke"), tmp_path / "y")
+
+
+# ---------------------------------------------------------------------------------------------- generated data
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not media.espeak_available():
+        pytest.skip("espeak-ng is not installed (Debian package espeak-ng)")
+    out = tmp_path_factory.mktemp("omni")
+    write_omni(omni_config("smoke"), out)
+    return out
+
+
+def records(out: Path) -> list[dict[str, Any]]:
+    return read(out / "train.jsonl") + read(out / "eval.jsonl")
+
+
+@needs_espeak
+def test_files_exist_and_decode(smoke: Path) -> None:
+    config = OmniConfig(**json.loads((smoke / "config.json").read_text()))
+    tasks = defaultdict(int)
+    for record in records(smoke):
+        tasks[record["task"]] += 1
+        user, assistant = record["messages"]
+        assert user["role"] == "user" and assistant == {"role": "assistant", "content": record["answer"]}
+        for part in user["content"]:
+            if part["type"] == "audio":
+                rate, channels, width, frames = wav_info(smoke / part["audio"])
+                assert (rate, channels, width) == (16_000, 1, 2) and frames > 0.3 * rate
+                assert frames / rate == pytest.approx(record["audio_seconds"], abs=1e-3)
+            elif part["type"] == "image":
+                assert Image.open(smoke / part["image"]).size == (config.image_size, config.image_size)
+            elif part["type"] == "video":
+                meta = json.loads((smoke / part["video"] / "video.json").read_text())
+                assert len(meta["frames"]) == round(meta["duration"] * meta["fps"])
+                for name in meta["frames"]:
+                    assert Image.open(smoke / part["video"] / name).size == (config.video_size, config.video_size)
+                rate, channels, width, frames = wav_info(smoke / part["audio"])
+                assert (rate, channels, width) == (16_000, 1, 2)
+                assert frames == round(meta["duration"] * rate)
+            else:
+                assert part["type"] == "text" and part["text"] == record["text"]
+    stats = json.loads((smoke / "stats.json").read_text())
+    assert {t: sum(s.values()) for t, s in stats["records"].items()} == tasks
+    assert set(tasks) == {"spoken_qa", "text_qa", "image_qa", "video_qa"}
+    assert stats["records"]["image_qa"] == {"train": config.train_images, "eval": config.eval_images}
+
+
+@needs_espeak
+def test_spoken_questions_are_the_bios_qa_in_disjoint_voices(smoke: Path) -> None:
+    config = OmniConfig(**json.loads((smoke / "config.json").read_text()))
+    qa = read(smoke / "bios" / "qa.jsonl")
+    spoken = [r for r in records(smoke) if r["task"] == "spoken_qa"]
+    text = [r for r in records(smoke) if r["task"] == "text_qa"]
+    voices: dict[str, set[str]] = defaultdict(set)
+    for record in spoken + text:
+        source = qa[int(record["item"].removeprefix("qa"))]
+        # The same question, answer and person as the text SFT's QA pair (unseen people: "I don't know.").
+        assert record["text"] == source["messages"][0]["content"]
+        assert record["answer"] == source["answer"] == source["messages"][1]["content"]
+        assert (record["person_id"], record["attribute"], record["qa_split"]) == (
+            source["person_id"], source["attribute"], source["split"])
+        if record["split"] == "train":
+            assert record["qa_split"] == "train"  # facts held out of the text SFT stay out of speech training
+        if record["task"] == "spoken_qa":
+            voices[record["split"]].add(record["voice"])
+    assert voices["train"] and voices["eval"] and not voices["train"] & voices["eval"]
+    variants = {split: {v.split(":")[0].split("+")[1] for v in names} for split, names in voices.items()}
+    assert variants["train"] <= set(config.variants.split(",")) and variants["eval"] <= set(
+        config.eval_variants.split(",")) and not variants["train"] & variants["eval"]
+    # Every evaluation question is asked both ways, and covers both QA splits and unseen people.
+    eval_spoken = {r["item"] for r in spoken if r["split"] == "eval"}
+    assert eval_spoken == {r["item"] for r in text if r["split"] == "eval"}
+    eval_records = [r for r in spoken if r["split"] == "eval"]
+    assert {(r["qa_split"], r["seen"]) for r in eval_records} == {("train", True), ("test", True), ("train", False),
+                                                                  ("test", False)}
+    facts = {(r["person_id"], r["attribute"]) for r in eval_records}
+    assert len(facts) == len(eval_records) == config.spoken_people * 6
+    # Each training question is spoken by distinct voices.
+    per_item = defaultdict(list)
+    for r in spoken:
+        if r["split"] == "train":
+            per_item[r["item"]].append(r["voice"])
+    assert all(len(v) == len(set(v)) == config.train_voices_per_question for v in per_item.values())
+
+
+@needs_espeak
+def test_image_answers_match_the_pixels_and_eval_layouts_are_new(smoke: Path) -> None:
+    images = [r for r in records(smoke) if r["task"] == "image_qa"]
+    assert {r["kind"] for r in images} == {"colour", "shape", "count", "digit", "position"}
+    layouts: dict[str, set[str]] = defaultdict(set)
+    for record in images:
+        scene = record["scene"]
+        layouts[record["split"]].add(json.dumps([scene["objects"], scene.get("digit")], sort_keys=True))
+        image = Image.open(smoke / record["messages"][0]["content"][0]["image"]).convert("RGB")
+        size = image.size[0]
+        for obj in scene["objects"]:  # objects do not cover one another: each centre shows its own colour
+            assert image.getpixel((obj["x"], obj["y"])) == COLOURS[obj["colour"]]
+        question, answer, kind = record["text"], record["answer"], record["kind"]
+        if kind == "colour":
+            [target] = [o for o in scene["objects"] if re.search(rf"\bthe {o['shape']}\b", question)]
+            assert answer == target["colour"]
+        elif kind == "shape":
+            [target] = [o for o in scene["objects"] if f" {o['colour']} " in question or f" {o['colour']}?" in question]
+            assert answer == target["shape"] and f"{answer}" not in question
+        elif kind == "count":
+            [shape] = [s for s in media.SHAPES if f" {s}s" in question]
+            assert answer == str(sum(o["shape"] == shape for o in scene["objects"]))
+        elif kind == "position":
+            [target] = [o for o in scene["objects"] if f" {o['shape']}?" in question]
+            x, y = target["x"] / size, target["y"] / size
+            side = {"left": x < 1 / 3 and abs(y - 0.5) < 0.15, "right": x > 2 / 3 and abs(y - 0.5) < 0.15,
+                    "top": y < 1 / 3 and abs(x - 0.5) < 0.15, "bottom": y > 2 / 3 and abs(x - 0.5) < 0.15}
+            assert [s for s, holds in side.items() if holds] == [answer]
+        else:
+            digit = scene["digit"]
+            assert answer == str(decode_digit(image, digit["box"], COLOURS[digit["colour"]]))
+    assert layouts["train"] and layouts["eval"] and not layouts["train"] & layouts["eval"]
+
+
+@needs_espeak
+def test_video_answers_follow_the_timeline_and_the_narration(smoke: Path) -> None:
+    videos = [r for r in records(smoke) if r["task"] == "video_qa"]
+    assert {r["split"] for r in videos} == {"train", "eval"}
+    for record in videos:
+        folder = smoke / record["video"]
+        meta = json.loads((folder / "video.json").read_text())
+        assert record["messages"][0]["content"][0] == {"type": "video", "video": record["video"],
+                                                       "audio": f"{record['video']}/narration.wav"}
+        assert record["text"] == f"Which digit was on screen when the voice said {record['word']}?"
+        [said] = [w for w in meta["words"] if w["word"] == record["word"]]
+        start, end = said["start"], said["end"]
+        # The whole word falls inside one digit's time, with room to spare on both sides.
+        [segment] = [s for s in meta["timeline"] if s["start"] < end and start < s["end"]]
+        assert segment["start"] + 0.1 < start < end < segment["end"] - 0.1
+        assert record["answer"] == str(segment["digit"])
+        # The frames on screen while the word is said show that digit.
+        for frame in range(math.floor(start * meta["fps"]), math.ceil(end * meta["fps"])):
+            image = Image.open(folder / meta["frames"][frame]).convert("RGB")
+            assert decode_digit(image, segment["box"], COLOURS[segment["colour"]]) == segment["digit"]
+        assert len({s["digit"] for s in meta["timeline"]}) == len(meta["timeline"])  # one answer per word
+    # The narration is silent except where the words are said.
+    for folder in {r["video"] for r in videos}:
+        meta = json.loads((smoke / folder / "video.json").read_text())
+        samples, rate = read_wav(smoke / folder / "narration.wav")
+        spoken = np.zeros(len(samples), dtype=bool)
+        for w in meta["words"]:
+            span = samples[round(w["start"] * rate):round(w["end"] * rate)]
+            assert np.abs(span).max() > 0.05 and np.sqrt(np.mean(span ** 2)) > 0.01
+            spoken[round(w["start"] * rate):round(w["end"] * rate)] = True
+        assert not np.any(samples[~spoken])
+
+
+@needs_espeak
+def test_deterministic_cached_and_independent_of_workers(smoke: Path, tmp_path: Path) -> None:
+    again = tmp_path / "again"
+    write_omni(omni_config("smoke", {"workers": 1}), again)
+    # Same seed: the same records and byte-identical audio, images and frames.
+    assert tree_hashes(again) == tree_hashes(smoke)
+    # A rerun into the same folder synthesises nothing and removes audio of other settings.
+    stale = again / "audio" / "0000000000000000.wav"
+    write_wav(stale, np.zeros(100))
+    write_omni(omni_config("smoke", {"workers": 1}), again)
+    speech = json.loads((again / "stats.json").read_text())["speech"]
+    assert speech["synthesised"] == 0 and speech["cached"] == speech["utterances"] > 0
+    assert not stale.exists() and tree_hashes(again) == tree_hashes(smoke)
+    # Another seed: other voices, layouts and videos.
+    other = tmp_path / "other"
+    write_omni(omni_config("smoke", {"seed": 1, "bios": str(smoke / "bios")}), other)
+    assert read(other / "eval.jsonl") != read(smoke / "eval.jsonl")
+
+
+@needs_espeak
+def test_cli_and_recipe_job(smoke: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    settings = tmp_path / "omni.yaml"
+    settings.write_text("train_images: 5\neval_images: 5\ntrain_videos: 1\neval_videos: 1\n")
+    out = tmp_path / "cli"
+    assert main(["data", "synth", "omni", "--scale", "smoke", "--config", str(settings), "--eval-images", "3",
+                 "--bios", str(smoke / "bios"), "--out", str(out)]) == 0
+    assert "image qa train" in capsys.readouterr().out
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["records"]["image_qa"] == {"train": 5, "eval": 3}  # the flag overrides the file
+    assert stats["videos"] == {"train": 1, "eval": 1} and not (out / "bios").exists()
+    assert main(["data", "synth", "omni", "--scale", "smoke", "--bios", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "x")]) == 2
+
+    # As a recipe job: it reads the biographies job's folder, so it depends on that job.
+    root = tmp_path / "run"
+    spec = {"job": "synth_omni", "scale": "smoke", "bios": "bios", "train_images": 5, "eval_images": 5,
+            "train_videos": 1, "eval_videos": 1}
+    assert job_inputs(spec, root) == [str(root / "bios")]
+    (root / "bios").mkdir(parents=True)
+    (root / "bios" / "qa.jsonl").write_bytes((smoke / "bios" / "qa.jsonl").read_bytes())
+    logs: list[str] = []
+    result, fingerprint = run_job("omni", spec, root, logs.append, {"job bios": "abc"})
+    assert result["image_qa_train"] == 5 and (root / "omni" / "train.jsonl").is_file()
+    assert run_job("omni", spec, root, logs.append, {"job bios": "abc"})[1] == fingerprint
+    assert "already done" in logs[-1]
+    assert run_job("omni", spec, root, logs.append, {"job bios": "new"})[1] != fingerprint
+    assert "rerunning" in logs[-2]
