@@ -118,3 +118,24 @@ def test_an_omnilm_thinker_folder_loads_in_transformers(tmp_path: Path, hf_think
             torch.testing.assert_close(again(**inputs), logits, atol=0, rtol=0)
         torch.testing.assert_close(hf_logits(reference, inputs)[real], logits[real], atol=1e-4, rtol=1e-4,
                                    msg=lambda m, c=case: f"{c}: {m}")
+
+
+@pytest.mark.parametrize("case", ["image", "audio_in_video"])
+def test_greedy_generation_equals_transformers_generate(hf_folder: Path, case: str) -> None:
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omnilm.infer.generate import FINISHED
+    from omnilm.infer.sampling import SamplingParams
+    from omnilm.omni.generate import generate_thinker
+
+    reference = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(hf_folder).eval()
+    ours = load_thinker(hf_folder)
+    kinds, in_video = CASES[case]
+    inputs = media_batch(ours.config, kinds, in_video, seed=3)
+    steps = list(generate_thinker(ours, inputs, SamplingParams(max_new_tokens=12, temperature=0)))
+    tokens = torch.stack(steps, dim=1)  # (B, new)
+    with torch.no_grad():
+        expected = reference.generate(**inputs, max_new_tokens=12, do_sample=False, eos_token_id=None,
+                                      pad_token_id=0)[:, inputs["input_ids"].shape[1]:]
+    assert (tokens != FINISHED).all()
+    assert torch.equal(tokens, expected)

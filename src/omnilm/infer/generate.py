@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -54,30 +54,48 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], params: S
     batch, width = ids.shape
     check_length(model, width + params.max_new_tokens)
     cache = model.new_cache(batch, width + params.max_new_tokens)
-    generator = make_generator(params.seed, device)
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     seen = None
     if params.repetition_penalty != 1.0:
         real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)
         seen = torch.zeros(batch, model.config.vocab_size, dtype=torch.long, device=device)
         seen = seen.scatter_add(1, ids, real.long()) > 0
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
     logits = model(ids, mask, cache=cache, last_only=True)[:, -1]
-    for step in range(params.max_new_tokens):
+
+    def step(feed: torch.Tensor) -> torch.Tensor:
+        nonlocal mask
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
+        return model(feed[:, None], mask, cache=cache)[:, -1]
+
+    yield from decode_loop(logits, step, params, eos_ids, pad_id, stop_flags, seen)
+
+
+def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], params: SamplingParams,
+                eos_ids: Sequence[int] = (), pad_id: int = 0, stop_flags: list[bool] | None = None,
+                seen: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+    """The sampling loop shared by every decoder: from the prompts' last logits (B, V), yield one token per row
+    (FINISHED once a row has ended) and feed it back through ``step`` (B,) -> next logits (B, V).
+
+    ``seen`` (B, V bool) marks tokens present so far, for the repetition penalty.
+    """
+    device = logits.device
+    batch = logits.shape[0]
+    generator = make_generator(params.seed, device)
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    for index in range(params.max_new_tokens):
         token = next_token(logits, params, seen, generator)
         token = torch.where(finished, FINISHED, token)
         yield token
         finished |= torch.isin(token, eos)
         if stop_flags is not None:
             finished |= torch.tensor(stop_flags, dtype=torch.bool, device=device)
-        if bool(finished.all()) or step == params.max_new_tokens - 1:
+        if bool(finished.all()) or index == params.max_new_tokens - 1:
             return
         feed = torch.where(finished, pad_id, token)
         if seen is not None:
             seen[torch.arange(batch, device=device), feed] = True
-        if mask is not None:
-            mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
-        logits = model(feed[:, None], mask, cache=cache)[:, -1]
+        logits = step(feed)
 
 
 @torch.inference_mode()

@@ -100,6 +100,12 @@ class Tokenizer:
             self._plain = plain
         return self._plain
 
+    def add_special_tokens(self, tokens: list[str]) -> list[int]:
+        """Add ``tokens`` as special tokens (those already present are kept); their ids, in order."""
+        self.backend.add_special_tokens([t for t in tokens if self.backend.token_to_id(t) is None])
+        self._plain = None  # the plain-text copy is rebuilt with the new vocabulary
+        return [self.backend.token_to_id(t) for t in tokens]
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
 
