@@ -220,6 +220,7 @@ class SpeechJob:
 
     @property
     def path(self) -> str:
+        """Named by what is spoken and by whom, so that a rerun finds the file it already made."""
         key = hashlib.sha1(f"{self.text}\n{self.voice.name}\n{self.pad}".encode()).hexdigest()[:16]
         return f"{self.folder}/{key}.wav"
 
@@ -533,6 +534,7 @@ class VideoPlan:
 
 
 def plan_videos(config: OmniConfig, voices: dict[str, list[Voice]], rng: random.Random) -> list[VideoPlan]:
+    """Voice, digits and narration words of every video (timing waits until the words' lengths are known)."""
     plans = []
     for split, count in (("train", config.train_videos), ("eval", config.eval_videos)):
         for index in range(count):
@@ -544,6 +546,7 @@ def plan_videos(config: OmniConfig, voices: dict[str, list[Voice]], rng: random.
 
 
 def word_job(word: str, voice: Voice) -> SpeechJob:
+    """A narration word, trimmed to the speech itself so that its start and end times are exact."""
     return SpeechJob(word, voice, 0.0, "audio/words")
 
 
