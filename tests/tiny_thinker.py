@@ -43,11 +43,14 @@ def tiny_thinker_folder(folder: Path, tokenizer: Tokenizer, max_seq_len: int = 5
         **ids)
     torch.manual_seed(seed)
     thinker = Thinker(config, BUDGET)
-    # Every parameter random (default inits leave norms at 1 and biases at 0): replies then depend on every input.
+    # Every parameter random (default inits leave biases at 0, which hide mistakes), norm scales around 1 (around 0
+    # they would squash what the media add): greedy replies then differ with every image or sound.
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for param in thinker.parameters():
+        for name, param in thinker.named_parameters():
             param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+            if name.endswith("weight") and param.dim() == 1:  # layer / RMS norm scales
+                param.add_(1.0)
     return save_thinker(thinker, folder, own)
 
 

@@ -58,7 +58,8 @@ def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     stats = service.runner.stats()
     capacity = (f"{stats['kv_blocks']} KV blocks of {stats['block_size']} positions, up to {config.max_batch} "
-                "requests at once" if "kv_blocks" in stats else "one request at a time, speculative")
+                "requests at once" if "kv_blocks" in stats
+                else "one request at a time" + (", speculative" if config.draft_model else ""))
     print(f"omnilm serve: {service.name} on http://{args.host}:{args.port} ({capacity}, context {service.context}"
           f"{', API key required' if api_key else ''})", flush=True)
     uvicorn.run(create_app(service, api_key=api_key), host=args.host, port=args.port, log_level="warning")

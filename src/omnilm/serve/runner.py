@@ -9,7 +9,9 @@ next ones are served.
 
 Protocol of the engine process (pickled tuples over a ``multiprocessing`` pipe):
 
-- server → engine: ``("submit", [(id, prompt_ids, params), ...])``, ``("cancel", [id, ...])``, ``("stop",)``;
+- server → engine: ``("submit", [(id, prompt_ids, params, media), ...])`` (``media``: a Thinker request's media
+  arguments as numpy arrays, see :mod:`omnilm.serve.thinker_engine`; None for text), ``("cancel", [id, ...])``,
+  ``("stop",)``;
 - engine → server: ``("ready", max_len, eos_ids)`` once, then after every step
   ``("events", [(id, text piece) | (id, None, finish_reason, error, output_ids), ...], stats)``.
 """
@@ -32,9 +34,26 @@ log = logging.getLogger(__name__)
 
 
 def build_engine(model_dir: str | Path, config: ServeConfig) -> RequestQueue:
-    """The engine ``config`` describes for the model folder (a draft model makes it speculative)."""
-    from omnilm.infer.text import TextGenerator
+    """The engine ``config`` describes for the model folder (a draft model makes it speculative; a thinker folder
+    gets the Thinker's engine)."""
+    from omnilm.serve.thinker_engine import is_thinker_folder
     from omnilm.tokenizer.chat import IM_END
+
+    if is_thinker_folder(model_dir):
+        from omnilm.omni.thinker import load_thinker
+        from omnilm.serve.thinker_engine import ThinkerEngine
+        from omnilm.tokenizer import Tokenizer
+
+        if config.draft_model is not None:
+            raise UserError("a draft model cannot serve a Thinker (speculative decoding is for text models)")
+        thinker_engine = ThinkerEngine(load_thinker(model_dir), Tokenizer.from_dir(model_dir),
+                                       max_queue=config.max_queue)
+        im_end = thinker_engine.tokenizer.token_to_id(IM_END)
+        if im_end is not None:
+            thinker_engine.eos_ids.add(im_end)
+        return thinker_engine
+
+    from omnilm.infer.text import TextGenerator
 
     generator = TextGenerator.from_pretrained(model_dir)
     engine: RequestQueue
@@ -108,12 +127,21 @@ def _worker(conn: Any, model_dir: str, config: ServeConfig) -> None:
     events: list[tuple[Any, ...]] = []
     requests: dict[int, Request] = {}
 
-    def track(ident: int, prompt_ids: list[int], params: Any) -> Request:
+    def track(ident: int, prompt_ids: list[int], params: Any, media: dict[str, Any] | None) -> Request:
         def finished() -> None:
             request = requests.pop(ident)
             events.append((ident, None, request.finish_reason, request.error, request.output_ids))
 
-        request = Request(prompt_ids, params, lambda piece: events.append((ident, piece)), finished)
+        def text(piece: str) -> None:
+            events.append((ident, piece))
+
+        request: Request
+        if media is None:
+            request = Request(prompt_ids, params, text, finished)
+        else:
+            from omnilm.serve.thinker_engine import ThinkerRequest
+
+            request = ThinkerRequest(prompt_ids, params, text, finished, media=media)
         requests[ident] = request
         return request
 
@@ -222,7 +250,8 @@ class ProcessRunner:
                 raise QueueFull(f"{waiting} requests are waiting (at most {self.config.max_queue})")
             for request in requests:
                 self.requests[request.request_id] = request
-            self.conn.send(("submit", [(r.request_id, r.prompt_ids, r.params) for r in requests]))
+            self.conn.send(("submit", [(r.request_id, r.prompt_ids, r.params, getattr(r, "media", None))
+                                       for r in requests]))
 
     def fail(self, requests: Sequence[Request], error: str | None) -> None:
         with self.lock:

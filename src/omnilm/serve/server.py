@@ -15,19 +15,39 @@ What a client can rely on:
   and is restarted (503 with ``Retry-After`` meanwhile); every request ends within ``request_timeout_s``
   (504 after it), and a client that disconnects cancels its request, whose KV blocks are freed at once;
 - message content is encoded as plain text: a special-token string in a message cannot forge a turn.
+
+Content may also be a list of OpenAI content parts. A text model takes ``{"type": "text", "text": ...}`` parts
+(joined) and refuses any other part with a 400 naming its type. A Thinker (a thinker folder, served by
+:mod:`omnilm.serve.thinker_engine`) also takes media, inline only (there is no network to fetch from):
+
+- ``{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}``: PNG or JPEG in a data: URL (any
+  other URL is a 400);
+- ``{"type": "input_audio", "input_audio": {"data": BASE64, "format": "wav"}}``: PCM WAV of any rate, mono or
+  stereo, at most 30 s (other formats are a 400: no decoder for them here);
+- ``{"type": "video", "video": {"frames": [data URLs...], "fps": 2, "audio": {"data": BASE64, "format": "wav"}}}``
+  (an extension of the OpenAI format): at most 64 PNG/JPEG frames of one size, ``fps`` the rate they were taken at
+  (default: the model's own sampling rate, every frame used), and an optional soundtrack the model hears along
+  with the frames (audio-in-video).
+
+The server process decodes and encodes the media (so a bad one is a 400, and the prompt's length, media
+placeholders included, is checked against the context); the engine gets token ids and numpy arrays.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import hmac
+import io
 import json
 import logging
 import math
 import threading
 import time
 import uuid
+import wave
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -43,11 +63,22 @@ from omnilm.errors import UserError
 from omnilm.infer.sampling import SamplingParams
 from omnilm.serve.config import ServeConfig
 from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue
-from omnilm.tokenizer.chat import encode_chat, validate_messages
+from omnilm.tokenizer.chat import ROLES, encode_chat, validate_messages
 
 log = logging.getLogger(__name__)
 
 MAX_CHOICES = 8
+#: Limits on what a request may bring to a Thinker (besides the body size and the context).
+MAX_AUDIO_SECONDS = 30.0
+MIN_AUDIO_SECONDS = 0.1  # a shorter sound says nothing (under 20 ms the encoder's strides leave no token)
+MAX_VIDEO_FRAMES = 64
+#: Decoded pixels of all images and frames of a request: a flat PNG of 4096² pixels compresses to a few KB, so the
+#: body limit alone does not bound what decoding costs.
+MAX_REQUEST_PIXELS = 1 << 25
+IMAGE_FORMATS = ("PNG", "JPEG")
+MEDIA_PARTS = ("image_url", "input_audio", "video")
+TEXT_MODALITIES = ["text"]
+THINKER_MODALITIES = ["text", "audio", "image", "video"]
 
 
 class APIError(Exception):
@@ -75,6 +106,8 @@ class GenerationRequest:
     n: int
     stream: bool
     include_usage: bool
+    #: A Thinker's media arguments for the placeholders in ``prompt_ids`` (numpy arrays), or None.
+    media: dict[str, Any] | None = None
 
 
 def _number(body: dict[str, Any], key: str, default: float, low: float, high: float | None = None) -> float:
@@ -108,6 +141,173 @@ def check_draft(target: Any, target_tokenizer: Any, draft: Any, draft_tokenizer:
     if draft.max_seq_len < target.max_seq_len:
         raise UserError(f"the draft model's context ({draft.max_seq_len}) is shorter than the model's "
                         f"({target.max_seq_len})")
+
+
+class MediaDecoder:
+    """Decodes the OpenAI content parts of one request into the parts :class:`~omnilm.omni.processor.OmniProcessor`
+    reads (uint8 pixel arrays, 16 kHz waveforms); every error is a 400 naming the message and part."""
+
+    def __init__(self) -> None:
+        self.pixels = 0  # decoded so far in this request
+
+    @staticmethod
+    def _bytes(data: Any, at: str, what: str) -> bytes:
+        if not isinstance(data, str) or not data:
+            raise APIError(400, f"{at}: {what} must be a non-empty base64 string", param="messages")
+        try:
+            return base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise APIError(400, f"{at}: {what} is not valid base64 ({err})", param="messages") from err
+
+    def data_url(self, url: Any, at: str) -> bytes:
+        """The bytes of a ``data:<type>;base64,...`` URL (any other URL is refused: nothing is fetched)."""
+        if not isinstance(url, str) or not url:
+            raise APIError(400, f"{at}: the url must be a non-empty string", param="messages")
+        if not url.startswith("data:"):
+            scheme = url.split(":", 1)[0] if ":" in url else url[:20]
+            raise APIError(400, f"{at}: only data: URLs are accepted (this server fetches nothing, so a {scheme!r} "
+                           "URL cannot be read); send the file inline as data:image/png;base64,...",
+                           param="messages")
+        header, comma, payload = url.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise APIError(400, f"{at}: a data: URL must be base64 (data:image/png;base64,...)", param="messages")
+        return self._bytes(payload, at, "the data: URL's payload")
+
+    def image(self, data: bytes, at: str) -> Any:
+        """An (H, W, 3) uint8 array from PNG or JPEG bytes."""
+        import numpy as np
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                if image.format not in IMAGE_FORMATS:
+                    raise APIError(400, f"{at}: {image.format} images are not accepted (PNG or JPEG)",
+                                   param="messages")
+                width, height = image.size  # read from the header, before any pixel is decoded
+                self.pixels += width * height
+                if self.pixels > MAX_REQUEST_PIXELS:
+                    raise APIError(400, f"{at}: the request's images and frames hold more than "
+                                   f"{MAX_REQUEST_PIXELS} pixels", param="messages")
+                return np.asarray(image.convert("RGB"))
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise APIError(400, f"{at}: not a readable PNG or JPEG image ({err})", param="messages") from err
+
+    def audio(self, value: Any, at: str) -> Any:
+        """A 16 kHz mono float32 waveform from ``{"data": base64, "format": "wav"}``."""
+        import tempfile
+
+        from omnilm.omni.audio import SAMPLE_RATE, read_wav, resample
+
+        if not isinstance(value, dict):
+            raise APIError(400, f"{at}: audio must be an object {{data, format}}", param="messages")
+        kind = value.get("format")
+        if not isinstance(kind, str) or kind.lower() != "wav":
+            raise APIError(400, f"{at}: audio format {kind!r} is not supported: send 16-bit PCM WAV "
+                           "(format 'wav'); this server has no decoder for compressed audio", param="messages")
+        data = self._bytes(value.get("data"), at, "the audio data")
+        with tempfile.NamedTemporaryFile(suffix=".wav") as file:  # read_wav reads files
+            file.write(data)
+            file.flush()
+            try:
+                waveform, rate = read_wav(file.name)
+            except (wave.Error, EOFError, OSError, ValueError) as err:
+                raise APIError(400, f"{at}: not a readable PCM WAV file ({err})", param="messages") from err
+        seconds = len(waveform) / rate if rate else 0.0
+        if seconds > MAX_AUDIO_SECONDS:
+            raise APIError(400, f"{at}: {seconds:.1f} s of audio; at most {MAX_AUDIO_SECONDS:g} s per audio",
+                           param="messages")
+        if seconds < MIN_AUDIO_SECONDS:
+            raise APIError(400, f"{at}: {seconds:.3f} s of audio; at least {MIN_AUDIO_SECONDS:g} s",
+                           param="messages")
+        return resample(waveform, rate, SAMPLE_RATE)
+
+    def video(self, value: Any, at: str) -> dict[str, Any]:
+        """A processor video part from ``{"frames": [data URLs], "fps": ..., "audio": optional}``."""
+        if not isinstance(value, dict):
+            raise APIError(400, f"{at}: video must be an object {{frames, fps, audio}}", param="messages")
+        frames = value.get("frames")
+        if not isinstance(frames, list) or not frames:
+            raise APIError(400, f"{at}: video.frames must be a non-empty list of data: URLs", param="messages")
+        if len(frames) > MAX_VIDEO_FRAMES:
+            raise APIError(400, f"{at}: {len(frames)} video frames; at most {MAX_VIDEO_FRAMES}", param="messages")
+        fps = value.get("fps")
+        if fps is not None and (isinstance(fps, bool) or not isinstance(fps, (int, float))
+                                or not math.isfinite(fps) or not 0 < fps <= 240):
+            raise APIError(400, f"{at}: video.fps must be a number in (0, 240], got {json.dumps(fps)}",
+                           param="messages")
+        decoded = []
+        for k, url in enumerate(frames):
+            decoded.append(self.image(self.data_url(url, f"{at}, frame {k}"), f"{at}, frame {k}"))
+            if decoded[-1].shape != decoded[0].shape:
+                raise APIError(400, f"{at}, frame {k}: {decoded[-1].shape[1]}x{decoded[-1].shape[0]} pixels, "
+                               f"frame 0 is {decoded[0].shape[1]}x{decoded[0].shape[0]}: a video's frames have "
+                               "one size", param="messages")
+        part: dict[str, Any] = {"type": "video", "video": decoded, "fps": fps}
+        if value.get("audio") is not None:
+            part["audio"] = self.audio(value["audio"], f"{at}, video.audio")
+        return part
+
+    def part(self, part: dict[str, Any], at: str) -> dict[str, Any]:
+        """The processor part for an OpenAI media part."""
+        kind = part["type"]
+        if kind == "image_url":
+            value = part.get("image_url")
+            url = value.get("url") if isinstance(value, dict) else value
+            return {"type": "image", "image": self.image(self.data_url(url, at), at)}
+        if kind == "input_audio":
+            return {"type": "audio", "audio": self.audio(part.get("input_audio"), at)}
+        return self.video(part.get("video"), at)
+
+
+def chat_contents(messages: Any, media: bool) -> list[dict[str, Any]]:
+    """Check OpenAI chat ``messages`` and bring their content to what the model reads: a string per message for a
+    text model (text parts joined), a list of processor parts for a Thinker (``media``). 400 on anything wrong,
+    naming the message (and part)."""
+    if not isinstance(messages, list) or not messages:
+        raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+    decoder = MediaDecoder() if media else None
+    out = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise APIError(400, f"message {i}: expected an object with role and content, got "
+                           f"{type(message).__name__}", param="messages")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise APIError(400, f"message {i}: unknown role {role!r} (allowed: {', '.join(ROLES)})",
+                           param="messages")
+        if isinstance(content, str):
+            if not content:
+                raise APIError(400, f"message {i}: empty content", param="messages")
+            out.append({"role": role, "content": content if not media else [{"type": "text", "text": content}]})
+            continue
+        if not isinstance(content, list) or not content:
+            raise APIError(400, f"message {i}: content must be a string or a non-empty list of content parts",
+                           param="messages")
+        parts = []
+        for j, part in enumerate(content):
+            at = f"message {i}, part {j}"
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text":
+                if not isinstance(part.get("text"), str):
+                    raise APIError(400, f"{at}: a text part needs a string 'text'", param="messages")
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in MEDIA_PARTS:
+                if decoder is None:
+                    raise APIError(400, f"{at}: this model reads text only and cannot take a {kind!r} part",
+                                   param="messages")
+                parts.append(decoder.part(part, at))
+            else:
+                known = ", ".join(("text", *MEDIA_PARTS)) if media else "text"
+                shown = json.dumps(kind) if kind is not None else "no type"
+                raise APIError(400, f"{at}: unknown content part type {shown} (known: {known})", param="messages")
+        if media:
+            out.append({"role": role, "content": parts})
+        else:
+            text = "".join(p["text"] for p in parts)
+            if not text:
+                raise APIError(400, f"message {i}: empty content", param="messages")
+            out.append({"role": role, "content": text})
+    return out
 
 
 class Channel:
@@ -184,17 +384,32 @@ class Service:
         import dataclasses
 
         from omnilm.model.hf import read_config
+        from omnilm.omni.processor import OMNI_TOKENS
         from omnilm.serve.runner import ProcessRunner, ThreadRunner, build_engine
+        from omnilm.serve.thinker_engine import is_thinker_folder, read_media_budget
         from omnilm.tokenizer import Tokenizer
 
         self.config = dataclasses.replace(config or ServeConfig(), **overrides)
         self.tokenizer = Tokenizer.from_dir(model_dir)
-        model_config = read_config(model_dir)
         self.name = model_name or Path(model_dir).resolve().name
-        self.context = model_config.max_seq_len
-        if self.config.draft_model is not None:
-            check_draft(model_config, self.tokenizer, read_config(self.config.draft_model),
-                        Tokenizer.from_dir(self.config.draft_model))
+        #: The Thinker's conversation encoder when the model reads media (a thinker folder), else None.
+        self.processor: Any = None
+        if is_thinker_folder(model_dir):
+            from omnilm.omni.processor import OmniProcessor
+            from omnilm.omni.thinker import read_thinker_config
+
+            if self.config.draft_model is not None:
+                raise UserError("a draft model cannot serve a Thinker (speculative decoding is for text models)")
+            thinker_config = read_thinker_config(model_dir)
+            self.context = thinker_config.text.max_seq_len
+            self.processor = OmniProcessor(self.tokenizer, thinker_config, read_media_budget(model_dir))
+            self.media_ids = {self.tokenizer.token_to_id(t) for t in OMNI_TOKENS.values()}
+        else:
+            model_config = read_config(model_dir)
+            self.context = model_config.max_seq_len
+            if self.config.draft_model is not None:
+                check_draft(model_config, self.tokenizer, read_config(self.config.draft_model),
+                            Tokenizer.from_dir(self.config.draft_model))
         self.dirty: set[Channel] = set()
         self.dirty_lock = threading.Lock()
         self.created = int(time.time())
@@ -203,6 +418,12 @@ class Service:
             self.runner = ProcessRunner(model_dir, self.config, self.flush)
         else:
             self.runner = ThreadRunner(build_engine(model_dir, self.config), self.flush)
+
+    @property
+    def modalities(self) -> list[str]:
+        """What the served model reads (``input_modalities`` of /v1/models; the web chat shows media controls
+        when it lists more than text)."""
+        return THINKER_MODALITIES if self.processor is not None else TEXT_MODALITIES
 
     @property
     def engine(self) -> RequestQueue:
@@ -243,13 +464,18 @@ class Service:
         if body.get("model") not in (None, self.name):
             raise APIError(404, f"The model {body.get('model')!r} does not exist; this server serves {self.name!r}",
                            kind="invalid_request_error", param="model", code="model_not_found")
+        media = None
         if chat:
             if "messages" not in body:
                 raise APIError(400, "messages is required", param="messages")
+            messages = chat_contents(body["messages"], media=self.processor is not None)
             try:
-                prompt_ids, _ = encode_chat(self.tokenizer, validate_messages(body["messages"]),
-                                            add_generation_prompt=True)
-            except UserError as err:
+                if self.processor is None:
+                    prompt_ids, _ = encode_chat(self.tokenizer, validate_messages(messages),
+                                                add_generation_prompt=True)
+                else:
+                    prompt_ids, media = self._encode_media(messages)
+            except (UserError, ValueError) as err:
                 raise APIError(400, str(err), param="messages") from err
         else:
             prompt = body.get("prompt")
@@ -258,6 +484,10 @@ class Service:
             if not isinstance(prompt, str) or not prompt:
                 raise APIError(400, "prompt must be a non-empty string", param="prompt")
             prompt_ids = self.tokenizer.encode(prompt)  # a raw prompt is the client's whole text, markup included
+            if self.processor is not None and self.media_ids.intersection(prompt_ids):
+                # Placeholders without media would fail in the engine; media come only through chat parts.
+                raise APIError(400, "the prompt holds media marker tokens; send media as content parts to "
+                               "/v1/chat/completions", param="prompt")
         if len(prompt_ids) >= self.context:
             raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context}",
                            param="messages" if chat else "prompt", code="context_length_exceeded")
@@ -281,7 +511,15 @@ class Service:
                                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=tuple(stop),
                                 seed=_integer(body, "seed", None, 0))
         return GenerationRequest(prompt_ids, params, n, bool(body.get("stream", False)),
-                                 bool(stream_options.get("include_usage", False)))
+                                 bool(stream_options.get("include_usage", False)), media)
+
+    def _encode_media(self, messages: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
+        """Prompt ids (with placeholders) and media arguments of a conversation for the Thinker."""
+        from omnilm.serve.thinker_engine import media_arrays
+
+        example = self.processor.encode(messages, add_generation_prompt=True)
+        batch = self.processor.collate([example], pad_id=0, left_pad=True)
+        return example.ids, media_arrays(batch)
 
     def submit(self, request: GenerationRequest, on_text: Any = None, on_finish: Any = None) -> list[Request]:
         """Queue the ``n`` choices of ``request`` (all or none: 429 when the queue cannot take them)."""
@@ -291,7 +529,13 @@ class Service:
             params = SamplingParams(**{**request.params.__dict__, "seed": seed})
             text_callback = None if on_text is None else (lambda piece, i=index: on_text(i, piece))
             finish_callback = None if on_finish is None else (lambda i=index: on_finish(i))
-            choices.append(Request(list(request.prompt_ids), params, text_callback, finish_callback))
+            if request.media is None:
+                choices.append(Request(list(request.prompt_ids), params, text_callback, finish_callback))
+            else:
+                from omnilm.serve.thinker_engine import ThinkerRequest
+
+                choices.append(ThinkerRequest(list(request.prompt_ids), params, text_callback, finish_callback,
+                                              media=request.media))
         try:
             self.runner.submit_all(choices)
         except QueueFull as err:
@@ -378,7 +622,8 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": service.name, "object": "model", "created": service.created,
-                                            "owned_by": "omnilm", "max_model_len": service.context}]}
+                                            "owned_by": "omnilm", "max_model_len": service.context,
+                                            "input_modalities": service.modalities}]}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
@@ -415,7 +660,11 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         return submitted, iterate()
 
     async def complete(request: HTTPRequest, chat: bool) -> Any:
-        parsed = service.parse(await read_body(request), chat)
+        body = await read_body(request)
+        if service.processor is None:
+            parsed = service.parse(body, chat)
+        else:  # decoding and preprocessing media takes a while: in a worker thread, the other requests go on
+            parsed = await asyncio.to_thread(service.parse, body, chat)
         kind = "chat.completion" if chat else "text_completion"
         ident = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         head = {"id": ident, "created": int(time.time()), "model": service.name}
