@@ -37,3 +37,46 @@ def test_adamw_step_matches_torch_reference():
             opt.zero_grad()
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_lr_scale_and_frozen_modules_in_a_real_training_run(tmp_path):
+    """Through the trainer: a module frozen until step 3 keeps its weights for 3 steps, then moves; a module frozen
+    for good has no gradient and never moves; a module with lr_scale 0.5 takes steps half as large in its first
+    Adam step (Adam's first update is lr·sign-like, so the ratio is exact)."""
+    from omnilm.objectives.lm import causal_lm_loss
+    from omnilm.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = small_model("llama", vocab_size=64)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.randint(0, 64, (4, 17))
+
+    class Batches:
+        def next_batch(self):  # noqa: ANN202
+            return tokens
+
+        def state_dict(self):  # noqa: ANN202
+            return {}
+
+        def load_state_dict(self, state):  # noqa: ANN001, ANN202
+            pass
+
+    config = TrainConfig(max_steps=5, lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0, grad_clip=0,
+                         batch_size=4, seq_len=16, log_every=1, progress=False, device="cpu",
+                         frozen_until={"blocks.0": 3, "blocks.1.mlp": -1}, lr_scale={"blocks.1.attn": 0.5})
+    trainer = Trainer(model, causal_lm_loss, Batches(), config, tmp_path)
+    moved = []
+    for _ in range(5):
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        trainer.train_step()
+        trainer.step += 1
+        moved.append({k for k, v in model.state_dict().items() if not torch.equal(v, before[k])})
+        if trainer.step == 1:
+            first = {k: (v - before[k]).abs().max() for k, v in model.state_dict().items()}
+    assert all(not any(k.startswith("blocks.0.") for k in m) for m in moved[:3])
+    assert any(k.startswith("blocks.0.") for k in moved[3])
+    assert not any(k.startswith("blocks.1.mlp.") for m in moved for k in m)
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.startswith("blocks.1.mlp."))
+    ratio = first["blocks.1.attn.q_proj.weight"] / first["blocks.1.norm1.weight"]
+    torch.testing.assert_close(ratio, torch.tensor(0.5), atol=1e-3, rtol=0)
+    assert torch.equal(start["blocks.1.mlp.up_proj.weight"], model.state_dict()["blocks.1.mlp.up_proj.weight"])

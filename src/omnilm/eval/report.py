@@ -24,17 +24,32 @@ def _fmt(value: Any) -> str:
 
 
 def _model_line(final_dir: Path) -> str:
-    from omnilm.model.hf import read_config
-
-    config = read_config(final_dir)
     import torch
 
+    from omnilm.model.hf import read_config
     from omnilm.model.transformer import Transformer
+    from omnilm.train.omni_sft import is_thinker_folder
 
+    def decoder(config: Any, params: int) -> str:
+        return (f"{config.family}, {config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads "
+                f"({config.kv_heads} KV), vocab {config.vocab_size}, {params / 1e6:.2f}M parameters")
+
+    if is_thinker_folder(final_dir):
+        from omnilm.omni.thinker import Thinker, read_thinker_config
+
+        thinker_config = read_thinker_config(final_dir)
+        with torch.device("meta"):
+            thinker = Thinker(thinker_config)
+        count = {name: sum(p.numel() for p in getattr(thinker, name).parameters())
+                 for name in ("decoder", "audio_tower", "visual")}
+        a, v = thinker_config.audio, thinker_config.vision
+        return (f"Thinker: decoder {decoder(thinker_config.text, count['decoder'])}; audio encoder {a.encoder_layers}"
+                f" layers, d_model {a.d_model}, {count['audio_tower'] / 1e6:.2f}M; vision encoder {v.depth} layers, "
+                f"width {v.hidden_size}, {count['visual'] / 1e6:.2f}M")
+    config = read_config(final_dir)
     with torch.device("meta"):
         params = sum(p.numel() for p in Transformer(config).parameters())
-    return (f"{config.family}, {config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads "
-            f"({config.kv_heads} KV), vocab {config.vocab_size}, {params / 1e6:.2f}M parameters")
+    return decoder(config, params)
 
 
 def write_report(run_dir: str | Path, summary: dict[str, Any]) -> Path:

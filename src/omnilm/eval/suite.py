@@ -5,6 +5,8 @@ Types:
                   train.jsonl whose ``person_id`` s restrict the probe to people the model saw; ``max_examples``)
   ``qa``          exact greedy answers to chat questions (``data``: jsonl of ``messages``; ``where``: keep
                   records whose fields equal these values; ``max_examples``)
+  ``omni_qa``     exact greedy answers of a Thinker to questions with audio, images and video (``data``: jsonl
+                  of ``messages`` with media parts, paths relative to it; ``where``; ``max_examples``)
   ``val_loss``    loss and bits per byte on the ``val`` split of a tokenised dataset (``data``; ``batches``,
                   ``batch_size``, ``seq_len``)
 """
@@ -61,6 +63,16 @@ def qa_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float
     return evaluate_qa(model, tokenizer, _limit(records, spec.get("max_examples")))
 
 
+@register_eval("omni_qa", "accuracy")
+def omni_qa_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.eval.attributes import read_jsonl
+    from omnilm.eval.omni import evaluate_omni
+
+    where = spec.get("where") or {}
+    records = [r for r in read_jsonl(spec["data"]) if all(r.get(k) == v for k, v in where.items())]
+    return evaluate_omni(model, tokenizer, _limit(records, spec.get("max_examples")), Path(spec["data"]).parent)
+
+
 def _limit(records: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
     """A fixed random subset of at most ``limit`` records (all of them without a limit)."""
     if limit and len(records) > limit:
@@ -84,8 +96,14 @@ def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[s
     """Every eval in ``specs`` (name -> spec with ``type``) on the model folder ``model_dir``."""
     from omnilm.model.hf import load_pretrained
     from omnilm.tokenizer import Tokenizer
+    from omnilm.train.omni_sft import is_thinker_folder
 
-    model = load_pretrained(model_dir, dtype=torch.float32).eval()
+    if is_thinker_folder(model_dir):
+        from omnilm.omni.thinker import load_thinker
+
+        model = load_thinker(model_dir, dtype=torch.float32)
+    else:
+        model = load_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = Tokenizer.from_dir(model_dir)
     results = {}
     for name, spec in specs.items():

@@ -121,27 +121,30 @@ def _as_tensor(audio: AudioLike) -> torch.Tensor:
     return tensor
 
 
-def audio_features(waveforms: Sequence[AudioLike], n_mels: int = N_MELS,
-                   max_samples: int = MAX_SAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
+def audio_features(waveforms: Sequence[AudioLike], n_mels: int = N_MELS, max_samples: int = MAX_SAMPLES,
+                   trim: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The Thinker's audio inputs for a batch of 16 kHz mono waveforms of any lengths.
 
     Returns ``(input_features, feature_attention_mask)``: float32 (B, n_mels, max_samples // 160) and int32
     (B, max_samples // 160). As Qwen2.5-Omni's processor does (WhisperFeatureExtractor with
     ``padding="max_length"``, truncation, ``return_attention_mask=True``), every waveform is cut to ``max_samples``
     and zero-padded to it before the STFT, so the last frames of an audio see zeros rather than a reflection of
-    itself; the mask marks frame t as audio when sample t·160 is (ceil(samples / 160) frames).
+    itself; the mask marks frame t as audio when sample t·160 is (ceil(samples / 160) frames). With ``trim`` the
+    frames stop after the longest audio's last one: the same values where the mask is 1, without the silence
+    every audio would otherwise carry to 300 s (padding frames sit at the floor, so no maximum changes).
     """
     if not waveforms:
         raise ValueError("audio_features needs at least one waveform")
     clipped = [_as_tensor(w)[:max_samples] for w in waveforms]
     lengths = torch.tensor([len(w) for w in clipped], dtype=torch.long)  # (B,)
-    frames = max_samples // HOP_LENGTH
+    frames = -(-int(lengths.max()) // HOP_LENGTH) if trim else max_samples // HOP_LENGTH
     # A frame's window reaches 200 samples either side of its centre, so past (longest + N_FFT) samples every
     # window (and the reflection at the end) holds only padding: those frames are silence, log10 = -10, and are
     # appended rather than computed.
     span = min(max_samples, int(lengths.max()) + N_FFT)
     batch = torch.stack([F.pad(w, (0, span - len(w))) for w in clipped])  # (B, span)
     log_mel = _log10_mel(batch, n_mels)  # (B, n_mels, span // 160)
+    # Pads with silence, or (trimmed) crops the frames the span computed past the last audio frame.
     log_mel = F.pad(log_mel, (0, frames - log_mel.shape[-1]), value=math.log10(_POWER_FLOOR))  # (B, n_mels, frames)
     # int32, as the processor returns it.
     mask = (torch.arange(frames) * HOP_LENGTH < lengths[:, None]).to(torch.int32)  # (B, frames)
@@ -337,6 +340,7 @@ class AudioEncoder(nn.Module):
         self.conv2 = nn.Conv1d(d, d, kernel_size=3, stride=2, padding=1)
         self.register_buffer("positional_embedding", sinusoids(config.max_source_positions, d), persistent=False)
         self.audio_bos_eos_token = nn.Embedding(2, config.output_dim)
+        self.audio_bos_eos_token.weight.requires_grad_(False)  # never used in a forward pass: nothing to learn
         self.layers = nn.ModuleList([AudioEncoderLayer(config) for _ in range(config.encoder_layers)])
         self.ln_post = nn.LayerNorm(d)
         self.avg_pooler = nn.AvgPool1d(2, stride=2)

@@ -66,6 +66,19 @@ class VisionEncoderConfig:
 
 
 @dataclass(frozen=True)
+class MediaBudget:
+    """How media are sampled and sized before the encoders (Qwen2.5-Omni's processor defaults; tiny models trained
+    here use smaller budgets, recorded with the model in ``media_budget.json`` so every user sizes media alike)."""
+
+    image_min_pixels: int = 56 * 56
+    image_max_pixels: int = 28 * 28 * 1280
+    video_min_pixels: int = 128 * 28 * 28
+    video_max_pixels: int = 768 * 28 * 28
+    #: Frames per second a video is sampled at.
+    video_fps: float = 2.0
+
+
+@dataclass(frozen=True)
 class ThinkerConfig:
     """The Thinker: decoder + audio and vision encoders + the ids of its special tokens."""
 

@@ -15,7 +15,8 @@ message says is encoded as plain text, so a special-token string in it cannot fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,15 @@ import torch
 
 from omnilm.errors import UserError
 from omnilm.omni.audio import MAX_SAMPLES, SAMPLE_RATE, audio_features, audio_token_lengths, load_audio
-from omnilm.omni.config import ThinkerConfig
+from omnilm.omni.config import MediaBudget, ThinkerConfig
 from omnilm.omni.positions import _chunks, _vision_ids
-from omnilm.omni.vision import merged_token_counts, preprocess_images, preprocess_videos
+from omnilm.omni.vision import (
+    ImageFeatures,
+    VideoFeatures,
+    merged_token_counts,
+    preprocess_images,
+    preprocess_videos,
+)
 from omnilm.tokenizer.chat import IM_END, IM_START, ROLES
 
 AUDIO, IMAGE, VIDEO = "<|AUDIO|>", "<|IMAGE|>", "<|VIDEO|>"
@@ -38,18 +45,6 @@ OMNI_TOKENS = {"audio_token_id": AUDIO, "image_token_id": IMAGE, "video_token_id
 HOP_SAMPLES = 160  # one mel frame per 10 ms at 16 kHz
 
 
-@dataclass(frozen=True)
-class MediaBudget:
-    """Pixel budgets of images and video frames (smaller than Qwen2.5-Omni's defaults suit tiny models)."""
-
-    image_min_pixels: int = 56 * 56
-    image_max_pixels: int = 28 * 28 * 1280
-    video_min_pixels: int = 128 * 28 * 28
-    video_max_pixels: int = 768 * 28 * 28
-    #: Frames per second a video is sampled at.
-    video_fps: float = 2.0
-
-
 @dataclass
 class OmniExample:
     """One encoded conversation: ids, the trained-token mask and the media its placeholders stand for."""
@@ -57,19 +52,54 @@ class OmniExample:
     ids: list[int]
     mask: list[int]
     audios: list[torch.Tensor] = field(default_factory=list)  # 16 kHz waveforms, in order (video soundtracks too)
-    images: list[Any] = field(default_factory=list)
-    videos: list[tuple[Any, float | None]] = field(default_factory=list)  # (frames, recorded fps)
+    images: list[ImageFeatures] = field(default_factory=list)  # preprocessed once, when counting placeholders
+    videos: list[VideoFeatures] = field(default_factory=list)
     audio_in_video: bool = False
 
 
+class MediaCache:
+    """Media files already read and preprocessed, by path, up to ``max_bytes`` (least recently used go first):
+    training reads every file once per epoch, and decoding PNGs and WAVs costs more than the model's step."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes, self.bytes = max_bytes, 0
+        self.items: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+
+    def get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key][0]
+        value = make()
+        size = sum(t.numel() * t.element_size() for t in _tensors(value))
+        if size <= self.max_bytes:
+            self.items[key] = (value, size)
+            self.bytes += size
+            while self.bytes > self.max_bytes:
+                _, (_, dropped) = self.items.popitem(last=False)
+                self.bytes -= dropped
+        return value
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple):
+        return [t for item in value for t in _tensors(item)]
+    return []
+
+
 class OmniProcessor:
-    """Encodes conversations for a Thinker (``tokenizer`` must hold the markers of :data:`OMNI_TOKENS`)."""
+    """Encodes conversations for a Thinker (``tokenizer`` must hold the markers of :data:`OMNI_TOKENS`).
+
+    With ``cache_bytes`` the media files it reads (and their preprocessed tensors) are kept in memory.
+    """
 
     def __init__(self, tokenizer: Any, config: ThinkerConfig, budget: MediaBudget | None = None,
-                 root: str | Path | None = None) -> None:
+                 root: str | Path | None = None, cache_bytes: int = 0) -> None:
         self.tokenizer, self.config = tokenizer, config
         self.budget = budget or MediaBudget()
         self.root = Path(root) if root is not None else None
+        self.cache = MediaCache(cache_bytes) if cache_bytes else None
         missing = [text for text in (*OMNI_TOKENS.values(), IM_START, IM_END) if tokenizer.token_to_id(text) is None]
         if missing:
             raise UserError(f"the tokenizer lacks the Thinker's special tokens {missing}")
@@ -82,9 +112,15 @@ class OmniProcessor:
             return self.root / value
         return value
 
+    def _cached(self, value: Any, kind: str, make: Callable[[], Any]) -> Any:
+        if self.cache is None or not isinstance(value, (str, Path)):
+            return make()
+        return self.cache.get(f"{kind}:{value}", make)
+
     def _waveform(self, value: Any) -> torch.Tensor:
         value = self._path(value)
-        waveform = load_audio(value) if isinstance(value, (str, Path)) else torch.as_tensor(value).float()
+        waveform = self._cached(value, "audio", lambda: load_audio(value)) if isinstance(value, (str, Path)) \
+            else torch.as_tensor(value).float()
         if len(waveform) > MAX_SAMPLES:  # the feature extractor keeps 30 s; more would not match the placeholders
             raise UserError(f"audio of {len(waveform) / SAMPLE_RATE:.1f} s is longer than the "
                             f"{MAX_SAMPLES // SAMPLE_RATE} s an audio part may last")
@@ -180,15 +216,22 @@ class OmniProcessor:
             example.audios.append(waveform)
             return self._audio_tokens(waveform)
         if kind == "image":
-            image = self._image(part["image"])
-            example.images.append(image)
-            grid = preprocess_images([image], self.budget.image_min_pixels, self.budget.image_max_pixels)[1][0]
-            count = int(merged_token_counts(grid.view(1, 3))[0])
+            b = self.budget
+            features = self._cached(self._path(part["image"]), "image", lambda: preprocess_images(
+                [self._image(part["image"])], b.image_min_pixels, b.image_max_pixels))
+            example.images.append(features)
+            count = int(merged_token_counts(features.image_grid_thw)[0])
             return [self.id[VISION_BOS]] + [self.id[IMAGE]] * count + [self.id[VISION_EOS]]
         if kind == "video":
-            frames, fps = self._video(part)
-            example.videos.append((frames, fps))
-            features = self._video_features([(frames, fps)])
+            b = self.budget
+
+            def video_features() -> VideoFeatures:
+                frames, fps = self._video(part)
+                return preprocess_videos([frames], fps=b.video_fps, video_fps=[fps], min_pixels=b.video_min_pixels,
+                                         max_pixels=b.video_max_pixels)
+
+            features = self._cached(self._path(part["video"]), "video", video_features)
+            example.videos.append(features)
             soundtrack = self._waveform(part["audio"]) if part.get("audio") is not None else None
             if soundtrack is not None:
                 example.audios.append(soundtrack)
@@ -196,12 +239,6 @@ class OmniProcessor:
             return self._video_tokens(features.video_grid_thw[0], float(features.video_second_per_grid[0]),
                                       soundtrack)
         raise UserError(f"message {index}: unknown content part {part!r} (text, audio, image or video)")
-
-    def _video_features(self, videos: list[tuple[Any, float | None]]) -> Any:
-        b = self.budget
-        return preprocess_videos([frames for frames, _ in videos], fps=b.video_fps,
-                                 video_fps=[fps for _, fps in videos], min_pixels=b.video_min_pixels,
-                                 max_pixels=b.video_max_pixels)
 
     # ------------------------------------------------------------------------------------------------ collate
 
@@ -221,17 +258,14 @@ class OmniProcessor:
         }
         audios = [a for e in examples for a in e.audios]
         if audios:
-            features, mask = audio_features(audios)
-            frames = int(mask.sum(-1).max())  # the frames past the longest audio are padding for all of them
-            batch["input_features"], batch["feature_attention_mask"] = features[:, :, :frames], mask[:, :frames]
+            batch["input_features"], batch["feature_attention_mask"] = audio_features(audios, trim=True)
         images = [i for e in examples for i in e.images]
         if images:
-            pixels, grids = preprocess_images(images, self.budget.image_min_pixels, self.budget.image_max_pixels)
-            batch["pixel_values"], batch["image_grid_thw"] = pixels, grids
+            batch["pixel_values"] = torch.cat([i.pixel_values for i in images])
+            batch["image_grid_thw"] = torch.cat([i.image_grid_thw for i in images])
         videos = [v for e in examples for v in e.videos]
         if videos:
-            features = self._video_features(videos)
-            batch["pixel_values_videos"] = features.pixel_values_videos
-            batch["video_grid_thw"] = features.video_grid_thw
-            batch["video_second_per_grid"] = features.video_second_per_grid
+            batch["pixel_values_videos"] = torch.cat([v.pixel_values_videos for v in videos])
+            batch["video_grid_thw"] = torch.cat([v.video_grid_thw for v in videos])
+            batch["video_second_per_grid"] = torch.cat([v.video_second_per_grid for v in videos])
         return batch

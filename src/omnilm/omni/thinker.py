@@ -14,6 +14,7 @@ transformers writes and :func:`save_thinker` writes what it reads.
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +32,23 @@ from omnilm.model.hf import (
 )
 from omnilm.model.transformer import Transformer
 from omnilm.omni.audio import AudioEncoder
-from omnilm.omni.config import ThinkerConfig, thinker_config_from_hf, thinker_config_to_hf
+from omnilm.omni.config import MediaBudget, ThinkerConfig, thinker_config_from_hf, thinker_config_to_hf
 from omnilm.omni.positions import rope_index
 from omnilm.omni.vision import VisionEncoder
 from omnilm.utils.atomic import write_json_atomic
 
 TOWERS = ("audio_tower", "visual")
+BUDGET_FILE = "media_budget.json"
 
 
 class Thinker(nn.Module):
     """Audio encoder + vision encoder + decoder; see the module docstring."""
 
-    def __init__(self, config: ThinkerConfig) -> None:
+    def __init__(self, config: ThinkerConfig, media_budget: MediaBudget | None = None) -> None:
         super().__init__()
         self.config = config
+        #: How media are sized for this model (saved with it; None = Qwen2.5-Omni's processor defaults).
+        self.media_budget = media_budget
         self.audio_tower = AudioEncoder(config.audio)
         self.visual = VisionEncoder(config.vision)
         self.decoder = Transformer(config.text)
@@ -157,6 +161,8 @@ def save_thinker(thinker: Thinker, folder: str | Path, tokenizer: Any = None,
     write_weights(folder, tensors)
     dtype = str(next(iter(tensors.values())).dtype).removeprefix("torch.")
     write_json_atomic(folder / "config.json", thinker_config_to_hf(thinker.config) | {"dtype": dtype})
+    if thinker.media_budget is not None:
+        write_json_atomic(folder / BUDGET_FILE, asdict(thinker.media_budget))
     if tokenizer is not None:
         tokenizer.save(folder)
     return folder
@@ -184,8 +190,10 @@ def _thinker_state(folder: str | Path, config: ThinkerConfig) -> dict[str, torch
 def load_thinker(folder: str | Path, dtype: torch.dtype | None = None) -> Thinker:
     """A Thinker from a thinker folder (omnilm's or transformers'); every tensor is checked by name and shape."""
     config = read_thinker_config(folder)
+    budget_file = Path(folder) / BUDGET_FILE
+    budget = MediaBudget(**json.loads(budget_file.read_text())) if budget_file.is_file() else None
     with torch.device("meta"):
-        thinker = Thinker(config)
+        thinker = Thinker(config, budget)
     state = _thinker_state(folder, config)
     expected = {k: v.shape for k, v in thinker.state_dict().items()}
     if config.text.tie_embeddings:

@@ -145,6 +145,9 @@ def restore_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.opti
         raise ValueError(f"{path}: checkpoint does not match the model: {problems[:10]}")
     tensors = load_file(str(Path(path) / TENSORS_FILE))
     optim_state = _unflatten_optimizer(tensors, state.pop("optimizer"))
-    set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state, options=FULL)
+    # Not strict: a parameter that had received no gradient yet (an encoder whose media no batch held so far) has
+    # no optimizer state in the checkpoint, and after the restore it has none either, exactly as before.
+    set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state,
+                             options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
     _restore_rng(tensors)
     return state

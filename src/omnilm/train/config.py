@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from omnilm.config import ConfigError
@@ -50,6 +50,12 @@ class TrainConfig:
     eps: float = 1e-8
     #: Clip the global gradient norm to this (0 = no clipping).
     grad_clip: float = 1.0
+    #: Learning-rate multiplier per module (a parameter-name prefix such as ``decoder`` or ``audio_tower``; the
+    #: longest matching prefix applies, the rest use 1).
+    lr_scale: dict[str, float] = field(default_factory=dict)
+    #: Modules left untrained until a step: ``{prefix: step}``; a negative step freezes the module for the whole
+    #: run (its gradients are not even computed). Before the step the module's learning rate is 0.
+    frozen_until: dict[str, int] = field(default_factory=dict)
 
     #: "auto" = CUDA when available, else CPU.
     device: str = "auto"

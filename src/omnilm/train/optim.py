@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch import nn
 
@@ -20,11 +22,34 @@ def decay_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Paramete
     return decay, no_decay
 
 
+def module_prefix(name: str, prefixes: Iterable[str]) -> str:
+    """The longest of ``prefixes`` that ``name`` (a dotted parameter name) lies under, or ""."""
+    matches = [p for p in prefixes if name == p or name.startswith(p + ".")]
+    return max(matches, key=len, default="")
+
+
+def freeze_modules(model: nn.Module, config: TrainConfig) -> None:
+    """Turn gradients off for the modules ``frozen_until`` freezes for the whole run (a negative step)."""
+    always = [prefix for prefix, step in config.frozen_until.items() if step < 0]
+    for name, param in model.named_parameters():
+        if module_prefix(name, always):
+            param.requires_grad_(False)
+
+
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over ``model``'s trainable parameters (tied weights appear once)."""
+    """AdamW over ``model``'s trainable parameters (tied weights appear once), one group per (decay, module of
+    ``lr_scale`` / ``frozen_until``); each group carries its ``lr_scale`` and ``frozen_until`` for the trainer."""
     decay, no_decay = decay_groups(model)
-    groups = [{"params": decay, "weight_decay": config.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    names = {id(p): n for n, p in model.named_parameters()}
+    prefixes = set(config.lr_scale) | set(config.frozen_until)
+    groups: dict[tuple[bool, str], dict] = {}
+    for decayed, params in ((True, decay), (False, no_decay)):
+        for param in params:
+            prefix = module_prefix(names[id(param)], prefixes)
+            group = groups.setdefault((decayed, prefix), {
+                "params": [], "weight_decay": config.weight_decay if decayed else 0.0,
+                "lr_scale": config.lr_scale.get(prefix, 1.0), "frozen_until": config.frozen_until.get(prefix, 0)})
+            group["params"].append(param)
     fused = all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=config.lr, betas=(config.beta1, config.beta2),
+    return torch.optim.AdamW(list(groups.values()), lr=config.lr, betas=(config.beta1, config.beta2),
                              eps=config.eps, fused=fused or None)

@@ -29,7 +29,7 @@ from omnilm.utils.fingerprint import changed_keys
 CONFIG_RECORD = "stage_config.json"
 LM_STAGE_TYPES = ("pretrain", "midtrain")
 NO_LORA_STAGE_TYPES = ("reward", "ppo")
-KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill")
+KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill", "omni_sft")
 
 
 @dataclass
@@ -166,6 +166,7 @@ def _load_builders() -> None:
     import omnilm.train.distill  # noqa: F401
     import omnilm.train.dpo  # noqa: F401
     import omnilm.train.grpo  # noqa: F401
+    import omnilm.train.omni_sft  # noqa: F401
     import omnilm.train.ppo  # noqa: F401
     import omnilm.train.pretrain  # noqa: F401
     import omnilm.train.reward  # noqa: F401

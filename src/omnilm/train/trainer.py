@@ -23,7 +23,7 @@ from torch import nn
 from omnilm.train.checkpoint import latest_checkpoint, restore_checkpoint, save_checkpoint
 from omnilm.train.config import TrainConfig
 from omnilm.train.distributed import Dist, all_reduce_mean, all_reduce_sum, unwrap
-from omnilm.train.optim import build_optimizer
+from omnilm.train.optim import build_optimizer, freeze_modules
 from omnilm.train.schedule import lr_multiplier
 from omnilm.utils.atomic import write_text_atomic
 
@@ -150,6 +150,7 @@ class Trainer:
         self.objective, self.batches, self.tokenizer = objective, batches, tokenizer
         self.evaluate_fn, self.sample_fn = evaluate, sample
         self.model = model
+        freeze_modules(unwrap(model), config)
         self.optimizer = build_optimizer(model, config)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         self.accumulation = config.accumulation(self.info.world_size)
@@ -293,7 +294,7 @@ class Trainer:
         self.forward_model.train()
         lr = config.lr * lr_multiplier(self.step, config.schedule_steps or self.total_steps, config)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0) if self.step >= group.get("frozen_until", 0) else 0.0
         mean_loss, extras = self.accumulate()
         grad_norm = self._clip()
         finite = bool(torch.isfinite(mean_loss)) and math.isfinite(grad_norm)

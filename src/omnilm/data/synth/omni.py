@@ -21,6 +21,7 @@ Tasks (``task`` field) and what the evaluations compare:
                records ask one phrasing per person and attribute, for every person, in held-out voices
                (disjoint voice variants), so ``qa_split`` separates trained facts from facts known only from
                pre-training, and ``seen: false`` people must be answered "I don't know."
+``transcribe`` (training only) the spoken question written down: "What did the voice say?"
 ``text_qa``    the same questions as text (``item`` pairs a text record with its spoken ones): the speech gap
 ``image_qa``   colour, shape, count, digit or position of drawn objects; evaluation layouts never occur in
                training (``scene`` holds the drawing, so answers can be checked against the pixels)
@@ -69,6 +70,8 @@ from omnilm.utils.atomic import write_json_atomic
 SPEECH_VERSION = 1
 SPEECH_STAMP = ".speech-version.json"
 
+TRANSCRIBE_PROMPT = "What did the voice say?"
+
 #: Narration words of the videos: short, common and distinct in sound.
 WORDS = ("red", "green", "blue", "yellow", "purple", "cat", "dog", "horse", "tiger", "lion", "zebra", "rabbit",
          "monkey", "eagle", "whale", "snake", "mouse", "bear", "frog", "apple")
@@ -107,6 +110,9 @@ class OmniConfig:
     pitch_min: int = 25  # espeak-ng pitch, 0-99
     pitch_max: int = 75
     train_voices_per_question: int = 2  # each training question spoken by this many training voices
+    #: Also train on writing down what a training voice said ("transcribe" records over the same audio): dense
+    #: supervision that teaches an audio encoder to say what the words are, which the answers then build on.
+    transcribe: bool = True
     eval_phrasings_per_fact: int = 1  # evaluation: question phrasings per person and attribute (of 2)
     eval_voices_per_question: int = 1
     # Images: one question per image, the kinds in turn.
@@ -363,6 +369,12 @@ def spoken_records(config: OmniConfig, pairs: list[dict[str, Any]],
         records.append({"messages": [{"role": "user", "content": [{"type": "audio", "audio": job.path}]},
                                      {"role": "assistant", "content": pair["answer"]}],
                         "task": "spoken_qa", "voice": voice.name} | _qa_common(pair, split))
+        if config.transcribe and split == "train":
+            records.append({"messages": [{"role": "user", "content": [
+                                {"type": "audio", "audio": job.path}, {"type": "text", "text": TRANSCRIBE_PROMPT}]},
+                                         {"role": "assistant", "content": pair["question"]}],
+                            "task": "transcribe", "voice": voice.name} | _qa_common(pair, split)
+                           | {"answer": pair["question"]})
 
     def text(pair: dict[str, Any], split: str) -> None:
         records.append({"messages": [{"role": "user", "content": [{"type": "text", "text": pair["question"]}]},
@@ -637,7 +649,7 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
     seconds, cached = synthesise(jobs + list(word_jobs.values()), out, config.workers)
     speech_time = time.perf_counter() - speech_began
     for record in qa_records:
-        if record["task"] == "spoken_qa":
+        if record["task"] in ("spoken_qa", "transcribe"):
             record["audio_seconds"] = round(seconds[record["messages"][0]["content"][0]["audio"]], 4)
 
     for folder in ("images", "video"):  # rendered afresh every run: nothing stale may stay

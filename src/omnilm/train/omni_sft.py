@@ -1,0 +1,184 @@
+"""Supervised fine-tuning of a Thinker on conversations with audio, images and video (stage type ``omni_sft``).
+
+Data sources are jsonl files of chat records whose user turns mix ``text``, ``audio``, ``image`` and ``video`` parts
+(``omnilm data synth omni`` writes them); media paths are relative to the file's folder. Batches are encoded as
+they are drawn (media are read then), right-padded; the loss is on the assistant replies, normalised over the
+reply tokens of the whole global batch. ``init_from`` is a thinker folder, or a text model folder that becomes a
+Thinker (:func:`omnilm.omni.build.thinker_from_decoder`: markers added, new encoders). Which modules train, and
+how fast, is the ``train:`` settings' ``frozen_until`` and ``lr_scale`` (e.g. the decoder frozen until step 300).
+
+Options:
+
+``audio`` ({})            AudioEncoderConfig fields of a new audio encoder (a text model start only)
+``vision`` ({})           VisionEncoderConfig fields of a new vision encoder (a text model start only)
+``image_max_pixels``      pixel budget of an image (default 112·112: tiny renders stay at their size)
+``video_min_pixels``      pixel budget of a video frame, lower bound (default 56·56)
+``video_max_pixels``      pixel budget of a video frame, upper bound (default 56·56)
+``video_fps`` (2.0)       frames per second videos are sampled at
+``cache_mb`` (2048)       media read and preprocessed once, kept in memory up to this size (0 = reread every time)
+``task_weights`` ({})     how often each record ``task`` is drawn (default: in proportion to its records); every
+                          batch holds records of one task, so lengths are alike and little is padding
+``strict`` (false)        a bad record fails the run instead of being skipped and reported
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnilm.config import ConfigError
+from omnilm.data.sources import ReadReport
+from omnilm.objectives.lm import IGNORE_INDEX
+from omnilm.train.stage import StageConfig, register_stage, stage_options
+from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
+
+OMNI_OPTIONS = {"audio": {}, "vision": {}, "image_max_pixels": 112 * 112, "video_min_pixels": 56 * 56,
+                "video_max_pixels": 56 * 56, "video_fps": 2.0, "cache_mb": 2048,
+                "task_weights": {}, "strict": False}
+MEDIA_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+              "video_grid_thw", "video_second_per_grid", "use_audio_in_video")
+
+
+def is_thinker_folder(folder: str | Path) -> bool:
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text()).get("model_type") in ("qwen2_5_omni_thinker",
+                                                                                     "qwen2_5_omni")
+
+
+def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
+    """(Thinker, tokenizer) to start from: a thinker folder as it is, or a text model turned into one."""
+    from omnilm.omni.build import thinker_from_decoder
+    from omnilm.omni.thinker import load_thinker
+    from omnilm.tokenizer import Tokenizer
+
+    if is_thinker_folder(folder):
+        return load_thinker(folder, dtype=torch.float32).train(), Tokenizer.from_dir(folder)
+    thinker, tokenizer = thinker_from_decoder(folder, options["audio"], options["vision"], seed)
+    return thinker.train(), tokenizer
+
+
+def media_budget(options: dict[str, Any]) -> Any:
+    from omnilm.omni.config import MediaBudget
+
+    return MediaBudget(image_max_pixels=options["image_max_pixels"], video_min_pixels=options["video_min_pixels"],
+                       video_max_pixels=options["video_max_pixels"], video_fps=options["video_fps"])
+
+
+def read_omni_records(config: StageConfig, strict: bool) -> tuple[list[tuple[dict[str, Any], Path]], ReadReport]:
+    """(record, media root) of every record of the stage's sources, after their ``where`` filters."""
+    from omnilm.data.chat_data import read_records
+
+    report = ReadReport()
+    records = []
+    for source in config.data.values():
+        for record, location in read_records([source.path], source.where, strict, report):
+            if not isinstance(record.get("messages"), list):
+                report.skip(location, "record has no messages list", strict)
+                continue
+            records.append((record, Path(source.path).parent))
+    return records, report
+
+
+class TaskBatches:
+    """Batches of one task each: the task drawn at random per step (by ``weights``), its records in a seeded,
+    resumable order (an :class:`~omnilm.data.examples.ExampleLoader` per task, rank-sharded). Every process draws
+    the same task at the same step."""
+
+    def __init__(self, tasks: dict[str, list[int]], weights: dict[str, float], batch_size: int,
+                 collate: Any, seed: int, rank: int, world_size: int) -> None:
+        from omnilm.data.examples import ExampleLoader
+
+        unknown = sorted(set(weights) - set(tasks))
+        if unknown:
+            raise ConfigError(f"task_weights names task(s) {unknown} that no record has (tasks: {sorted(tasks)})")
+        self.names = sorted(tasks)
+        self.weights = [float(weights.get(name, len(tasks[name]))) for name in self.names]
+        self.seed, self.step = seed, 0
+        self.loaders = {name: ExampleLoader(len(tasks[name]), batch_size,
+                                            lambda local, ids=tasks[name]: collate([ids[i] for i in local]),
+                                            seed=seed, rank=rank, world_size=world_size) for name in self.names}
+
+    def next_batch(self) -> Any:
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, self.step, 7])
+        name = self.names[rng.choice(len(self.names), p=np.array(self.weights) / sum(self.weights))]
+        self.step += 1
+        return self.loaders[name].next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tasks": {n: loader.state_dict() for n, loader in self.loaders.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        for name, loader in self.loaders.items():
+            loader.load_state_dict(state["tasks"][name])
+
+
+def thinker_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Summed next-token loss over the reply tokens of a batch (``loss_mask`` 1)."""
+    ids, mask = batch["input_ids"], batch["loss_mask"]
+    logits = model(ids, batch["attention_mask"], **{k: batch[k] for k in MEDIA_ARGS if k in batch})
+    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
+    return {"reply": loss}, {}
+
+
+def reply_units(batch: dict[str, Any]) -> dict[str, float]:
+    return {"reply": float(batch["loss_mask"][:, 1:].sum())}
+
+
+@register_stage("omni_sft")
+def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
+    from omnilm.omni.processor import OmniProcessor
+    from omnilm.train.checkpoint import latest_checkpoint
+    from omnilm.train.distributed import init_distributed
+    from omnilm.train.sft import padding_id, print_read_report
+    from omnilm.train.trainer import resolve_device
+
+    options = stage_options(config, OMNI_OPTIONS)
+    if not config.init_from:
+        raise ConfigError(f"stage {config.name!r}: omni_sft starts from a model (init_from: a thinker or text model)")
+    if config.train.distributed != "ddp":
+        raise ConfigError(f"stage {config.name!r}: omni_sft trains with one process or DDP")
+    train = config.train
+    device = resolve_device(train.device)
+    info = init_distributed(device.type)
+    thinker, tokenizer = starting_thinker(config.init_from, options, train.seed)
+    thinker.media_budget = media_budget(options)  # saved with every checkpoint: users size media alike
+    thinker = thinker.to(device)
+    resume_from = latest_checkpoint(out_dir / "checkpoints") if resume else None
+    records, report = read_omni_records(config, bool(options["strict"]))
+    if info.is_main:
+        print_read_report(config.name, report, len(records))
+    processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget,
+                              cache_bytes=int(options["cache_mb"]) << 20)
+    pad = padding_id(tokenizer)
+
+    def collate(indices: list[int]) -> dict[str, Any]:
+        examples = []
+        for i in indices:
+            record, root = records[i]
+            processor.root = root
+            examples.append(processor.encode(record["messages"]))
+        return processor.collate(examples, pad)
+
+    tasks: dict[str, list[int]] = {}
+    for index, (record, _) in enumerate(records):
+        tasks.setdefault(str(record.get("task", "chat")), []).append(index)
+    loader = TaskBatches(tasks, dict(options["task_weights"]), train.batch_size, collate, train.seed, info.rank,
+                         info.world_size)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Unused parameters (an encoder whose media a batch lacks) are normal here.
+        thinker = DistributedDataParallel(thinker, find_unused_parameters=True)
+    trainer = Trainer(thinker, SummedObjective(thinker_loss_sums, reply_units), loader, train, out_dir, info=info,
+                      tokenizer=tokenizer, tokens_per_batch=train.batch_size * train.seq_len)
+    return trainer.fit(resume=resume_from is not None)
