@@ -19,7 +19,7 @@ from omnilm.cli import main
 from omnilm.config import ConfigError
 from omnilm.data.synth import media
 from omnilm.data.synth.media import COLOURS, parse_wav, read_wav, resample, write_wav
-from omnilm.data.synth.omni import OmniConfig, omni_config, write_omni
+from omnilm.data.synth.omni import IMAGE_QUESTIONS, TRANSCRIBE_PROMPT, OmniConfig, omni_config, write_omni
 from omnilm.errors import UserError
 from omnilm.recipe.jobs import job_inputs, run_job
 
@@ -134,8 +134,12 @@ def test_files_exist_and_decode(smoke: Path) -> None:
     tasks = defaultdict(int)
     for record in records(smoke):
         tasks[record["task"]] += 1
-        user, assistant = record["messages"]
+        user, assistant, *more = record["messages"]
         assert user["role"] == "user" and assistant == {"role": "assistant", "content": record["answer"]}
+        # Further turns (training images only) are text questions about the same picture, then their answers.
+        assert not more or (record["task"], record["split"]) == ("image_qa", "train")
+        assert [m["role"] for m in more] == ["user", "assistant"] * (len(more) // 2)
+        assert all(isinstance(m["content"], str) for m in more)
         for part in user["content"]:
             if part["type"] == "audio":
                 rate, channels, width, frames = wav_info(smoke / part["audio"])
@@ -151,11 +155,14 @@ def test_files_exist_and_decode(smoke: Path) -> None:
                 rate, channels, width, frames = wav_info(smoke / part["audio"])
                 assert (rate, channels, width) == (16_000, 1, 2)
                 assert frames == round(meta["duration"] * rate)
+            elif record["task"] == "transcribe":  # the answer is what the voice said
+                assert part == {"type": "text", "text": TRANSCRIBE_PROMPT} and record["answer"] == record["text"]
             else:
                 assert part["type"] == "text" and part["text"] == record["text"]
     stats = json.loads((smoke / "stats.json").read_text())
     assert {t: sum(s.values()) for t, s in stats["records"].items()} == tasks
-    assert set(tasks) == {"spoken_qa", "text_qa", "image_qa", "video_qa"}
+    assert set(tasks) == {"spoken_qa", "transcribe", "text_qa", "image_qa", "video_qa"}
+    assert tasks["transcribe"] == sum(r["task"] == "spoken_qa" and r["split"] == "train" for r in records(smoke))
     assert stats["records"]["image_qa"] == {"train": config.train_images, "eval": config.eval_images}
 
 
@@ -206,29 +213,49 @@ def test_image_answers_match_the_pixels_and_eval_layouts_are_new(smoke: Path) ->
         scene = record["scene"]
         layouts[record["split"]].add(json.dumps([scene["objects"], scene.get("digit")], sort_keys=True))
         image = Image.open(smoke / record["messages"][0]["content"][0]["image"]).convert("RGB")
-        size = image.size[0]
         for obj in scene["objects"]:  # objects do not cover one another: each centre shows its own colour
             assert image.getpixel((obj["x"], obj["y"])) == COLOURS[obj["colour"]]
-        question, answer, kind = record["text"], record["answer"], record["kind"]
-        if kind == "colour":
-            [target] = [o for o in scene["objects"] if re.search(rf"\bthe {o['shape']}\b", question)]
-            assert answer == target["colour"]
-        elif kind == "shape":
-            [target] = [o for o in scene["objects"] if f" {o['colour']} " in question or f" {o['colour']}?" in question]
-            assert answer == target["shape"] and f"{answer}" not in question
-        elif kind == "count":
-            [shape] = [s for s in media.SHAPES if f" {s}s" in question]
-            assert answer == str(sum(o["shape"] == shape for o in scene["objects"]))
-        elif kind == "position":
-            [target] = [o for o in scene["objects"] if f" {o['shape']}?" in question]
-            x, y = target["x"] / size, target["y"] / size
-            side = {"left": x < 1 / 3 and abs(y - 0.5) < 0.15, "right": x > 2 / 3 and abs(y - 0.5) < 0.15,
-                    "top": y < 1 / 3 and abs(x - 0.5) < 0.15, "bottom": y > 2 / 3 and abs(x - 0.5) < 0.15}
-            assert [s for s, holds in side.items() if holds] == [answer]
-        else:
-            digit = scene["digit"]
-            assert answer == str(decode_digit(image, digit["box"], COLOURS[digit["colour"]]))
+        turns = [(record["text"], record["answer"], record["kind"])]
+        extra = record["messages"][2:]
+        turns += [(q["content"], a["content"], question_kind(q["content"]))
+                  for q, a in zip(extra[::2], extra[1::2], strict=True)]
+        assert len({question for question, _, _ in turns}) == len(turns)
+        for question, answer, kind in turns:
+            check_image_answer(image, scene, question, answer, kind)
     assert layouts["train"] and layouts["eval"] and not layouts["train"] & layouts["eval"]
+    extra_turns = [len(r["messages"]) // 2 - 1 for r in images if r["split"] == "train"]
+    assert max(extra_turns) > 0
+
+
+def question_kind(question: str) -> str:
+    """Which kind of image question this is, from the question templates."""
+    [kind] = [kind for kind, templates in IMAGE_QUESTIONS.items() for template in templates
+              if re.fullmatch(re.escape(template).replace(r"\{shape\}", r"\w+").replace(r"\{colour\}", r"\w+"),
+                              question)]
+    return kind
+
+
+def check_image_answer(image: Image.Image, scene: dict[str, Any], question: str, answer: str, kind: str) -> None:
+    """``answer`` is what the pixels say to ``question``."""
+    size = image.size[0]
+    if kind == "colour":
+        [target] = [o for o in scene["objects"] if re.search(rf"\bthe {o['shape']}\b", question)]
+        assert answer == target["colour"]
+    elif kind == "shape":
+        [target] = [o for o in scene["objects"] if f" {o['colour']} " in question or f" {o['colour']}?" in question]
+        assert answer == target["shape"] and f"{answer}" not in question
+    elif kind == "count":
+        [shape] = [s for s in media.SHAPES if f" {s}s" in question]
+        assert answer == str(sum(o["shape"] == shape for o in scene["objects"]))
+    elif kind == "position":
+        [target] = [o for o in scene["objects"] if f" {o['shape']}?" in question]
+        x, y = target["x"] / size, target["y"] / size
+        side = {"left": x < 1 / 3 and abs(y - 0.5) < 0.15, "right": x > 2 / 3 and abs(y - 0.5) < 0.15,
+                "top": y < 1 / 3 and abs(x - 0.5) < 0.15, "bottom": y > 2 / 3 and abs(x - 0.5) < 0.15}
+        assert [s for s, holds in side.items() if holds] == [answer]
+    else:
+        digit = scene["digit"]
+        assert answer == str(decode_digit(image, digit["box"], COLOURS[digit["colour"]]))
 
 
 @needs_espeak

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from omnilm.omni.config import MediaBudget
-from omnilm.omni.processor import OmniProcessor
-from omnilm.train.omni_sft import MEDIA_ARGS
+from omnilm.omni.processor import OmniProcessor, media_arguments
 
 
 @torch.no_grad()
@@ -33,8 +32,7 @@ def score_omni(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]], 
     for begin in range(0, len(records), batch_size):
         examples = [processor.encode(r["messages"]) for r in records[begin:begin + batch_size]]
         batch = processor.collate(examples, pad)
-        logits = thinker(batch["input_ids"], batch["attention_mask"], **{k: batch[k] for k in MEDIA_ARGS
-                                                                         if k in batch})
+        logits = thinker(batch["input_ids"], batch["attention_mask"], **media_arguments(batch))
         log_probs = F.log_softmax(logits[:, :-1].float(), dim=-1)
         targets, mask = batch["input_ids"][:, 1:], batch["loss_mask"][:, 1:].bool()
         for row in range(len(examples)):

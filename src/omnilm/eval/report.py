@@ -28,7 +28,7 @@ def _model_line(final_dir: Path) -> str:
 
     from omnilm.model.hf import read_config
     from omnilm.model.transformer import Transformer
-    from omnilm.train.omni_sft import is_thinker_folder
+    from omnilm.omni.thinker import is_thinker_folder
 
     def decoder(config: Any, params: int) -> str:
         return (f"{config.family}, {config.n_layer} layers, d_model {config.d_model}, {config.n_head} heads "

@@ -95,8 +95,8 @@ def val_loss_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str,
 def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Every eval in ``specs`` (name -> spec with ``type``) on the model folder ``model_dir``."""
     from omnilm.model.hf import load_pretrained
+    from omnilm.omni.thinker import is_thinker_folder
     from omnilm.tokenizer import Tokenizer
-    from omnilm.train.omni_sft import is_thinker_folder
 
     if is_thinker_folder(model_dir):
         from omnilm.omni.thinker import load_thinker

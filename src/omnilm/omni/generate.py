@@ -14,10 +14,8 @@ import torch
 
 from omnilm.infer.generate import decode_loop
 from omnilm.infer.sampling import SamplingParams
+from omnilm.omni.processor import media_arguments
 from omnilm.omni.thinker import Thinker
-
-MEDIA_KEYS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-              "video_grid_thw", "video_second_per_grid", "use_audio_in_video")
 
 
 @torch.inference_mode()
@@ -26,7 +24,7 @@ def generate_thinker(thinker: Thinker, batch: dict[str, Any], params: SamplingPa
     """Yield the next token of every row (B,) of a left-padded ``batch`` (``OmniProcessor.collate(...,
     left_pad=True)``); ended rows yield FINISHED."""
     ids, mask = batch["input_ids"], batch["attention_mask"]
-    media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
+    media = media_arguments(batch)
     rows, width = ids.shape
     positions, _ = thinker.position_ids(ids, mask, media.get("feature_attention_mask"), media.get("image_grid_thw"),
                                         media.get("video_grid_thw"), media.get("video_second_per_grid"),

@@ -43,6 +43,14 @@ OMNI_TOKENS = {"audio_token_id": AUDIO, "image_token_id": IMAGE, "video_token_id
                "audio_start_token_id": AUDIO_BOS, "audio_end_token_id": AUDIO_EOS,
                "vision_start_token_id": VISION_BOS, "vision_end_token_id": VISION_EOS}
 HOP_SAMPLES = 160  # one mel frame per 10 ms at 16 kHz
+#: The Thinker's media arguments a collated batch may hold (beside input_ids, attention_mask and loss_mask).
+MEDIA_KEYS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
+              "video_grid_thw", "video_second_per_grid", "use_audio_in_video")
+
+
+def media_arguments(batch: dict[str, Any]) -> dict[str, Any]:
+    """The media keyword arguments of a collated batch, for ``Thinker.forward``."""
+    return {key: batch[key] for key in MEDIA_KEYS if key in batch}
 
 
 @dataclass

@@ -168,6 +168,22 @@ def save_thinker(thinker: Thinker, folder: str | Path, tokenizer: Any = None,
     return folder
 
 
+THINKER_MODEL_TYPES = ("qwen2_5_omni_thinker", "qwen2_5_omni")  # a thinker alone, or a whole Qwen2.5-Omni
+
+
+def is_thinker_folder(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a Thinker (its config.json's model_type is a Qwen2.5-Omni thinker's or a whole
+    Qwen2.5-Omni's, whose thinker is read)."""
+    config = Path(folder) / "config.json"
+    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("model_type") in THINKER_MODEL_TYPES
+
+
+def read_media_budget(folder: str | Path) -> MediaBudget | None:
+    """The media budget saved with a Thinker (None: Qwen2.5-Omni's processor defaults), without loading weights."""
+    path = Path(folder) / BUDGET_FILE
+    return MediaBudget(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
+
+
 def read_thinker_config(folder: str | Path) -> ThinkerConfig:
     path = Path(folder) / "config.json"
     if not path.is_file():
@@ -179,6 +195,9 @@ def _thinker_state(folder: str | Path, config: ThinkerConfig) -> dict[str, torch
     """A thinker folder's tensors renamed to the Thinker's parameter names (stored buffers dropped)."""
     towers, decoder = {}, {}
     for name, tensor in read_hf_tensors(folder).items():
+        if name.startswith(("talker.", "token2wav.")):  # a whole Qwen2.5-Omni: its speech half is not the thinker
+            continue
+        name = name.removeprefix("thinker.")
         if name.split(".", 1)[0] in TOWERS:
             if not name.endswith("positional_embedding.positional_embedding"):  # a table transformers may store
                 towers[name] = tensor
@@ -190,10 +209,8 @@ def _thinker_state(folder: str | Path, config: ThinkerConfig) -> dict[str, torch
 def load_thinker(folder: str | Path, dtype: torch.dtype | None = None) -> Thinker:
     """A Thinker from a thinker folder (omnilm's or transformers'); every tensor is checked by name and shape."""
     config = read_thinker_config(folder)
-    budget_file = Path(folder) / BUDGET_FILE
-    budget = MediaBudget(**json.loads(budget_file.read_text())) if budget_file.is_file() else None
     with torch.device("meta"):
-        thinker = Thinker(config, budget)
+        thinker = Thinker(config, read_media_budget(folder))
     state = _thinker_state(folder, config)
     expected = {k: v.shape for k, v in thinker.state_dict().items()}
     if config.text.tie_embeddings:

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 def build_engine(model_dir: str | Path, config: ServeConfig) -> RequestQueue:
     """The engine ``config`` describes for the model folder (a draft model makes it speculative; a thinker folder
     gets the Thinker's engine)."""
-    from omnilm.serve.thinker_engine import is_thinker_folder
+    from omnilm.omni.thinker import is_thinker_folder
     from omnilm.tokenizer.chat import IM_END
 
     if is_thinker_folder(model_dir):

@@ -385,8 +385,8 @@ class Service:
 
         from omnilm.model.hf import read_config
         from omnilm.omni.processor import OMNI_TOKENS
+        from omnilm.omni.thinker import is_thinker_folder, read_media_budget
         from omnilm.serve.runner import ProcessRunner, ThreadRunner, build_engine
-        from omnilm.serve.thinker_engine import is_thinker_folder, read_media_budget
         from omnilm.tokenizer import Tokenizer
 
         self.config = dataclasses.replace(config or ServeConfig(), **overrides)

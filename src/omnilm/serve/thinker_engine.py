@@ -17,11 +17,9 @@ per request); the others wait in the queue.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,29 +27,12 @@ import torch
 
 from omnilm.infer.detokenize import StreamingDecoder
 from omnilm.infer.generate import FINISHED
-from omnilm.omni.config import MediaBudget
-from omnilm.omni.generate import MEDIA_KEYS, generate_thinker
-from omnilm.omni.thinker import BUDGET_FILE, Thinker
+from omnilm.omni.generate import generate_thinker
+from omnilm.omni.processor import MEDIA_KEYS
+from omnilm.omni.thinker import Thinker
 from omnilm.serve.engine import Request, RequestQueue
 
 log = logging.getLogger(__name__)
-
-THINKER_MODEL_TYPES = ("qwen2_5_omni_thinker", "qwen2_5_omni")
-
-
-def is_thinker_folder(folder: str | Path) -> bool:
-    """Whether ``folder`` holds a Thinker (its config.json's model_type is a Qwen2.5-Omni thinker's)."""
-    config = Path(folder) / "config.json"
-    if not config.is_file():
-        return False
-    return json.loads(config.read_text(encoding="utf-8")).get("model_type") in THINKER_MODEL_TYPES
-
-
-def read_media_budget(folder: str | Path) -> MediaBudget | None:
-    """The media budget saved with a Thinker (None: Qwen2.5-Omni's processor defaults), without loading weights."""
-    path = Path(folder) / BUDGET_FILE
-    return MediaBudget(**json.loads(path.read_text(encoding="utf-8"))) if path.is_file() else None
-
 
 def media_arrays(batch: dict[str, Any]) -> dict[str, Any]:
     """The media arguments of a collated one-conversation batch as numpy arrays (and ``use_audio_in_video``)."""

@@ -15,6 +15,9 @@ Options:
 ``video_min_pixels``      pixel budget of a video frame, lower bound (default 56·56)
 ``video_max_pixels``      pixel budget of a video frame, upper bound (default 56·56)
 ``video_fps`` (2.0)       frames per second videos are sampled at
+``spec_augment`` (on)     SpecAugment on training audio: ``freq_masks`` bands of up to ``freq_width`` mel bins and
+                          ``time_masks`` spans of up to ``time_width`` (a fraction) of each audio's frames set to 0,
+                          so the encoder cannot lean on one voice's spectrum; ``{}`` or false turns it off
 ``cache_mb`` (2048)       media read and preprocessed once, kept in memory up to this size (0 = reread every time)
 ``task_weights`` ({})     how often each record ``task`` is drawn (default: in proportion to its records); every
                           batch holds records of one task, so lengths are alike and little is padding
@@ -23,7 +26,6 @@ Options:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -34,26 +36,19 @@ from torch import nn
 from omnilm.config import ConfigError
 from omnilm.data.sources import ReadReport
 from omnilm.objectives.lm import IGNORE_INDEX
+from omnilm.omni.processor import media_arguments
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 OMNI_OPTIONS = {"audio": {}, "vision": {}, "image_max_pixels": 112 * 112, "video_min_pixels": 56 * 56,
                 "video_max_pixels": 56 * 56, "video_fps": 2.0, "cache_mb": 2048,
+                "spec_augment": {"freq_masks": 2, "freq_width": 15, "time_masks": 2, "time_width": 0.1},
                 "task_weights": {}, "strict": False}
-MEDIA_ARGS = ("input_features", "feature_attention_mask", "pixel_values", "image_grid_thw", "pixel_values_videos",
-              "video_grid_thw", "video_second_per_grid", "use_audio_in_video")
-
-
-def is_thinker_folder(folder: str | Path) -> bool:
-    config = Path(folder) / "config.json"
-    return config.is_file() and json.loads(config.read_text()).get("model_type") in ("qwen2_5_omni_thinker",
-                                                                                     "qwen2_5_omni")
-
 
 def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
     """(Thinker, tokenizer) to start from: a thinker folder as it is, or a text model turned into one."""
     from omnilm.omni.build import thinker_from_decoder
-    from omnilm.omni.thinker import load_thinker
+    from omnilm.omni.thinker import is_thinker_folder, load_thinker
     from omnilm.tokenizer import Tokenizer
 
     if is_thinker_folder(folder):
@@ -82,6 +77,24 @@ def read_omni_records(config: StageConfig, strict: bool) -> tuple[list[tuple[dic
                 continue
             records.append((record, Path(source.path).parent))
     return records, report
+
+
+def spec_augment(features: torch.Tensor, mask: torch.Tensor, generator: torch.Generator, freq_masks: int = 2,
+                 freq_width: int = 15, time_masks: int = 2, time_width: float = 0.1) -> torch.Tensor:
+    """``features`` (B, mel, frames) with random mel bands and time spans of each audio's real frames zeroed
+    (Park et al., 2019, without time warping)."""
+    out = features.clone()
+    bins = features.shape[1]
+    for row, length in enumerate(mask.sum(-1).tolist()):
+        for _ in range(freq_masks):
+            width = int(torch.randint(0, freq_width + 1, (1,), generator=generator))
+            start = int(torch.randint(0, max(bins - width, 0) + 1, (1,), generator=generator))
+            out[row, start:start + width, :length] = 0
+        for _ in range(time_masks):
+            width = int(torch.randint(0, int(time_width * length) + 1, (1,), generator=generator))
+            start = int(torch.randint(0, max(length - width, 0) + 1, (1,), generator=generator))
+            out[row, :, start:start + width] = 0
+    return out
 
 
 class TaskBatches:
@@ -123,7 +136,7 @@ class TaskBatches:
 def thinker_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Summed next-token loss over the reply tokens of a batch (``loss_mask`` 1)."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
-    logits = model(ids, batch["attention_mask"], **{k: batch[k] for k in MEDIA_ARGS if k in batch})
+    logits = model(ids, batch["attention_mask"], **media_arguments(batch))
     targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
     loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
@@ -161,13 +174,21 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
                               cache_bytes=int(options["cache_mb"]) << 20)
     pad = padding_id(tokenizer)
 
+    augment = dict(options["spec_augment"] or {})
+
     def collate(indices: list[int]) -> dict[str, Any]:
         examples = []
         for i in indices:
             record, root = records[i]
             processor.root = root
             examples.append(processor.encode(record["messages"]))
-        return processor.collate(examples, pad)
+        batch = processor.collate(examples, pad)
+        if augment and "input_features" in batch:
+            # Seeded by the batch's records: a resumed run draws the same masks.
+            generator = torch.Generator().manual_seed(hash((train.seed, *indices)) & 0x7FFFFFFF)
+            batch["input_features"] = spec_augment(batch["input_features"], batch["feature_attention_mask"],
+                                                   generator, **augment)
+        return batch
 
     tasks: dict[str, list[int]] = {}
     for index, (record, _) in enumerate(records):

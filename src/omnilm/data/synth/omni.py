@@ -118,6 +118,9 @@ class OmniConfig:
     # Images: one question per image, the kinds in turn.
     image_size: int = 112
     train_images: int = 3000
+    #: Training images carry up to this many questions, one turn each (every object's colour and shape, every
+    #: shape's count): more to learn from each image the encoder reads. Evaluation images have one question.
+    train_questions_per_image: int = 4
     eval_images: int = 500
     # Videos: video_segments digits, each shown for segment_seconds_min..max (whole frames); words_per_video
     # narration words, each inside a different digit's time with word_margin seconds to spare on both sides.
@@ -507,6 +510,23 @@ def layout_key(scene: dict[str, Any]) -> str:
     return json.dumps({k: scene.get(k) for k in ("kind", "objects", "digit")}, sort_keys=True)
 
 
+def scene_questions(scene: dict[str, Any], rng: random.Random) -> list[tuple[str, str]]:
+    """Every question a scene answers unambiguously: each object's colour and shape (their shapes and colours are
+    distinct in colour and shape scenes), each shape's count in count scenes; shuffled."""
+    objects = scene.get("objects") or []
+    pairs: list[tuple[str, str]] = []
+    if scene["kind"] in ("colour", "shape"):
+        for obj in objects:
+            pairs.append((rng.choice(IMAGE_QUESTIONS["colour"]).format(shape=obj["shape"]), obj["colour"]))
+            pairs.append((rng.choice(IMAGE_QUESTIONS["shape"]).format(colour=obj["colour"]), obj["shape"]))
+    elif scene["kind"] == "count":
+        for shape in sorted({obj["shape"] for obj in objects}):
+            count = sum(obj["shape"] == shape for obj in objects)
+            pairs.append((rng.choice(IMAGE_QUESTIONS["count"]).format(shape=shape), str(count)))
+    rng.shuffle(pairs)
+    return pairs
+
+
 def image_records(config: OmniConfig, out: Path) -> list[dict[str, Any]]:
     """Render the images of both splits into ``out/images``; evaluation layouts never occur in training."""
     rng = random.Random(config.seed * 1_000_003 + 37)
@@ -524,11 +544,14 @@ def image_records(config: OmniConfig, out: Path) -> list[dict[str, Any]]:
             seen.add(layout_key(scene))
             path = f"images/{split}/i{index:05d}.png"
             render_scene(scene).save(out / path, optimize=False)
-            records.append({"messages": [{"role": "user", "content": [{"type": "image", "image": path},
-                                                                      {"type": "text", "text": text}]},
-                                         {"role": "assistant", "content": answer}],
-                            "task": "image_qa", "split": split, "kind": kind, "text": text, "answer": answer,
-                            "scene": scene})
+            messages = [{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": text}]},
+                        {"role": "assistant", "content": answer}]
+            if split == "train":
+                extra = [(q, a) for q, a in scene_questions(scene, rng) if q != text]
+                for question, reply in extra[: config.train_questions_per_image - 1]:
+                    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+            records.append({"messages": messages, "task": "image_qa", "split": split, "kind": kind, "text": text,
+                            "answer": answer, "scene": scene})
     return records
 
 

@@ -1,0 +1,46 @@
+"""The omni recipe's smoke preset end to end: synthesised speech, renders and videos, the text stages, and a
+Thinker trained on them whose folder loads in transformers with equal logits; the report has its evaluations."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from omnilm.cli import main
+
+
+@pytest.fixture(scope="module")
+def omni_smoke(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng (Debian package) is not installed; .ci/run installs it")
+    out = tmp_path_factory.mktemp("runs") / "omni-smoke"
+    assert main(["run", "omni", "--preset", "smoke", "--out", str(out)]) == 0
+    return out
+
+
+def test_omni_smoke_trains_a_thinker_with_evaluations(omni_smoke: Path) -> None:
+    evals = json.loads((omni_smoke / "evals.json").read_text())["omni"]
+    for name in ("spoken_qa", "text_qa", "spoken_qa_all", "image_qa", "video_qa"):
+        assert 0.0 <= evals[name]["accuracy"] <= 1.0 and evals[name]["examples"] > 0, name
+    assert evals["qa_trained"]["examples"] > 0  # the text evaluation of the earlier stage runs on the Thinker too
+    report = (omni_smoke / "report.md").read_text()
+    assert "Thinker: decoder" in report and "video_qa" in report
+
+
+def test_the_trained_thinker_loads_in_transformers(omni_smoke: Path) -> None:
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omnilm.omni.thinker import load_thinker
+
+    final = omni_smoke / "final"
+    ours = load_thinker(final)
+    theirs = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(final).eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, mask), theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-4,
+                                   rtol=1e-4)
