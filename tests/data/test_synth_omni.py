@@ -160,7 +160,8 @@ def test_files_exist_and_decode(smoke: Path) -> None:
             else:
                 assert part["type"] == "text" and part["text"] == record["text"]
     stats = json.loads((smoke / "stats.json").read_text())
-    assert {t: sum(s.values()) for t, s in stats["records"].items()} == tasks
+    speech = read(smoke / "speech.jsonl")
+    assert {t: sum(s.values()) for t, s in stats["records"].items()} == tasks | {"speak": len(speech)}
     assert set(tasks) == {"spoken_qa", "transcribe", "text_qa", "image_qa", "video_qa"}
     assert tasks["transcribe"] == sum(r["task"] == "spoken_qa" and r["split"] == "train" for r in records(smoke))
     assert stats["records"]["image_qa"] == {"train": config.train_images, "eval": config.eval_images}
@@ -338,3 +339,22 @@ def test_cli_and_recipe_job(smoke: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert "already done" in logs[-1]
     assert run_job("omni", spec, root, logs.append, {"job bios": "new"})[1] != fingerprint
     assert "rerunning" in logs[-2]
+
+
+@needs_espeak
+def test_every_qa_reply_is_spoken_in_the_assistant_voice(smoke: Path) -> None:
+    config = OmniConfig(**json.loads((smoke / "config.json").read_text()))
+    qa = read(smoke / "bios" / "qa.jsonl")
+    speech = read(smoke / "speech.jsonl")
+    assert len(speech) == len(qa)
+    by_answer: dict[str, str] = {}
+    for record, source in zip(speech, qa, strict=True):
+        assert record["messages"] == [{"role": "user", "content": [{"type": "text", "text": source["messages"][0][
+            "content"]}]}, {"role": "assistant", "content": source["answer"]}]
+        assert record["voice"] == config.reply_voice and record["task"] == "speak"
+        assert record["split"] == ("train" if source["split"] == "train" else "eval")
+        rate, channels, width, frames = wav_info(smoke / record["reply_audio"])
+        assert (rate, channels, width) == (16_000, 1, 2) and frames > 0.1 * rate
+        # One file per distinct reply: the same words in the same voice are the same audio.
+        assert by_answer.setdefault(record["answer"], record["reply_audio"]) == record["reply_audio"]
+

@@ -15,9 +15,10 @@ Options:
 ``video_min_pixels``      pixel budget of a video frame, lower bound (default 56·56)
 ``video_max_pixels``      pixel budget of a video frame, upper bound (default 56·56)
 ``video_fps`` (2.0)       frames per second videos are sampled at
-``spec_augment`` (on)     SpecAugment on training audio: ``freq_masks`` bands of up to ``freq_width`` mel bins and
-                          ``time_masks`` spans of up to ``time_width`` (a fraction) of each audio's frames set to 0,
-                          so the encoder cannot lean on one voice's spectrum; ``{}`` or false turns it off
+``spec_augment`` (off)    SpecAugment on training audio, e.g. ``{freq_masks: 2, freq_width: 15, time_masks: 2,
+                          time_width: 0.1}``: bands of up to ``freq_width`` mel bins and spans of up to
+                          ``time_width`` (a fraction) of each audio's frames set to 0. Off by default: at this scale it
+                          slowed learning (held-out-voice spoken QA 57 % with it, 73 % without, same steps)
 ``cache_mb`` (2048)       media read and preprocessed once, kept in memory up to this size (0 = reread every time)
 ``task_weights`` ({})     how often each record ``task`` is drawn (default: in proportion to its records); every
                           batch holds records of one task, so lengths are alike and little is padding
@@ -42,8 +43,7 @@ from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 OMNI_OPTIONS = {"audio": {}, "vision": {}, "image_max_pixels": 112 * 112, "video_min_pixels": 56 * 56,
                 "video_max_pixels": 56 * 56, "video_fps": 2.0, "cache_mb": 2048,
-                "spec_augment": {"freq_masks": 2, "freq_width": 15, "time_masks": 2, "time_width": 0.1},
-                "task_weights": {}, "strict": False}
+                "spec_augment": {}, "task_weights": {}, "strict": False}
 
 def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
     """(Thinker, tokenizer) to start from: a thinker folder as it is, or a text model turned into one."""

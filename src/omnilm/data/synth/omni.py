@@ -7,9 +7,12 @@ Files written:
 
 ``train.jsonl``   training records of every task, shuffled
 ``eval.jsonl``    evaluation records: held-out voices, fresh image layouts, fresh videos in held-out voices
+``speech.jsonl``  every QA pair as text with its reply spoken in the assistant's voice (``reply_audio``, task
+                  ``speak``; split by QA split): the Talker's and Token2wav's data
 ``stats.json``    counts per task and split, the voices of each split, seconds of audio, generation time
 ``config.json``   the settings used
-``audio/``        spoken questions (file name: a hash of text and voice, so reruns reuse them)
+``audio/``        spoken questions (file name: a hash of text and voice, so reruns reuse them); ``audio/replies/``
+                  the QA replies in the assistant's voice
 ``images/``       ``train/`` and ``eval/`` PNG renders
 ``video/``        ``train/vNNNN/`` and ``eval/vNNNN/``: PNG frames, ``narration.wav`` and ``video.json``
 ``bios/``         the biographies the questions are about, when no ``bios`` folder was given
@@ -38,6 +41,7 @@ import json
 import math
 import multiprocessing
 import random
+import re
 import shutil
 import time
 import wave
@@ -113,6 +117,9 @@ class OmniConfig:
     #: Also train on writing down what a training voice said ("transcribe" records over the same audio): dense
     #: supervision that teaches an audio encoder to say what the words are, which the answers then build on.
     transcribe: bool = True
+    #: The assistant's voice (accent+variant:speed:pitch): every QA reply spoken by it goes to ``speech.jsonl``,
+    #: what the Talker and Token2wav learn to say. Empty: no spoken replies.
+    reply_voice: str = "en-us+m3:s160:p50"
     eval_phrasings_per_fact: int = 1  # evaluation: question phrasings per person and attribute (of 2)
     eval_voices_per_question: int = 1
     # Images: one question per image, the kinds in turn.
@@ -177,6 +184,8 @@ def check_config(config: OmniConfig) -> None:
         raise UserError("need 0 < speed_min <= speed_max and 0 <= pitch_min <= pitch_max <= 99")
     if not 56 <= config.image_size <= 224 or not 56 <= config.video_size <= 224:
         raise UserError("image_size and video_size must be 56..224 pixels")
+    if config.reply_voice:
+        parse_voice(config.reply_voice)
     if not 1 <= config.words_per_video <= config.video_segments <= 10:
         raise UserError("need 1 <= words_per_video <= video_segments <= 10 (one distinct digit per segment)")
     if config.words_per_video > len(WORDS):
@@ -186,6 +195,15 @@ def check_config(config: OmniConfig) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- voices
+
+
+def parse_voice(name: str) -> Voice:
+    """The voice named ``accent+variant:sSPEED:pPITCH`` (:attr:`Voice.name`'s format)."""
+    found = re.fullmatch(r"([\w-]+)\+([\w-]+):s(\d+):p(\d+)", name.strip())
+    if not found:
+        raise UserError(f"voice {name!r} is not of the form accent+variant:sSPEED:pPITCH (e.g. en-us+m3:s160:p50)")
+    accent, variant, speed, pitch = found.groups()
+    return Voice(accent, variant, int(speed), int(pitch))
 
 
 def make_voices(config: OmniConfig) -> dict[str, list[Voice]]:
@@ -349,6 +367,24 @@ def select_people(pairs: list[dict[str, Any]], limit: int) -> set[int]:
             if queue and len(chosen) < limit:
                 chosen.append(queue.pop(0))
     return set(chosen)
+
+
+def reply_records(config: OmniConfig, pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[SpeechJob]]:
+    """Every QA pair of every person as a text chat whose reply the assistant's voice speaks (``reply_audio``):
+    what the Talker and Token2wav learn from. Split by the QA split: replies of ``qa_split: test`` facts are never
+    voiced in training, so intelligibility is measured on sentences the speech models did not hear."""
+    if not config.reply_voice:
+        return [], []
+    assistant = parse_voice(config.reply_voice)
+    records, jobs = [], []
+    for pair in pairs:
+        job = SpeechJob(pair["answer"], assistant, 0.05, "audio/replies")
+        jobs.append(job)
+        records.append({"messages": [{"role": "user", "content": [{"type": "text", "text": pair["question"]}]},
+                                     {"role": "assistant", "content": pair["answer"]}],
+                        "task": "speak", "reply_audio": job.path, "voice": assistant.name}
+                       | _qa_common(pair, "train" if pair["split"] == "train" else "eval"))
+    return records, jobs
 
 
 def _qa_common(pair: dict[str, Any], split: str) -> dict[str, Any]:
@@ -664,6 +700,8 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
     pairs = read_qa(bios_folder(config, out))
 
     qa_records, jobs = spoken_records(config, pairs, voices)
+    speech_records, reply_jobs = reply_records(config, pairs)
+    jobs += reply_jobs
     video_rng = random.Random(config.seed * 1_000_003 + 53)
     plans = plan_videos(config, voices, video_rng)
     word_jobs = {(w, p.voice.name): word_job(w, p.voice) for p in plans for w in p.words}
@@ -692,6 +730,7 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
     random.Random(config.seed * 1_000_003 + 71).shuffle(train)  # a mixture, not task after task
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", [r for r in records if r["split"] == "eval"])
+    write_jsonl(out / "speech.jsonl", speech_records)
     write_json_atomic(out / "config.json", asdict(config))
 
     counts: dict[str, dict[str, int]] = defaultdict(Counter)
@@ -705,7 +744,8 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
         audio_seconds["video_narration"][plan.split] += meta["duration"]
     elapsed = time.perf_counter() - began
     stats = {
-        "records": {task: dict(by_split) for task, by_split in counts.items()},
+        "records": {task: dict(by_split) for task, by_split in counts.items()}
+        | ({"speak": dict(Counter(r["split"] for r in speech_records))} if speech_records else {}),
         "videos": dict(Counter(p.split for p in plans)),
         "voices": {split: [v.name for v in vs] for split, vs in voices.items()},
         "audio_seconds": {k: {s: round(v, 1) for s, v in d.items()} for k, d in audio_seconds.items()},
