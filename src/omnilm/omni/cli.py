@@ -1,11 +1,16 @@
-"""CLI verb ``omni``: use a Thinker from the command line.
+"""CLI verb ``omni``: use a Thinker (and its voice) from the command line.
 
 ``omnilm omni ask --model DIR [--image F.png] [--audio F.wav] [--video DIR|F [--video-audio F.wav]] --prompt TEXT``
 asks one question about the given media and prints the reply (greedy unless ``--temperature`` says otherwise),
 streamed as it is generated. ``--image`` and ``--audio`` may be repeated; the media come before the prompt in the
 user turn, in the order given on the command line. A video is a folder of PNG frames (named so that they sort in
 order, with an optional ``video.json`` holding ``{"fps": ...}``) or an animated GIF/PNG/WebP; ``--video-audio``
-gives its soundtrack, which the model then hears along with the frames (audio-in-video).
+gives its soundtrack, which the model then hears along with the frames (audio-in-video). ``--speak F.wav`` also
+reads the reply out with the folder's voice (:func:`omnilm.omni.speech.load_voice`) and writes it to F.wav.
+
+``omnilm omni speak --model DIR --text TEXT --out F.wav [--stream]`` says a text with the folder's voice (the
+prompt of :meth:`omnilm.omni.speech.Voice.speak_text`). By default the whole utterance is synthesised at once;
+``--stream`` takes the streaming path, chunk by chunk as the codes come, and reports when the first audio came.
 """
 
 from __future__ import annotations
@@ -49,8 +54,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     ask.add_argument("--top-p", type=float, default=1.0)
     ask.add_argument("--seed", type=int, default=None)
+    ask.add_argument("--speak", default=None, metavar="F.wav",
+                     help="also speak the reply with the folder's voice (talker/, token2wav/) into this WAV file")
+    ask.add_argument("--max-codes", type=int, default=4096,
+                     help="with --speak: most speech codes (50 a second), chosen greedily")
     ask.add_argument("--device", default="cpu")
     ask.set_defaults(handler=run_ask)
+
+    speak = verbs.add_parser("speak", help="say a text with a thinker folder's voice; writes a WAV file")
+    speak.add_argument("--model", required=True, help="thinker folder with a voice (talker/ and token2wav/)")
+    speak.add_argument("--text", required=True, help="what to say")
+    speak.add_argument("--out", required=True, metavar="F.wav", help="the WAV file to write")
+    speak.add_argument("--stream", action="store_true",
+                       help="synthesise chunk by chunk as the codes come (the serving path) instead of at once")
+    speak.add_argument("--max-codes", type=int, default=4096, help="most speech codes (50 a second)")
+    speak.add_argument("--temperature", type=float, default=0.0, help="of the speech codes; 0 = greedy (default)")
+    speak.add_argument("--top-p", type=float, default=1.0)
+    speak.add_argument("--seed", type=int, default=None)
+    speak.add_argument("--device", default="cpu")
+    speak.set_defaults(handler=run_speak)
 
 
 def animated_frames(path: str | Path) -> tuple[list[Any], float | None]:
@@ -112,14 +134,10 @@ def ask_messages(media: Sequence[tuple[str, str]], prompt: str, system: str | No
     return ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": parts}]
 
 
-def ask(thinker: Any, tokenizer: Any, messages: list[dict[str, Any]], params: Any) -> Iterator[str]:
-    """The reply to ``messages`` (processor parts), piece by piece as the tokens come: greedy or sampled per
-    ``params``, ending at the end of the turn."""
-    from omnilm.infer.detokenize import StreamingDecoder
-    from omnilm.infer.generate import FINISHED
-    from omnilm.omni.generate import generate_thinker
+def ask_batch(thinker: Any, tokenizer: Any, messages: list[dict[str, Any]], params: Any) -> dict[str, Any]:
+    """The prompt of ``messages`` (processor parts) as a collated batch on the model's device, checked to leave
+    room for ``params.max_new_tokens``."""
     from omnilm.omni.processor import OmniProcessor
-    from omnilm.tokenizer.chat import IM_END
 
     processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget)
     example = processor.encode(messages, add_generation_prompt=True)
@@ -130,8 +148,19 @@ def ask(thinker: Any, tokenizer: Any, messages: list[dict[str, Any]], params: An
         raise UserError(f"the prompt ({len(example.ids)} tokens with the media) plus --max-new-tokens "
                         f"({params.max_new_tokens}) exceeds the model's context of {context}")
     device = next(thinker.parameters()).device
-    batch = {k: v.to(device) if hasattr(v, "to") else v
-             for k, v in processor.collate([example], pad_id=0, left_pad=True).items()}
+    return {k: v.to(device) if hasattr(v, "to") else v
+            for k, v in processor.collate([example], pad_id=0, left_pad=True).items()}
+
+
+def reply_text(thinker: Any, tokenizer: Any, batch: dict[str, Any], params: Any,
+               reply_ids: list[int] | None = None) -> Iterator[str]:
+    """The reply to the prompt ``batch``, piece by piece as the tokens come: greedy or sampled per ``params``,
+    ending at the end of the turn. ``reply_ids``, when given, receives the reply's tokens (the end not included)."""
+    from omnilm.infer.detokenize import StreamingDecoder
+    from omnilm.infer.generate import FINISHED
+    from omnilm.omni.generate import generate_thinker
+    from omnilm.tokenizer.chat import IM_END
+
     eos = {i for i in (tokenizer.eos_id, thinker.config.text.eos_token_id, tokenizer.token_to_id(IM_END))
            if i is not None}
     decoder = StreamingDecoder(tokenizer, params.stop)
@@ -139,11 +168,48 @@ def ask(thinker: Any, tokenizer: Any, messages: list[dict[str, Any]], params: An
         token = int(step[0])
         if token == FINISHED or token in eos:
             break
+        if reply_ids is not None:
+            reply_ids.append(token)
         yield decoder.push(token)
     yield decoder.finish()
 
 
+def ask(thinker: Any, tokenizer: Any, messages: list[dict[str, Any]], params: Any) -> Iterator[str]:
+    """The reply to ``messages`` (processor parts), piece by piece as the tokens come: greedy or sampled per
+    ``params``, ending at the end of the turn."""
+    yield from reply_text(thinker, tokenizer, ask_batch(thinker, tokenizer, messages, params), params)
+
+
+def the_voice(model: str, **kwargs: Any) -> Any:
+    """The voice of the thinker folder ``model``; a clear error when it has none."""
+    from omnilm.errors import UserError
+    from omnilm.omni.speech import TALKER_DIR, TOKEN2WAV_DIR, load_voice
+
+    if not Path(model).is_dir():
+        raise FileNotFoundError(f"--model {model}: no such folder")
+    voice = load_voice(model, **kwargs)
+    if voice is None:
+        raise UserError(f"{model} has no voice: speaking needs a {TALKER_DIR}/ and a {TOKEN2WAV_DIR}/ folder "
+                        "beside the Thinker (omnilm.omni.speech.save_voice writes them)")
+    return voice
+
+
+def write_speech(path: str, chunks: Sequence[Any], sample_rate: int) -> float:
+    """Write waveform chunks joined as a WAV file (atomically); returns the seconds of audio."""
+    import numpy as np
+
+    from omnilm.omni.audio import write_wav
+    from omnilm.utils.atomic import atomic_path
+
+    samples = np.concatenate([np.asarray(c, dtype=np.float32) for c in chunks]) if chunks else np.zeros(0, np.float32)
+    with atomic_path(path) as tmp:
+        write_wav(tmp, samples, sample_rate)
+    return len(samples) / sample_rate
+
+
 def run_ask(args: argparse.Namespace) -> int:
+    import sys
+
     from omnilm.infer.sampling import SamplingParams
     from omnilm.omni.thinker import load_thinker
     from omnilm.tokenizer import Tokenizer
@@ -151,9 +217,47 @@ def run_ask(args: argparse.Namespace) -> int:
     messages = ask_messages(args.media, args.prompt, args.system, args.video_audio, args.video_fps)
     thinker = load_thinker(args.model).to(args.device)  # a text model's folder is refused here, by its model_type
     tokenizer = Tokenizer.from_dir(args.model)
+    voice = None if args.speak is None else the_voice(args.model, thinker=thinker, tokenizer=tokenizer,
+                                                      device=args.device)
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
-    for piece in ask(thinker, tokenizer, messages, params):
+    batch = ask_batch(thinker, tokenizer, messages, params)
+    reply: list[int] = []
+    for piece in reply_text(thinker, tokenizer, batch, params, reply):
         print(piece, end="", flush=True)
     print(flush=True)
+    if voice is not None:
+        codes = SamplingParams(max_new_tokens=args.max_codes, temperature=0.0)
+        seconds = write_speech(args.speak, list(voice.speak(batch, reply, codes)), voice.sample_rate)
+        print(f"{args.speak}: {seconds:.2f} s of speech at {voice.sample_rate} Hz", file=sys.stderr)
+    return 0
+
+
+def run_speak(args: argparse.Namespace) -> int:
+    import time
+
+    from omnilm.errors import UserError
+    from omnilm.infer.sampling import SamplingParams
+
+    if not args.text.strip():
+        raise UserError("--text is empty: nothing to say")
+    voice = the_voice(args.model, device=args.device)
+    params = SamplingParams(max_new_tokens=args.max_codes, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    start = time.perf_counter()
+    if args.stream:
+        chunks, first = [], None
+        for chunk in voice.speak_text(args.text, params):
+            first = time.perf_counter() - start if first is None else first
+            chunks.append(chunk)
+        timing = f", first audio after {first:.2f} s in {len(chunks)} chunks" if first is not None else ""
+    else:
+        import torch
+
+        codes = list(voice.codes(*voice.text_prompt(args.text), params))
+        chunks = [voice.token2wav.synthesize(torch.tensor(codes, dtype=torch.long)).cpu().numpy()]
+        timing = ""
+    seconds = write_speech(args.out, chunks, voice.sample_rate)
+    print(f"{args.out}: {seconds:.2f} s of speech at {voice.sample_rate} Hz (made in "
+          f"{time.perf_counter() - start:.2f} s{timing})")
     return 0
