@@ -7,6 +7,9 @@ Types:
                   records whose fields equal these values; ``max_examples``)
   ``omni_qa``     exact greedy answers of a Thinker to questions with audio, images and video (``data``: jsonl
                   of ``messages`` with media parts, paths relative to it; ``where``; ``max_examples``)
+  ``speech_wer``  word error rate of a Thinker's spoken replies (its folder's talker/ and token2wav/), of the
+                  recorded replies (the judge's floor) and of their codec round trip (``codec``: the ceiling);
+                  latency (``data``: jsonl with ``reply_audio``; ``where``; ``max_examples``)
   ``val_loss``    loss and bits per byte on the ``val`` split of a tokenised dataset (``data``; ``batches``,
                   ``batch_size``, ``seq_len``)
 """
@@ -73,6 +76,29 @@ def omni_qa_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, 
     return evaluate_omni(model, tokenizer, _limit(records, spec.get("max_examples")), Path(spec["data"]).parent)
 
 
+@register_eval("speech_wer", "wer")
+def speech_wer_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.eval.attributes import read_jsonl
+    from omnilm.eval.speech import SpeechJudge
+    from omnilm.eval.spoken_replies import evaluate_spoken_replies
+    from omnilm.omni.speech import load_voice
+
+    voice = load_voice(spec["model_dir"])
+    if voice is None:
+        raise ConfigError(f"speech_wer: {spec['model_dir']} has no voice (talker/ and token2wav/)")
+    everything = read_jsonl(spec["data"])
+    where = spec.get("where") or {}
+    records = [r for r in everything if all(r.get(k) == v for k, v in where.items())]
+    judge = SpeechJudge(sorted({r["messages"][-1]["content"] for r in everything}))
+    codec = None
+    if spec.get("codec"):
+        from omnilm.omni.codec import Codec
+
+        codec = Codec.load(spec["codec"])
+    return evaluate_spoken_replies(voice, _limit(records, spec.get("max_examples")), Path(spec["data"]).parent,
+                                   judge, codec)
+
+
 def _limit(records: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
     """A fixed random subset of at most ``limit`` records (all of them without a limit)."""
     if limit and len(records) > limit:
@@ -110,5 +136,5 @@ def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[s
         fn = EVAL_TYPES.get(spec.get("type", ""))
         if fn is None:
             raise ConfigError(f"eval {name!r}: unknown type {spec.get('type')!r} (known: {', '.join(EVAL_TYPES)})")
-        results[name] = fn(model, tokenizer, spec)
+        results[name] = fn(model, tokenizer, spec | {"model_dir": str(model_dir)})
     return results

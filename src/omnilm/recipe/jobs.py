@@ -78,6 +78,29 @@ def synth_omni(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     return write_omni(omni_config(scale, spec, source="synth_omni job"), out)
 
 
+@job("speech_codec")
+def speech_codec(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """A speech codec (:mod:`omnilm.omni.codec`) fitted to the spoken replies (``reply_audio``) of the training
+    records of ``data`` (jsonl, e.g. a synth_omni job's ``speech.jsonl``): ``codes`` centroids, ``iterations``."""
+    from omnilm.data.chat_data import read_records
+    from omnilm.omni.audio import load_audio
+    from omnilm.omni.codec import fit_codec
+
+    _take(spec, {"data", "codes", "iterations", "seed"}, "speech_codec")
+    files: dict[Path, None] = {}
+    for path in _paths(spec["data"], root):
+        for record, _ in read_records([path], {"split": "train"}, strict=True):
+            if record.get("reply_audio"):
+                files.setdefault(Path(path).parent / record["reply_audio"])
+    if not files:
+        raise ConfigError(f"job speech_codec: no training records with reply_audio in {spec['data']}")
+    codec = fit_codec((load_audio(f) for f in files), int(spec.get("codes", 256)), int(spec.get("iterations", 30)),
+                      int(spec.get("seed", 0)))
+    codec.stats.update(files=len(files))
+    codec.save(out)
+    return {"codes": codec.codes, "files": len(files), "train_mse": round(codec.stats["train_mse"], 5)}
+
+
 @job("tokenizer")
 def train_tokenizer(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     from omnilm.data.sources import iter_documents

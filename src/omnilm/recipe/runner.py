@@ -32,7 +32,7 @@ STAGE_DONE = "stage.json"
 STAGE_STARTED = "stage-spec.json"
 STALE_SUFFIX = ".stale"
 PATH_KEYS = ("init_from", "tokenizer")
-OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data")  # stage options that name model folders
+OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data", "codec")  # stage options that name folders
 
 
 def _resolve(path: str, root: Path) -> str:
@@ -131,7 +131,7 @@ def resolve_evals(evals: dict[str, dict[str, Any]], root: Path) -> dict[str, dic
     out = {}
     for name, spec in (evals or {}).items():
         spec = dict(spec)
-        for key in ("data", "seen"):
+        for key in ("data", "seen", "codec"):
             if spec.get(key):
                 spec[key] = _resolve(spec[key], root)
         out[name] = spec

@@ -29,7 +29,8 @@ from omnilm.utils.fingerprint import changed_keys
 CONFIG_RECORD = "stage_config.json"
 LM_STAGE_TYPES = ("pretrain", "midtrain")
 NO_LORA_STAGE_TYPES = ("reward", "ppo")
-KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill", "omni_sft")
+KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill", "omni_sft",
+                                     "talker", "token2wav")
 
 
 @dataclass
@@ -171,6 +172,8 @@ def _load_builders() -> None:
     import omnilm.train.pretrain  # noqa: F401
     import omnilm.train.reward  # noqa: F401
     import omnilm.train.sft  # noqa: F401
+    import omnilm.train.talker  # noqa: F401
+    import omnilm.train.token2wav  # noqa: F401
 
 
 # ---------------------------------------------------------------------------------------------- shared parts

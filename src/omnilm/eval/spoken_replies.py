@@ -1,0 +1,91 @@
+"""Are the spoken replies intelligible? Word error rate of speech out, judged by an offline recogniser.
+
+For each record (a chat whose last message is the reference reply, with ``reply_audio``: that reply spoken by the
+assistant's voice), three audios of the same words are transcribed by the same judge (:class:`SpeechJudge`, a
+language model over the domain's sentences):
+
+- ``espeak``: the recorded reply itself: the judge's floor (what it gets wrong on the source voice);
+- ``codec``: that recording → codec codes → the codec's mel → the vocoder: the ceiling the codes allow;
+- ``talker``: the Thinker's own greedy reply to the question, spoken by Talker → Token2wav → vocoder; scored
+  against the Thinker's text (does the speech say what the text says?).
+
+Latency is measured on the ``talker`` path: seconds to the first audio chunk and the real-time factor (seconds of
+compute per second of audio).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _greedy_reply(voice: Any, batch: dict[str, Any], max_tokens: int) -> list[int]:
+    from omnilm.infer.generate import FINISHED
+    from omnilm.infer.sampling import SamplingParams
+    from omnilm.omni.generate import generate_thinker
+    from omnilm.tokenizer.tokenizer import IM_END
+
+    tokenizer = voice.tokenizer
+    eos = [i for i in (tokenizer.token_to_id(IM_END), tokenizer.eos_id) if i is not None]
+    reply = []
+    for step in generate_thinker(voice.thinker, batch, SamplingParams(max_new_tokens=max_tokens, temperature=0.0),
+                                 eos, tokenizer.pad_id or 0):
+        token = int(step[0])
+        if token == FINISHED or token in eos:
+            break
+        reply.append(token)
+    return reply + eos[:1]
+
+
+@torch.no_grad()
+def evaluate_spoken_replies(voice: Any, records: Sequence[dict[str, Any]], root: str | Path, judge: Any,
+                            codec: Any = None, max_tokens: int = 32) -> dict[str, float]:
+    """WER of the floor (``espeak``), the codec ceiling (``codec``, when a codec is given) and the Talker's speech
+    (``talker``), first-chunk latency and real-time factor."""
+    from omnilm.omni.audio import load_audio
+    from omnilm.omni.processor import OmniProcessor
+    from omnilm.omni.vocoder import griffin_lim
+
+    root = Path(root)
+    tokenizer = voice.tokenizer
+    processor = OmniProcessor(tokenizer, voice.thinker.config, voice.thinker.media_budget, root)
+    heard: dict[str, list[tuple[str, str]]] = {"espeak": [], "codec": [], "talker": []}
+    first_chunk, compute, audio_seconds = [], 0.0, 0.0
+    for record in records:
+        reference = record["messages"][-1]["content"]
+        recorded = load_audio(root / record["reply_audio"]).numpy()
+        heard["espeak"].append((reference, judge.transcribe(recorded)))
+        if codec is not None:
+            rebuilt = griffin_lim(codec.decode(codec.encode(torch.from_numpy(recorded)))).numpy()
+            heard["codec"].append((reference, judge.transcribe(rebuilt)))
+        batch = processor.collate([processor.encode(record["messages"][:-1], add_generation_prompt=True)],
+                                  tokenizer.pad_id or 0, left_pad=True)
+        reply = _greedy_reply(voice, batch, max_tokens)
+        text = tokenizer.decode(reply, skip_special_tokens=True).strip()
+        began = time.perf_counter()
+        chunks = []
+        for chunk in voice.speak(batch, reply):
+            if not chunks:
+                first_chunk.append(time.perf_counter() - began)
+            chunks.append(np.asarray(chunk, dtype=np.float32))
+        compute += time.perf_counter() - began
+        wave = np.concatenate(chunks) if chunks else np.zeros(1, dtype=np.float32)
+        audio_seconds += len(wave) / voice.sample_rate
+        heard["talker"].append((text, judge.transcribe(wave)))
+    return summarise(heard) | {"examples": float(len(records)),
+                               "first_audio_s": float(np.median(first_chunk)) if first_chunk else float("nan"),
+                               "real_time_factor": compute / max(audio_seconds, 1e-9)}
+
+
+def summarise(heard: dict[str, list[tuple[str, str]]]) -> dict[str, float]:
+    """Corpus WER per path that was measured; ``wer`` (the headline) is the Talker's."""
+    from omnilm.eval.speech import wer
+
+    out = {f"wer_{name}": wer([r for r, _ in pairs], [h for _, h in pairs]) for name, pairs in heard.items() if pairs}
+    out["wer"] = out.get("wer_talker", float("nan"))
+    return out
