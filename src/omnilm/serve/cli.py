@@ -60,7 +60,8 @@ def run_serve(args: argparse.Namespace) -> int:
     capacity = (f"{stats['kv_blocks']} KV blocks of {stats['block_size']} positions, up to {config.max_batch} "
                 "requests at once" if "kv_blocks" in stats
                 else "one request at a time" + (", speculative" if config.draft_model else ""))
+    voice = f", speaks at {service.voice['sample_rate']} Hz" if service.voice is not None else ""
     print(f"omnilm serve: {service.name} on http://{args.host}:{args.port} ({capacity}, context {service.context}"
-          f"{', API key required' if api_key else ''})", flush=True)
+          f"{voice}{', API key required' if api_key else ''})", flush=True)
     uvicorn.run(create_app(service, api_key=api_key), host=args.host, port=args.port, log_level="warning")
     return 0

@@ -9,11 +9,12 @@ next ones are served.
 
 Protocol of the engine process (pickled tuples over a ``multiprocessing`` pipe):
 
-- server → engine: ``("submit", [(id, prompt_ids, params, media), ...])`` (``media``: a Thinker request's media
-  arguments as numpy arrays, see :mod:`omnilm.serve.thinker_engine`; None for text), ``("cancel", [id, ...])``,
-  ``("stop",)``;
-- engine → server: ``("ready", max_len, eos_ids)`` once, then after every step
-  ``("events", [(id, text piece) | (id, None, finish_reason, error, output_ids), ...], stats)``.
+- server → engine: ``("submit", [(id, prompt_ids, params, fields), ...])`` (``fields``: what a Thinker request
+  adds, :func:`~omnilm.serve.thinker_engine.speech_fields`: its media arguments as numpy arrays, whether to speak
+  the reply, text to say; None for a plain request), ``("cancel", [id, ...])``, ``("stop",)``;
+- engine → server: ``("ready", max_len, eos_ids, voice)`` once (``voice``: :func:`voice_info`), then after every
+  step ``("events", [(id, text piece) | (id, audio chunk) | (id, None, finish_reason, error, output_ids), ...],
+  stats)``, an audio chunk being a float32 numpy array.
 """
 
 from __future__ import annotations
@@ -32,6 +33,29 @@ from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQu
 
 log = logging.getLogger(__name__)
 
+#: The name the served voice answers to when the voice does not name itself.
+DEFAULT_VOICE = "default"
+
+
+def voice_info(engine: RequestQueue) -> dict[str, Any] | None:
+    """What the server needs to know of the engine's voice (None: the model writes text only): ``name`` and
+    ``sample_rate``."""
+    voice = getattr(engine, "voice", None)
+    if voice is None:
+        return None
+    return {"name": str(getattr(voice, "name", None) or DEFAULT_VOICE), "sample_rate": int(voice.sample_rate)}
+
+
+def check_request(request: Request, max_len: int) -> None:
+    """Raise ValueError for a request no engine of context ``max_len`` can serve (text to say has no prompt)."""
+    if getattr(request, "say", None) is not None:
+        return
+    if not request.prompt_ids:
+        raise ValueError("a request needs at least one prompt token")
+    if len(request.prompt_ids) + request.params.max_new_tokens > max_len:
+        raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
+                         f"({request.params.max_new_tokens}) exceeds the context of {max_len}")
+
 
 def build_engine(model_dir: str | Path, config: ServeConfig) -> RequestQueue:
     """The engine ``config`` describes for the model folder (a draft model makes it speculative; a thinker folder
@@ -40,14 +64,16 @@ def build_engine(model_dir: str | Path, config: ServeConfig) -> RequestQueue:
     from omnilm.tokenizer.chat import IM_END
 
     if is_thinker_folder(model_dir):
+        from omnilm.omni.speech import load_voice
         from omnilm.omni.thinker import load_thinker
         from omnilm.serve.thinker_engine import ThinkerEngine
         from omnilm.tokenizer import Tokenizer
 
         if config.draft_model is not None:
             raise UserError("a draft model cannot serve a Thinker (speculative decoding is for text models)")
-        thinker_engine = ThinkerEngine(load_thinker(model_dir), Tokenizer.from_dir(model_dir),
-                                       max_queue=config.max_queue)
+        thinker, tokenizer = load_thinker(model_dir), Tokenizer.from_dir(model_dir)
+        thinker_engine = ThinkerEngine(thinker, tokenizer, max_queue=config.max_queue,
+                                       voice=load_voice(model_dir, thinker, tokenizer))  # None without talker/
         im_end = thinker_engine.tokenizer.token_to_id(IM_END)
         if im_end is not None:
             thinker_engine.eos_ids.add(im_end)
@@ -81,6 +107,7 @@ class ThreadRunner:
     def __init__(self, engine: RequestQueue, on_step: Callable[[], None]) -> None:
         self.engine, self.on_step = engine, on_step
         self.max_len = engine.max_len
+        self.voice = voice_info(engine)
         self.wake = threading.Event()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True, name="omnilm-engine")
@@ -127,7 +154,7 @@ def _worker(conn: Any, model_dir: str, config: ServeConfig) -> None:
     events: list[tuple[Any, ...]] = []
     requests: dict[int, Request] = {}
 
-    def track(ident: int, prompt_ids: list[int], params: Any, media: dict[str, Any] | None) -> Request:
+    def track(ident: int, prompt_ids: list[int], params: Any, fields: dict[str, Any] | None) -> Request:
         def finished() -> None:
             request = requests.pop(ident)
             events.append((ident, None, request.finish_reason, request.error, request.output_ids))
@@ -135,17 +162,20 @@ def _worker(conn: Any, model_dir: str, config: ServeConfig) -> None:
         def text(piece: str) -> None:
             events.append((ident, piece))
 
+        def audio(chunk: Any) -> None:
+            events.append((ident, chunk))
+
         request: Request
-        if media is None:
+        if fields is None:
             request = Request(prompt_ids, params, text, finished)
         else:
             from omnilm.serve.thinker_engine import ThinkerRequest
 
-            request = ThinkerRequest(prompt_ids, params, text, finished, media=media)
+            request = ThinkerRequest(prompt_ids, params, text, finished, on_audio=audio, **fields)
         requests[ident] = request
         return request
 
-    conn.send(("ready", engine.max_len, sorted(engine.eos_ids)))
+    conn.send(("ready", engine.max_len, sorted(engine.eos_ids), voice_info(engine)))
     with torch.inference_mode():
         while True:
             timeout = 0.0 if engine.busy else 0.05
@@ -191,7 +221,7 @@ class ProcessRunner:
         self.process.start()
         child.close()
         try:
-            _, self.max_len, eos_ids = self.conn.recv()
+            _, self.max_len, eos_ids, self.voice = self.conn.recv()
         except EOFError:
             self.process.join(timeout=30)
             raise UserError(f"the engine process exited (code {self.process.exitcode}) before it was ready; "
@@ -212,8 +242,10 @@ class ProcessRunner:
                 request = self.requests.get(event[0])
                 if request is None:
                     continue
-                if event[1] is not None:
+                if isinstance(event[1], str):
                     request._emit(event[1])
+                elif event[1] is not None:
+                    request._emit_audio(event[1])  # type: ignore[attr-defined]  # only Thinker requests speak
                 else:
                     del self.requests[event[0]]
                     request.output_ids[:] = event[4]
@@ -236,12 +268,10 @@ class ProcessRunner:
             self.restarting = False
 
     def submit_all(self, requests: Sequence[Request]) -> None:
+        from omnilm.serve.thinker_engine import speech_fields
+
         for request in requests:
-            if not request.prompt_ids:
-                raise ValueError("a request needs at least one prompt token")
-            if len(request.prompt_ids) + request.params.max_new_tokens > self.max_len:
-                raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
-                                 f"({request.params.max_new_tokens}) exceeds the context of {self.max_len}")
+            check_request(request, self.max_len)
         with self.lock:
             if self.restarting:
                 raise EngineUnavailable("the engine is restarting after a fault; retry in a moment")
@@ -250,8 +280,7 @@ class ProcessRunner:
                 raise QueueFull(f"{waiting} requests are waiting (at most {self.config.max_queue})")
             for request in requests:
                 self.requests[request.request_id] = request
-            self.conn.send(("submit", [(r.request_id, r.prompt_ids, r.params, getattr(r, "media", None))
-                                       for r in requests]))
+            self.conn.send(("submit", [(r.request_id, r.prompt_ids, r.params, speech_fields(r)) for r in requests]))
 
     def fail(self, requests: Sequence[Request], error: str | None) -> None:
         with self.lock:

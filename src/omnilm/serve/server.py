@@ -1,9 +1,9 @@
 """An OpenAI-compatible HTTP server over the continuous-batching engine (FastAPI + uvicorn).
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both also streaming as server-sent events,
-with ``stream_options.include_usage``), ``GET /v1/models``, ``GET /health`` (with the engine's load) and ``GET /``
-(a web chat). The engine runs in a process of its own (or a thread, see :mod:`omnilm.serve.runner`); request handlers
-only submit requests and relay their text.
+with ``stream_options.include_usage``), ``POST /v1/audio/speech`` (a model with a voice, below), ``GET /v1/models``,
+``GET /health`` (with the engine's load) and ``GET /`` (a web chat). The engine runs in a process of its own (or a
+thread, see :mod:`omnilm.serve.runner`); request handlers only submit requests and relay their text and sound.
 
 What a client can rely on:
 
@@ -31,6 +31,26 @@ Content may also be a list of OpenAI content parts. A text model takes ``{"type"
 
 The server process decodes and encodes the media (so a bad one is a 400, and the prompt's length, media
 placeholders included, is checked against the context); the engine gets token ids and numpy arrays.
+
+A Thinker whose folder has a voice (``talker/`` and ``token2wav/``, :func:`omnilm.omni.speech.load_voice`) also
+speaks; /v1/models then lists ``output_modalities`` ``["text", "audio"]``, its one voice (``voices``) and its
+``audio_sample_rate``. Speech is made in the engine process, after the text, and reaches the server as numpy
+chunks (:mod:`omnilm.serve.thinker_engine`); what a client gets is 16-bit PCM (:mod:`omnilm.serve.audio_out`):
+
+- ``POST /v1/audio/speech`` (OpenAI's text to speech: ``input``, ``voice``, ``response_format`` ``wav`` or
+  ``pcm``, ``stream_format``): ``wav`` is sent whole with its exact sizes; ``pcm`` (raw s16le at the voice's rate,
+  also in the ``X-Sample-Rate`` header) and ``stream_format: "audio"`` stream the bytes as they are made (a
+  streamed WAV's header then marks its length unknown); ``stream_format: "sse"`` sends them base64 in
+  ``speech.audio.delta`` events, then ``speech.audio.done``. A failure before the first sound is an error status;
+- chat completions with ``modalities: ["text", "audio"]`` (and ``audio: {voice, format}``): the reply is written,
+  then spoken. Whole: ``message.audio`` is ``{id, data: base64 wav (or pcm16), transcript: the reply,
+  expires_at}`` and ``content`` is null, as OpenAI answers. Streamed (``pcm16`` only): first the text, as
+  ``delta.audio.transcript`` pieces while the Thinker writes, then the sound, as ``delta.audio.data`` (base64 pcm16)
+  chunks while the Talker speaks, then ``{id, expires_at}``, then the finish reason. An assistant turn sent back
+  as ``{"audio": {"id"}}`` without content stands for its transcript until ``expires_at``.
+
+Asking a model without a voice for audio, an unknown voice or an unsupported format is a 400 naming what is
+supported.
 """
 
 from __future__ import annotations
@@ -39,6 +59,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hmac
 import io
 import json
@@ -49,7 +70,7 @@ import time
 import uuid
 import wave
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -57,10 +78,11 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi import Request as HTTPRequest
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 
 from omnilm.errors import UserError
 from omnilm.infer.sampling import SamplingParams
+from omnilm.serve.audio_out import CHAT_AUDIO_FORMATS, SPEECH_FORMATS, Transcripts, pcm16, wav, wav_header
 from omnilm.serve.config import ServeConfig
 from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue
 from omnilm.tokenizer.chat import ROLES, encode_chat, validate_messages
@@ -79,6 +101,9 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 MEDIA_PARTS = ("image_url", "input_audio", "video")
 TEXT_MODALITIES = ["text"]
 THINKER_MODALITIES = ["text", "audio", "image", "video"]
+OUTPUT_MODALITIES = ("text", "audio")
+#: Longest ``input`` of /v1/audio/speech, in characters (OpenAI's bound).
+MAX_SPEECH_CHARS = 4096
 
 
 class APIError(Exception):
@@ -97,6 +122,24 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+@dataclass(frozen=True)
+class AudioOutput:
+    """How a chat reply is to be spoken: the voice and the format of ``message.audio.data``."""
+
+    voice: str
+    format: str
+
+
+@dataclass(frozen=True)
+class SpeechRequest:
+    """A validated /v1/audio/speech request."""
+
+    text: str
+    format: str
+    #: None (the body as a whole; ``pcm`` streams anyway), "audio" (the bytes as made) or "sse".
+    stream_format: str | None
+
+
 @dataclass
 class GenerationRequest:
     """A validated completion request: prompt token ids and how to sample ``n`` choices."""
@@ -108,6 +151,8 @@ class GenerationRequest:
     include_usage: bool
     #: A Thinker's media arguments for the placeholders in ``prompt_ids`` (numpy arrays), or None.
     media: dict[str, Any] | None = None
+    #: Speak the reply (chat with ``modalities`` including "audio"), or None.
+    audio: AudioOutput | None = None
 
 
 def _number(body: dict[str, Any], key: str, default: float, low: float, high: float | None = None) -> float:
@@ -313,7 +358,8 @@ def chat_contents(messages: Any, media: bool) -> list[dict[str, Any]]:
 class Channel:
     """The events of one HTTP request, from the engine thread to its handler on the event loop.
 
-    The engine appends ``(choice, text piece)`` pairs, ``(choice, None)`` at a choice's end, without blocking; the
+    The engine appends ``(choice, text piece)`` pairs (or ``(choice, audio chunk)``, a numpy array, when the choice
+    is spoken), ``(choice, None)`` at a choice's end, without blocking; the
     handler is woken once per engine step (``Service.flush``) however many events arrived, and takes them all at
     once. (One wake-up per token from another thread costs a system call and a task switch each, which under
     load competes with the engine for the interpreter.)
@@ -321,10 +367,10 @@ class Channel:
 
     def __init__(self, service: Service, loop: asyncio.AbstractEventLoop) -> None:
         self.service, self.loop = service, loop
-        self.items: deque[tuple[int, str | None]] = deque()
+        self.items: deque[tuple[int, Any]] = deque()
         self.waiter: asyncio.Future | None = None
 
-    def push(self, item: tuple[int, str | None]) -> None:
+    def push(self, item: tuple[int, Any]) -> None:
         """Called from any thread."""
         self.items.append(item)
         self.service.notify(self)
@@ -334,7 +380,7 @@ class Channel:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
-    async def take(self, timeout: float) -> list[tuple[int, str | None]]:
+    async def take(self, timeout: float) -> list[tuple[int, Any]]:
         """Every event that arrived, waiting up to ``timeout`` seconds for one (an empty list if none came)."""
         if not self.items:
             self.waiter = self.loop.create_future()
@@ -418,12 +464,20 @@ class Service:
             self.runner = ProcessRunner(model_dir, self.config, self.flush)
         else:
             self.runner = ThreadRunner(build_engine(model_dir, self.config), self.flush)
+        #: The engine's voice (``name``, ``sample_rate``; see :func:`omnilm.serve.runner.voice_info`), or None.
+        self.voice: dict[str, Any] | None = self.runner.voice
+        self.transcripts = Transcripts()
 
     @property
     def modalities(self) -> list[str]:
         """What the served model reads (``input_modalities`` of /v1/models; the web chat shows media controls
         when it lists more than text)."""
         return THINKER_MODALITIES if self.processor is not None else TEXT_MODALITIES
+
+    @property
+    def output_modalities(self) -> list[str]:
+        """What the served model answers in (``output_modalities`` of /v1/models)."""
+        return list(OUTPUT_MODALITIES) if self.voice is not None else ["text"]
 
     @property
     def engine(self) -> RequestQueue:
@@ -464,11 +518,12 @@ class Service:
         if body.get("model") not in (None, self.name):
             raise APIError(404, f"The model {body.get('model')!r} does not exist; this server serves {self.name!r}",
                            kind="invalid_request_error", param="model", code="model_not_found")
-        media = None
+        media = audio = None
         if chat:
             if "messages" not in body:
                 raise APIError(400, "messages is required", param="messages")
-            messages = chat_contents(body["messages"], media=self.processor is not None)
+            audio = self._audio_output(body)
+            messages = chat_contents(self._with_transcripts(body["messages"]), media=self.processor is not None)
             try:
                 if self.processor is None:
                     prompt_ids, _ = encode_chat(self.tokenizer, validate_messages(messages),
@@ -511,7 +566,98 @@ class Service:
                                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=tuple(stop),
                                 seed=_integer(body, "seed", None, 0))
         return GenerationRequest(prompt_ids, params, n, bool(body.get("stream", False)),
-                                 bool(stream_options.get("include_usage", False)), media)
+                                 bool(stream_options.get("include_usage", False)), media, audio)
+
+    def _no_voice(self, param: str) -> APIError:
+        return APIError(400, f"the model {self.name!r} has no voice: it answers in text only (its output_modalities "
+                        "are ['text']); a thinker folder speaks when it has talker/ and token2wav/ subfolders",
+                        param=param, code="audio_not_supported")
+
+    def _voice_name(self, value: Any, param: str) -> str:
+        """The voice a request names (None: the model's one voice); 400 for any other."""
+        name = self.voice["name"]  # type: ignore[index]
+        if isinstance(value, dict):
+            value = value.get("id")
+        if value is None or value == name:
+            return name
+        raise APIError(400, f"unknown voice {json.dumps(value)}; this model speaks with one voice: {name!r}",
+                       param=param, code="voice_not_found")
+
+    def _audio_output(self, body: dict[str, Any]) -> AudioOutput | None:
+        """How a chat reply is to be spoken (``modalities``, ``audio``), or None for text only."""
+        modalities = body.get("modalities")
+        if modalities is None:
+            modalities = ["text"]
+        if not isinstance(modalities, list) or not modalities or not all(isinstance(m, str) for m in modalities):
+            raise APIError(400, 'modalities must be a non-empty list of "text" and "audio"', param="modalities")
+        unknown = [m for m in modalities if m not in OUTPUT_MODALITIES]
+        if unknown:
+            raise APIError(400, f"unknown output modality {unknown[0]!r} (known: text, audio)", param="modalities")
+        options = body.get("audio")
+        if "audio" not in modalities:
+            if options is not None:
+                raise APIError(400, 'audio options were given but modalities does not include "audio"',
+                               param="audio")
+            return None
+        if self.voice is None:
+            raise self._no_voice("modalities")
+        options = {} if options is None else options
+        if not isinstance(options, dict):
+            raise APIError(400, "audio must be an object {voice, format}", param="audio")
+        stream = bool(body.get("stream", False))
+        kind = options.get("format", "pcm16" if stream else "wav")
+        if kind not in CHAT_AUDIO_FORMATS:
+            raise APIError(400, f"audio.format {json.dumps(kind)} is not supported (supported: "
+                           f"{', '.join(CHAT_AUDIO_FORMATS)})", param="audio.format")
+        if stream and kind != "pcm16":
+            raise APIError(400, f"audio.format {kind!r} cannot be streamed: a streamed reply's audio is 'pcm16'",
+                           param="audio.format")
+        return AudioOutput(self._voice_name(options.get("voice"), "audio.voice"), kind)
+
+    def _with_transcripts(self, messages: Any) -> Any:
+        """``messages`` with each assistant turn given as ``{"audio": {"id"}}`` (no content) replaced by its
+        transcript; 400 for an id this server does not know (any more)."""
+        if not isinstance(messages, list):
+            return messages  # chat_contents says what is wrong
+        out = []
+        for i, message in enumerate(messages):
+            reference = message.get("audio") if isinstance(message, dict) else None
+            if isinstance(reference, dict) and message.get("role") == "assistant" and not message.get("content"):
+                transcript = self.transcripts.get(str(reference.get("id")))
+                if transcript is None:
+                    raise APIError(400, f"message {i}: the audio {json.dumps(reference.get('id'))} is unknown here "
+                                   "or has expired; send the reply's text as content", param="messages")
+                message = {**message, "content": transcript}
+            out.append(message)
+        return out
+
+    def parse_speech(self, body: dict[str, Any]) -> SpeechRequest:
+        """Validate a /v1/audio/speech body (APIError on anything wrong)."""
+        if body.get("model") not in (None, self.name):
+            raise APIError(404, f"The model {body.get('model')!r} does not exist; this server serves {self.name!r}",
+                           param="model", code="model_not_found")
+        if self.voice is None:
+            raise self._no_voice("model")
+        text = body.get("input")
+        if not isinstance(text, str) or not text.strip():
+            raise APIError(400, "input must be a non-empty string: the text to speak", param="input")
+        if len(text) > MAX_SPEECH_CHARS:
+            raise APIError(400, f"input has {len(text)} characters; at most {MAX_SPEECH_CHARS}", param="input")
+        self._voice_name(body.get("voice"), "voice")
+        kind = body.get("response_format", "wav")
+        if kind not in SPEECH_FORMATS:
+            raise APIError(400, f"response_format {json.dumps(kind)} is not supported (supported: "
+                           f"{', '.join(SPEECH_FORMATS)})", param="response_format")
+        stream_format = body.get("stream_format")
+        if stream_format not in (None, "audio", "sse"):
+            raise APIError(400, f"stream_format {json.dumps(stream_format)} is not supported (supported: audio, "
+                           "sse)", param="stream_format")
+        if body.get("speed") not in (None, 1, 1.0):
+            raise APIError(400, "speed is not supported: this voice speaks at its own pace (leave speed out, or 1.0)",
+                           param="speed")
+        if body.get("instructions"):
+            raise APIError(400, "instructions are not supported: this voice has no style control", param="instructions")
+        return SpeechRequest(text, kind, stream_format)
 
     def _encode_media(self, messages: list[dict[str, Any]]) -> tuple[list[int], dict[str, Any]]:
         """Prompt ids (with placeholders) and media arguments of a conversation for the Thinker."""
@@ -522,20 +668,33 @@ class Service:
         return example.ids, media_arrays(batch)
 
     def submit(self, request: GenerationRequest, on_text: Any = None, on_finish: Any = None) -> list[Request]:
-        """Queue the ``n`` choices of ``request`` (all or none: 429 when the queue cannot take them)."""
+        """Queue the ``n`` choices of ``request`` (all or none: 429 when the queue cannot take them);
+        ``on_text(choice, piece)`` also receives a spoken choice's audio chunks."""
         choices = []
         for index in range(request.n):
             seed = None if request.params.seed is None else request.params.seed + index
             params = SamplingParams(**{**request.params.__dict__, "seed": seed})
             text_callback = None if on_text is None else (lambda piece, i=index: on_text(i, piece))
             finish_callback = None if on_finish is None else (lambda i=index: on_finish(i))
-            if request.media is None:
+            if request.media is None and request.audio is None:
                 choices.append(Request(list(request.prompt_ids), params, text_callback, finish_callback))
             else:
                 from omnilm.serve.thinker_engine import ThinkerRequest
 
                 choices.append(ThinkerRequest(list(request.prompt_ids), params, text_callback, finish_callback,
-                                              media=request.media))
+                                              media=request.media, speak_reply=request.audio is not None,
+                                              on_audio=text_callback))
+        return self._submit_all(choices)
+
+    def submit_speech(self, text: str, on_audio: Any = None, on_finish: Any = None) -> list[Request]:
+        """Queue ``text`` to be spoken: ``on_audio(0, chunk)`` for each chunk, ``on_finish(0)`` at the end."""
+        from omnilm.serve.thinker_engine import ThinkerRequest
+
+        request = ThinkerRequest([], SamplingParams(), None, None if on_finish is None else (lambda: on_finish(0)),
+                                 say=text, on_audio=None if on_audio is None else (lambda chunk: on_audio(0, chunk)))
+        return self._submit_all([request])
+
+    def _submit_all(self, choices: list[Request]) -> list[Request]:
         try:
             self.runner.submit_all(choices)
         except QueueFull as err:
@@ -559,12 +718,18 @@ def _wake_all(channels: list[Channel]) -> None:
         channel.wake()
 
 
-def _coalesce(events: list[tuple[int, str | None]]) -> list[tuple[int, str | None]]:
-    """Adjacent text pieces of the same choice joined into one (one streamed event instead of several)."""
-    out: list[tuple[int, str | None]] = []
+def _coalesce(events: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
+    """Adjacent text pieces (or audio chunks) of the same choice joined into one (one streamed event instead of
+    several)."""
+    import numpy as np
+
+    out: list[tuple[int, Any]] = []
     for index, piece in events:
-        if piece is not None and out and out[-1][0] == index and out[-1][1] is not None:
-            out[-1] = (index, out[-1][1] + piece)
+        last = out[-1][1] if out and out[-1][0] == index else None
+        if isinstance(piece, str) and isinstance(last, str):
+            out[-1] = (index, last + piece)
+        elif isinstance(piece, np.ndarray) and isinstance(last, np.ndarray):
+            out[-1] = (index, np.concatenate([last, piece]))
         else:
             out.append((index, piece))
     return out
@@ -621,16 +786,21 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": service.name, "object": "model", "created": service.created,
-                                            "owned_by": "omnilm", "max_model_len": service.context,
-                                            "input_modalities": service.modalities}]}
+        entry = {"id": service.name, "object": "model", "created": service.created, "owned_by": "omnilm",
+                 "max_model_len": service.context, "input_modalities": service.modalities,
+                 "output_modalities": service.output_modalities}
+        if service.voice is not None:
+            entry |= {"voices": [service.voice["name"]], "audio_sample_rate": service.voice["sample_rate"]}
+        return {"object": "list", "data": [entry]}
 
     @app.get("/", response_class=HTMLResponse)
     async def chat_page() -> str:
         return resources.files("omnilm.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
 
-    async def events(http: HTTPRequest, parsed: GenerationRequest) -> tuple[list[Request], AsyncIterator]:
-        """Submit ``parsed``; return its choices and an iterator of lists of (choice, text piece or None at its end).
+    async def events(http: HTTPRequest, submit: Callable[..., list[Request]]) -> tuple[list[Request], AsyncIterator]:
+        """Submit with ``submit(on_piece, on_finish)`` (:meth:`Service.submit` or :meth:`Service.submit_speech`, all
+        else bound); return the choices and an iterator of lists of (choice, text piece, audio chunk, or None at its
+        end).
 
         The iterator ends early (and cancels what is left) when the client disconnects, and raises the 504
         APIError when the request runs past the server's timeout.
@@ -638,11 +808,10 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         loop = asyncio.get_running_loop()
         channel = Channel(service, loop)
         # Pieces and the end of each choice travel through one channel, so an end never overtakes its text.
-        submitted = service.submit(parsed, lambda i, piece: channel.push((i, piece)),
-                                   lambda i: channel.push((i, None)))
+        submitted = submit(lambda i, piece: channel.push((i, piece)), lambda i: channel.push((i, None)))
         deadline = loop.time() + service.config.request_timeout_s
 
-        async def iterate() -> AsyncIterator[list[tuple[int, str | None]]]:
+        async def iterate() -> AsyncIterator[list[tuple[int, Any]]]:
             try:
                 finished = 0
                 while finished < len(submitted):
@@ -670,19 +839,37 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         head = {"id": ident, "created": int(time.time()), "model": service.name}
         if parsed.stream:
             return StreamingResponse(stream(request, parsed, chat, head), media_type="text/event-stream")
-        submitted, pieces = await events(request, parsed)
-        async for _ in pieces:
-            pass
+        submitted, pieces = await events(request, functools.partial(service.submit, parsed))
+        sounds: list[list[Any]] = [[] for _ in submitted]
+        async for arrived in pieces:
+            for i, piece in arrived:
+                if piece is not None and not isinstance(piece, str):
+                    sounds[i].append(piece)
         error = _failure(submitted)
         if error is not None:
             raise error
+
+        def message(r: Request, sound: list[Any]) -> dict[str, Any]:
+            if parsed.audio is None:
+                return {"role": "assistant", "content": r.text}
+            return {"role": "assistant", "content": None, "audio": spoken(r.text, sound, parsed.audio.format)}
+
         choices = [{"index": i, "finish_reason": r.finish_reason,
-                    **({"message": {"role": "assistant", "content": r.text}} if chat else {"text": r.text})}
+                    **({"message": message(r, sounds[i])} if chat else {"text": r.text})}
                    for i, r in enumerate(submitted)]
         return head | {"object": kind, "choices": choices, "usage": _usage(len(parsed.prompt_ids), submitted)}
 
+    def spoken(transcript: str, sound: list[Any], kind: str) -> dict[str, Any]:
+        """The ``message.audio`` of a whole spoken reply (its transcript kept for later turns)."""
+        rate = service.voice["sample_rate"]  # type: ignore[index]
+        data = wav(sound, rate) if kind == "wav" else b"".join(pcm16(chunk) for chunk in sound)
+        audio_id, expires_at = f"audio_{uuid.uuid4().hex[:24]}", service.transcripts.expiry()
+        service.transcripts.add(audio_id, transcript, expires_at)
+        return {"id": audio_id, "data": base64.b64encode(data).decode("ascii"), "expires_at": expires_at,
+                "transcript": transcript}
+
     async def stream(http: HTTPRequest, parsed: GenerationRequest, chat: bool, head: dict[str, Any]) -> Any:
-        submitted, pieces = await events(http, parsed)
+        submitted, pieces = await events(http, functools.partial(service.submit, parsed))
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -694,16 +881,28 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
             return {"index": i, "delta": delta, "finish_reason": finish}
 
+        # A spoken reply's text and sound travel as delta.audio (transcript pieces, then base64 pcm16 data).
+        audio_ids = [f"audio_{uuid.uuid4().hex[:24]}" for _ in submitted] if parsed.audio is not None else None
+
+        def audio(i: int, **fields: Any) -> dict[str, Any]:
+            return {"index": i, "delta": {"audio": {"id": audio_ids[i]} | fields}, "finish_reason": None}
+
         try:
             if chat:
                 yield event([choice(i, "", None, role=True) for i in range(len(submitted))])
             async for arrived in pieces:
                 for i, piece in _coalesce(arrived):
-                    if piece is not None:
-                        yield event([choice(i, piece, None)])
+                    if isinstance(piece, str):
+                        yield event([choice(i, piece, None) if audio_ids is None else audio(i, transcript=piece)])
+                    elif piece is not None:
+                        yield event([audio(i, data=base64.b64encode(pcm16(piece)).decode("ascii"))])
                     elif submitted[i].finish_reason == "error":
                         raise _failure(submitted)
                     else:
+                        if audio_ids is not None:
+                            expires_at = service.transcripts.expiry()
+                            service.transcripts.add(audio_ids[i], submitted[i].text, expires_at)
+                            yield event([audio(i, expires_at=expires_at)])
                         yield event([choice(i, None if chat else "", submitted[i].finish_reason)])
             if parsed.include_usage:
                 yield event([], usage=_usage(len(parsed.prompt_ids), submitted))
@@ -720,5 +919,59 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: HTTPRequest) -> Any:
         return await complete(request, chat=False)
+
+    @app.post("/v1/audio/speech")
+    async def speech(request: HTTPRequest) -> Any:
+        parsed = service.parse_speech(await read_body(request))
+        rate = service.voice["sample_rate"]  # type: ignore[index]
+        headers = {"X-Sample-Rate": str(rate)}
+        submitted, pieces = await events(request, functools.partial(service.submit_speech, parsed.text))
+        if parsed.format == "wav" and parsed.stream_format is None:  # whole, with the sizes in its header
+            sound = []
+            async for arrived in pieces:
+                sound.extend(piece for _, piece in arrived if piece is not None)
+            error = _failure(submitted)
+            if error is not None:
+                raise error
+            return Response(wav(sound, rate), media_type=SPEECH_FORMATS["wav"], headers=headers)
+        # Streamed: the response starts with the first sound, so that a failure before it is still an error status.
+        first = await anext(pieces, None)
+        if first is not None and any(piece is None for _, piece in first):
+            error = _failure(submitted)
+            if error is not None:
+                await pieces.aclose()
+                raise error
+
+        async def chunks() -> AsyncIterator[bytes]:
+            """The response's bytes as they are made: the WAV header (length unknown), then PCM."""
+            try:
+                if parsed.format == "wav":
+                    yield wav_header(rate, None)
+                arrived = first
+                while arrived is not None:
+                    for _, piece in arrived:
+                        if piece is not None:
+                            yield pcm16(piece)
+                        elif submitted[0].finish_reason == "error":
+                            raise _failure(submitted)  # after the status line: the client sees a cut stream
+                    arrived = await anext(pieces, None)
+            finally:
+                await pieces.aclose()
+
+        if parsed.stream_format != "sse":
+            return StreamingResponse(chunks(), media_type=SPEECH_FORMATS[parsed.format], headers=headers)
+
+        async def sse() -> AsyncIterator[str]:
+            try:
+                async for data in chunks():
+                    yield "data: " + json.dumps({"type": "speech.audio.delta",
+                                                 "audio": base64.b64encode(data).decode("ascii")}) + "\n\n"
+                tokens = len(service.tokenizer.encode(parsed.text))
+                usage = {"input_tokens": tokens, "output_tokens": 0, "total_tokens": tokens}
+                yield "data: " + json.dumps({"type": "speech.audio.done", "usage": usage}) + "\n\n"
+            except APIError as err:
+                yield "data: " + json.dumps(err.body()) + "\n\n"
+
+        return StreamingResponse(sse(), media_type="text/event-stream", headers=headers)
 
     return app

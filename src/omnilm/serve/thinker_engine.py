@@ -13,12 +13,20 @@ The engine has the interface of :class:`omnilm.serve.engine.Engine` (``submit_al
 request at a time: a step prefills the oldest request's text and media, or decodes one more token of it, with
 :func:`omnilm.omni.generate.generate_thinker`. Requests are not batched (media encoders and TMRoPE positions differ
 per request); the others wait in the queue.
+
+Speech. When the thinker folder has a voice (:func:`omnilm.omni.speech.load_voice`) the engine also speaks, where
+the model lives: a :class:`ThinkerRequest` with ``speak_reply`` is written as usual, then (its KV cache freed) its
+reply is read out by ``Voice.speak`` on the same prompt, media and reply tokens; one with ``say`` speaks that text
+(``Voice.speak_text``) and writes nothing. Either way a step produces one chunk of audio, handed to ``on_audio``
+as a float32 numpy array (mono, in [-1, 1], at ``voice.sample_rate``), so chunks reach the client while the
+Talker decodes and a cancellation stops speech between two chunks. A spoken request ends (``on_finish``) after
+its last chunk, with the finish reason of its text.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,27 +63,56 @@ def media_tensors(media: dict[str, Any] | None, device: torch.device) -> dict[st
 @dataclass(eq=False)
 class ThinkerRequest(Request):
     """A request whose prompt has media placeholders: ``media`` holds what replaces them (see
-    :func:`media_arrays`). Equality stays the base class's (by field, identity of callbacks), arrays unseen."""
+    :func:`media_arrays`). ``speak_reply``: speak the reply once written; ``say``: speak this text instead of
+    writing a reply (``prompt_ids`` then unused, may be empty). Audio goes to ``on_audio`` chunk by chunk."""
 
     media: dict[str, Any] | None = None
+    speak_reply: bool = False
+    say: str | None = None
+    on_audio: Callable[[np.ndarray], None] | None = None
+
+    def _emit_audio(self, chunk: np.ndarray) -> None:
+        if len(chunk) and self.on_audio is not None:
+            self.on_audio(chunk)
+
+
+def speech_fields(request: Request) -> dict[str, Any] | None:
+    """What a :class:`ThinkerRequest` adds to the base request (to rebuild it in the engine process), or None for
+    a plain request."""
+    if not isinstance(request, ThinkerRequest):
+        return None
+    return {"media": request.media, "speak_reply": request.speak_reply, "say": request.say}
 
 
 @dataclass(eq=False)
 class _Running:
-    """The request being generated, its token stream and its detokenizer."""
+    """The request being served: its prompt batch, token stream and detokenizer while it writes; its audio stream
+    and the finish reason of its text once it speaks."""
 
     request: Request
-    tokens: Iterator[torch.Tensor]
-    decoder: StreamingDecoder
+    batch: dict[str, Any] | None = None
+    tokens: Iterator[torch.Tensor] | None = None
+    decoder: StreamingDecoder | None = None
+    speech: Iterator[np.ndarray] | None = None
+    reason: str = "stop"
+
+    def close(self) -> None:
+        """Stop both streams now (their generators free the KV caches they hold, rather than at garbage collection)."""
+        for stream in (self.tokens, self.speech):
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
 
 
 class ThinkerEngine(RequestQueue):
     """One request at a time through a Thinker; ``submit`` from any thread, ``step`` (or ``run_until_idle``)
-    generates. ``max_queue`` bounds the waiting queue."""
+    generates. ``max_queue`` bounds the waiting queue; ``voice`` (a :class:`omnilm.omni.speech.Voice`, or None)
+    speaks."""
 
-    def __init__(self, thinker: Thinker, tokenizer: Any, max_queue: int | None = None) -> None:
+    def __init__(self, thinker: Thinker, tokenizer: Any, max_queue: int | None = None, voice: Any = None) -> None:
         super().__init__(max_queue)
         self.model = thinker.eval()
+        self.voice = voice
         self.tokenizer = tokenizer
         self.max_len = thinker.config.text.max_seq_len
         self.device = next(thinker.parameters()).device
@@ -84,12 +121,22 @@ class ThinkerEngine(RequestQueue):
         self.pad_id = tokenizer.pad_id if tokenizer.pad_id is not None else 0
         self._current: _Running | None = None
 
+    def check(self, request: Request) -> None:
+        if isinstance(request, ThinkerRequest) and (request.speak_reply or request.say is not None):
+            if self.voice is None:
+                raise ValueError("this model has no voice: it writes text only")
+            if request.say is not None:
+                if not request.say.strip():
+                    raise ValueError("there is no text to speak")
+                return
+        super().check(request)
+
     def active(self) -> list[Request]:
         return [] if self._current is None else [self._current.request]
 
     def _release(self, request: Request) -> None:
         if self._current is not None and self._current.request is request:
-            self._current.tokens.close()  # drops the request's KV cache now rather than at garbage collection
+            self._current.close()
             self._current = None
 
     def step(self) -> None:
@@ -107,12 +154,15 @@ class ThinkerEngine(RequestQueue):
             self._apply_pending()
 
     def _start(self, request: Request) -> _Running:
+        say = getattr(request, "say", None)
+        if say is not None:  # generators: nothing runs until the first next()
+            return _Running(request, speech=self.voice.speak_text(say))
         ids = torch.tensor([request.prompt_ids], device=self.device)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         batch |= media_tensors(getattr(request, "media", None), self.device)
-        # A generator: nothing runs until the first next(), which prefills text and media.
+        # The first next() prefills text and media.
         tokens = generate_thinker(self.model, batch, request.params, sorted(self.eos_ids), self.pad_id)
-        return _Running(request, tokens, StreamingDecoder(self.tokenizer, request.params.stop))
+        return _Running(request, batch, tokens, StreamingDecoder(self.tokenizer, request.params.stop))
 
     def _advance(self) -> None:
         if self._current is None:
@@ -123,6 +173,14 @@ class ThinkerEngine(RequestQueue):
             self._current = self._start(request)  # from here on a failure ends this request
         running = self._current
         request = running.request
+        if running.speech is not None:
+            chunk = next(running.speech, None)
+            if chunk is None:
+                self._release(request)
+                request._end(running.reason)
+            else:
+                request._emit_audio(np.ascontiguousarray(chunk, dtype=np.float32))
+            return
         step = next(running.tokens, None)
         if step is None:
             self._finish("length")
@@ -139,7 +197,16 @@ class ThinkerEngine(RequestQueue):
             self._finish("length")
 
     def _finish(self, reason: str) -> None:
+        """The text is done: end the request, or go on to speak it."""
         running = self._current
-        running.request._emit(running.decoder.finish())
-        self._release(running.request)
-        running.request._end(reason)
+        request = running.request
+        request._emit(running.decoder.finish())
+        if not getattr(request, "speak_reply", False):
+            self._release(request)
+            request._end(reason)
+            return
+        running.tokens.close()  # the Thinker's KV cache is not needed to speak
+        running.tokens, running.reason = None, reason
+        # The reply's tokens as generated (the Voice adds the end of turn); past a stop string the text was cut
+        # but the tokens were not, so the Voice reads the tokens up to the one that completed the stop string.
+        running.speech = self.voice.speak(running.batch, list(request.output_ids))
