@@ -43,7 +43,8 @@ def speech_setup(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict:  
     (data / "speech.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     codec = fit_codec([load_audio(data / f"reply{i}.wav") for i in range(len(REPLIES))], 24, iterations=20)
     codec.save(root / "codec")
-    return {"root": root, "thinker": thinker, "data": data / "speech.jsonl", "codec": root / "codec", "codec_obj": codec}
+    return {"root": root, "thinker": thinker, "data": data / "speech.jsonl", "codec": root / "codec",
+            "codec_obj": codec}
 
 
 def stage_config(setup: dict, stage_type: str, init_from: Path, steps: int, options: dict) -> object:
