@@ -74,6 +74,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     speak.add_argument("--device", default="cpu")
     speak.set_defaults(handler=run_speak)
 
+    codec = verbs.add_parser("codec", help="discrete speech tokens (k-means over pairs of log-mel frames)")
+    codec_verbs = codec.add_subparsers(dest="codec_verb", metavar="COMMAND", required=True)
+    train = codec_verbs.add_parser("train", help="fit a codebook to wav files; writes codec.safetensors and "
+                                                 "codec.json")
+    train.add_argument("--data", required=True, metavar="DIR_OR_JSONL",
+                       help="a folder of wav files (searched recursively) or a jsonl file whose records name wav "
+                            "files under \"audio\" keys (paths relative to the file)")
+    train.add_argument("--codes", type=int, required=True, metavar="K", help="codebook size")
+    train.add_argument("--out", required=True, metavar="DIR")
+    train.add_argument("--iterations", type=int, default=50, help="Lloyd iterations at most")
+    train.add_argument("--max-vectors", type=int, default=200_000,
+                       help="frame pairs used for fitting, drawn at random when there are more (0: all)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--device", default="cpu")
+
+    def run_codec_train(args: argparse.Namespace) -> int:
+        from omnilm.omni.codec import run_train  # torch is imported only when the verb runs
+
+        return run_train(args)
+
+    train.set_defaults(handler=run_codec_train)
+
 
 def animated_frames(path: str | Path) -> tuple[list[Any], float | None]:
     """The frames of an animated GIF/PNG/WebP as RGB arrays, and its frame rate (None when it keeps none)."""
