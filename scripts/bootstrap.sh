@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create or update .venv with omnilm and its dev dependencies.
+# Create or update .venv with omnilm and its dev and eval (lm-evaluation-harness) dependencies.
 #
 # PyTorch: if the venv has no torch yet and the machine has no NVIDIA GPU, the CPU build
 # torch==2.13.0 is installed first (an unpinned `torch` would pull a multi-GB CUDA build).
@@ -21,7 +21,7 @@ if ! .venv/bin/python -c "import torch" 2>/dev/null; then
         .venv/bin/pip install --quiet "torch==2.13.0"
     fi
 fi
-.venv/bin/pip install --quiet -e ".[dev]"
+.venv/bin/pip install --quiet -e ".[dev,eval]"
 touch .venv/.omnilm-installed
 if ! command -v espeak-ng >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && { [ "$(id -u)" -eq 0 ] || sudo -n true 2>/dev/null; }; then

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from omnilm import __version__
 from omnilm.data import cli as data_cli
 from omnilm.errors import UserError
+from omnilm.eval import cli as eval_cli
 from omnilm.infer import chat_cli, quantize_cli
 from omnilm.infer import cli as infer_cli
 from omnilm.lab import cli as lab_cli
@@ -24,7 +25,7 @@ from omnilm.tokenizer import cli as tokenizer_cli
 from omnilm.train import cli as train_cli
 
 STAGES = (recipe_cli, data_cli, tokenizer_cli, train_cli, model_cli, quantize_cli, infer_cli, chat_cli, omni_cli,
-          serve_cli, lab_cli)
+          serve_cli, eval_cli, lab_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,10 @@ Types:
                   latency (``data``: jsonl with ``reply_audio``; ``where``; ``max_examples``)
   ``val_loss``    loss and bits per byte on the ``val`` split of a tokenised dataset (``data``; ``batches``,
                   ``batch_size``, ``seq_len``)
+  ``lm_eval``     lm-evaluation-harness tasks through ``omnilm.eval.harness`` (``tasks``: names, e.g. omnilm's local
+                  ``omnilm_bios_mc``; ``data``: the biographies folder for the local tasks; ``limit``;
+                  ``num_fewshot``; ``include_path``); metrics ``<task>/<metric>`` and ``acc``, the mean accuracy
+                  of the tasks that report one (needs the eval extra: without lm-eval it says so and returns nothing)
 """
 
 from __future__ import annotations
@@ -116,6 +120,30 @@ def val_loss_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str,
     loader = BatchLoader(dataset, int(spec.get("batch_size", 16)), seq_len, seed=int(spec.get("seed", 1)))
     batches = [loader.next_batch() for _ in range(int(spec.get("batches", 8)))]
     return evaluate_lm(model, batches, token_byte_lengths(tokenizer))
+
+
+@register_eval("lm_eval", "acc")
+def lm_eval_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    import tempfile
+
+    from omnilm.eval.lm_tasks import offline_if_local
+
+    tasks = spec.get("tasks") or []
+    tasks = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    if not tasks:
+        raise ConfigError("lm_eval: name the tasks (tasks: [omnilm_bios_mc, ...])")
+    offline_if_local(tasks)
+    try:
+        from omnilm.eval.harness import OmniLM, evaluate, flat_metrics
+    except ImportError as err:
+        print(f"lm_eval: skipped, lm-evaluation-harness is not installed (pip install -e \".[eval]\"): {err}")
+        return {}
+    with tempfile.TemporaryDirectory(prefix="omnilm-tasks-") as task_dir:
+        results = evaluate(OmniLM(model=model, tokenizer=tokenizer, batch_size=int(spec.get("batch_size", 32))),
+                           tasks, task_dir=task_dir, include_path=spec.get("include_path") or (),
+                           bios=spec.get("data"), limit=spec.get("limit"), num_fewshot=spec.get("num_fewshot"),
+                           seed=int(spec.get("seed", 0)), bootstrap_iters=0)
+    return flat_metrics(results)
 
 
 def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
