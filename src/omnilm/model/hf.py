@@ -342,7 +342,8 @@ def read_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_config_json(folder: str | Path) -> tuple[dict[str, Any], str]:
+def read_config_json(folder: str | Path) -> tuple[dict[str, Any], str]:
+    """A model folder's ``config.json`` as a mapping, and its path (for error messages)."""
     path = Path(folder) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"{folder}: missing file config.json")
@@ -351,7 +352,7 @@ def _read_config_json(folder: str | Path) -> tuple[dict[str, Any], str]:
 
 def read_config(folder: str | Path) -> ModelConfig:
     """The ModelConfig of a Hugging Face model folder."""
-    hf, source = _read_config_json(folder)
+    hf, source = read_config_json(folder)
     return config_from_hf(hf, source=source)
 
 
@@ -384,7 +385,7 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None,
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"model folder not found: {folder}")
-    hf_config, source = _read_config_json(folder)
+    hf_config, source = read_config_json(folder)
     config = config_from_hf(hf_config, source=source)
     tensors = read_hf_tensors(folder)
     with torch.device("meta"):

@@ -28,7 +28,6 @@ Checkpoints: transformers' ``Qwen2_5OmniTalkerForConditionalGeneration`` layout 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +42,10 @@ from omnilm.infer.sampling import SamplingParams, next_token
 from omnilm.model.attention import KVCache
 from omnilm.model.config import ModelConfig
 from omnilm.model.hf import (
-    CheckpointError,
     check_tensors,
     config_from_hf,
     config_to_hf,
+    read_config_json,
     read_hf_tensors,
     state_from_hf,
     state_to_hf,
@@ -398,10 +397,8 @@ def save_talker(talker: Talker, folder: str | Path, state: dict[str, torch.Tenso
 
 
 def read_talker_config(folder: str | Path) -> TalkerConfig:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: missing file config.json")
-    return talker_config_from_hf(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+    hf, source = read_config_json(folder)
+    return talker_config_from_hf(hf, source=source)
 
 
 def _talker_state(folder: str | Path, config: TalkerConfig) -> dict[str, torch.Tensor]:

@@ -23,8 +23,8 @@ from torch import nn
 
 from omnilm.model.attention import KVCache
 from omnilm.model.hf import (
-    CheckpointError,
     check_tensors,
+    read_config_json,
     read_hf_tensors,
     state_from_hf,
     state_to_hf,
@@ -185,10 +185,8 @@ def read_media_budget(folder: str | Path) -> MediaBudget | None:
 
 
 def read_thinker_config(folder: str | Path) -> ThinkerConfig:
-    path = Path(folder) / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"{folder}: missing file config.json")
-    return thinker_config_from_hf(json.loads(path.read_text(encoding="utf-8")), source=str(path))
+    hf, source = read_config_json(folder)
+    return thinker_config_from_hf(hf, source=source)
 
 
 def _thinker_state(folder: str | Path, config: ThinkerConfig) -> dict[str, torch.Tensor]:

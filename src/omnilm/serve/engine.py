@@ -18,6 +18,13 @@ Each request keeps its own positions (0, 1, 2, … whatever its block table), so
 would compute alone; a finished, cancelled or failed request returns its blocks at once. An exception in a
 step fails the requests that step touched (with the error), is logged with its traceback, and the engine goes
 on with the others; non-finite logits fail their request only.
+
+Log-probabilities (:mod:`omnilm.serve.logprobs`): a request with ``logprobs`` records each sampled token's
+log-probability and top alternatives from the logits it was sampled from; one with ``prompt_logprobs`` records
+those of its prompt tokens from the prefill passes (the logits of every prompt position, not only the last, for
+every scored row of the pass at once). Such a request reuses no cached prefix (cached positions have no logits),
+but its blocks are offered to the cache like any other's. A ``prompt_only`` request ends once its prompt is read
+(finish reason "length"): scoring without generation.
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from omnilm.infer.generate import make_generator
 from omnilm.infer.sampling import SamplingParams, next_token
 from omnilm.model.transformer import Transformer
 from omnilm.serve.blocks import NULL_BLOCK, BlockPool, block_digests
+from omnilm.serve.logprobs import TokenLogprob, logprob_records
 from omnilm.serve.paged_cache import PagedBatch, PagedKVCache
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,18 @@ class Request:
     finish_reason: str | None = None
     error: str | None = None
     done: threading.Event = field(default_factory=threading.Event)
+    #: Record each sampled token's log-probability with this many top alternatives (None: record nothing).
+    logprobs: int | None = None
+    #: Record the prompt tokens' log-probabilities with this many top alternatives (None: record nothing).
+    prompt_logprobs: int | None = None
+    #: End once the prompt is read, sampling nothing (``max_tokens`` 0: scoring only).
+    prompt_only: bool = False
+    #: Receives each sampled token's record as it is made (from the engine's thread).
+    on_logprob: Callable[[TokenLogprob], None] | None = None
+    #: One record per sampled token, the end-of-sequence token included when the request ended with it.
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)
+    #: One record per prompt token after the first (the first has no log-probability).
+    prompt_token_logprobs: list[TokenLogprob] = field(default_factory=list)
 
     def _end(self, reason: str, error: str | None = None) -> None:
         if self.done.is_set():
@@ -66,6 +86,11 @@ class Request:
         self.done.set()
         if self.on_finish is not None:
             self.on_finish()
+
+    def _emit_logprob(self, record: TokenLogprob) -> None:
+        self.token_logprobs.append(record)
+        if self.on_logprob is not None:
+            self.on_logprob(record)
 
     def _emit(self, piece: str) -> None:
         if piece:
@@ -285,7 +310,8 @@ class Engine(RequestQueue):
                 request = self.waiting[0]
                 prompt, params = request.prompt_ids, request.params
                 digests = block_digests(prompt, size)
-                reusable = digests[: (len(prompt) - 1) // size]  # the last prompt token is always computed
+                # The last prompt token is always computed; a scored prompt computes every position.
+                reusable = digests[: (len(prompt) - 1) // size] if request.prompt_logprobs is None else []
                 cached = self.pool.cached_prefix(reusable)
                 total = self.pool.blocks_for(len(prompt) + params.max_new_tokens - 1)
                 blocks = self.pool.allocate(cached, total - len(cached))
@@ -320,7 +346,10 @@ class Engine(RequestQueue):
         touched += [seq.request for seq, _ in rows]
         if rows:
             logits = self._forward(rows)
-            done = [i for i, (seq, _) in enumerate(rows) if seq.prompt_done]
+            done = [i for i, (seq, _) in enumerate(rows) if seq.prompt_done and not seq.request.done.is_set()]
+            for i in [i for i in done if rows[i][0].request.prompt_only]:
+                self._finish(rows[i][0], "length")
+            done = [i for i in done if not rows[i][0].request.prompt_only]
             if done:
                 self._sample([rows[i][0] for i in done], logits[done])
 
@@ -354,7 +383,34 @@ class Engine(RequestQueue):
         for seq, count in zip((s for s, _ in rows), counts, strict=True):
             seq.computed += count
             self._register_full_blocks(seq)
+        self._fail_locked(self._score_prompts(rows, starts, hidden), "the model produced non-finite logits")
         return self.model.lm_head(last)
+
+    def _score_prompts(self, rows: list[tuple[_Sequence, list[int]]], starts: list[int],
+                       hidden: torch.Tensor) -> list[Request]:
+        """Record the log-probabilities of the prompt tokens this pass predicts, for the rows that ask for them:
+        ``hidden`` (B, T, d) at position ``p`` of a prompt gives the distribution of prompt token ``p + 1``.
+        Returns the requests whose logits were not finite (to be failed)."""
+        picked, targets, owners = [], [], []
+        for b, ((seq, tokens), start) in enumerate(zip(rows, starts, strict=True)):
+            prompt = seq.request.prompt_ids
+            if seq.request.prompt_logprobs is None or start >= len(prompt):
+                continue
+            count = min(start + len(tokens), len(prompt) - 1) - start  # the prompt's last token predicts no prompt
+            if count > 0:
+                picked.append(hidden[b, :count])  # (count, d)
+                targets += prompt[start + 1: start + 1 + count]
+                owners += [seq] * count
+        if not picked:
+            return []
+        logits = self.model.lm_head(torch.cat(picked))  # (N, V)
+        finite = torch.isfinite(logits).all(-1).tolist()
+        records = logprob_records(logits, torch.tensor(targets), [s.request.prompt_logprobs for s in owners])
+        bad = {id(s): s.request for s, ok in zip(owners, finite, strict=True) if not ok}
+        for seq, record in zip(owners, records, strict=True):
+            if id(seq) not in bad:
+                seq.request.prompt_token_logprobs.append(record)
+        return list(bad.values())
 
     def _register_full_blocks(self, seq: _Sequence) -> None:
         """Offer every newly completed block of ``seq`` to the prefix cache."""
@@ -370,6 +426,7 @@ class Engine(RequestQueue):
         """Pick each sequence's next token from its row of ``logits`` (B, V), record it, finish what is done."""
         finite = torch.isfinite(logits).all(-1).tolist()
         argmax = logits.argmax(-1).tolist()  # greedy rows without a penalty: one call for all of them
+        chosen: list[tuple[int, _Sequence, int]] = []
         for row, (seq, ok) in enumerate(zip(seqs, finite, strict=True)):
             request = seq.request
             if not ok:
@@ -379,6 +436,16 @@ class Engine(RequestQueue):
                 token = argmax[row]
             else:
                 token = int(next_token(logits[row: row + 1], request.params, seq.seen, seq.generator)[0])
+            chosen.append((row, seq, token))
+        # Log-probabilities from the same logits, before penalty, temperature and filters (the model's own).
+        scored = [(row, seq, token) for row, seq, token in chosen if seq.request.logprobs is not None]
+        if scored:
+            records = logprob_records(logits[[row for row, _, _ in scored]],
+                                      torch.tensor([token for _, _, token in scored]),
+                                      [seq.request.logprobs for _, seq, _ in scored])
+            for (_, seq, _), record in zip(scored, records, strict=True):
+                seq.request._emit_logprob(record)
+        for _, seq, token in chosen:
             self._accept(seq, token)
 
     def _accept(self, seq: _Sequence, token: int) -> None:

@@ -9,12 +9,15 @@ next ones are served.
 
 Protocol of the engine process (pickled tuples over a ``multiprocessing`` pipe):
 
-- server → engine: ``("submit", [(id, prompt_ids, params, fields), ...])`` (``fields``: what a Thinker request
-  adds, :func:`~omnilm.serve.thinker_engine.speech_fields`: its media arguments as numpy arrays, whether to speak
-  the reply, text to say; None for a plain request), ``("cancel", [id, ...])``, ``("stop",)``;
+- server → engine: ``("submit", [(id, prompt_ids, params, fields, scoring), ...])`` (``fields``: what a Thinker
+  request adds, :func:`~omnilm.serve.thinker_engine.speech_fields`: its media arguments as numpy arrays, whether
+  to speak the reply, text to say; ``scoring``: the log-probabilities to record, :func:`scoring_fields`; each None
+  for a plain request), ``("cancel", [id, ...])``, ``("stop",)``;
 - engine → server: ``("ready", max_len, eos_ids, voice)`` once (``voice``: :func:`voice_info`), then after every
-  step ``("events", [(id, text piece) | (id, audio chunk) | (id, None, finish_reason, error, output_ids), ...],
-  stats)``, an audio chunk being a float32 numpy array.
+  step ``("events", [(id, text piece) | (id, audio chunk) | (id, token record) | (id, None, finish_reason, error,
+  output_ids, prompt_token_logprobs), ...], stats)``, an audio chunk being a float32 numpy array and a token
+  record a :class:`~omnilm.serve.logprobs.TokenLogprob` (a sampled token's log-probabilities), which a request
+  scoring its prompt precedes by the list of its prompt's records, ``(id, [record, ...])``.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any
 from omnilm.errors import UserError
 from omnilm.serve.config import ServeConfig
 from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue
+from omnilm.serve.logprobs import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,15 @@ def voice_info(engine: RequestQueue) -> dict[str, Any] | None:
     if voice is None:
         return None
     return {"name": str(getattr(voice, "name", None) or DEFAULT_VOICE), "sample_rate": int(voice.sample_rate)}
+
+
+SCORING_FIELDS = ("logprobs", "prompt_logprobs", "prompt_only")
+
+
+def scoring_fields(request: Request) -> dict[str, Any] | None:
+    """The log-probabilities ``request`` asks the engine to record (to rebuild it in the engine process), or None."""
+    fields = {name: getattr(request, name) for name in SCORING_FIELDS}
+    return None if fields == {"logprobs": None, "prompt_logprobs": None, "prompt_only": False} else fields
 
 
 def check_request(request: Request, max_len: int) -> None:
@@ -106,7 +119,7 @@ class ThreadRunner:
 
     def __init__(self, engine: RequestQueue, on_step: Callable[[], None]) -> None:
         self.engine, self.on_step = engine, on_step
-        self.max_len = engine.max_len
+        self.max_len, self.eos_ids = engine.max_len, engine.eos_ids
         self.voice = voice_info(engine)
         self.wake = threading.Event()
         self.stopping = threading.Event()
@@ -154,16 +167,18 @@ def _worker(conn: Any, model_dir: str, config: ServeConfig) -> None:
     events: list[tuple[Any, ...]] = []
     requests: dict[int, Request] = {}
 
-    def track(ident: int, prompt_ids: list[int], params: Any, fields: dict[str, Any] | None) -> Request:
+    def track(ident: int, prompt_ids: list[int], params: Any, fields: dict[str, Any] | None,
+              scoring: dict[str, Any] | None) -> Request:
         def finished() -> None:
             request = requests.pop(ident)
-            events.append((ident, None, request.finish_reason, request.error, request.output_ids))
+            events.append((ident, None, request.finish_reason, request.error, request.output_ids,
+                           request.prompt_token_logprobs))
 
         def text(piece: str) -> None:
             events.append((ident, piece))
 
-        def audio(chunk: Any) -> None:
-            events.append((ident, chunk))
+        def relay(item: Any) -> None:  # an audio chunk or a token's log-probabilities
+            events.append((ident, item))
 
         request: Request
         if fields is None:
@@ -171,7 +186,17 @@ def _worker(conn: Any, model_dir: str, config: ServeConfig) -> None:
         else:
             from omnilm.serve.thinker_engine import ThinkerRequest
 
-            request = ThinkerRequest(prompt_ids, params, text, finished, on_audio=audio, **fields)
+            request = ThinkerRequest(prompt_ids, params, text, finished, on_audio=relay, **fields)
+        if scoring is not None:
+            for name, value in scoring.items():
+                setattr(request, name, value)
+
+            def sampled(record: Any) -> None:
+                if len(request.token_logprobs) == 1 and request.prompt_logprobs is not None:
+                    relay(list(request.prompt_token_logprobs))  # the prompt is read: its records go first
+                relay(record)
+
+            request.on_logprob = sampled
         requests[ident] = request
         return request
 
@@ -244,11 +269,16 @@ class ProcessRunner:
                     continue
                 if isinstance(event[1], str):
                     request._emit(event[1])
+                elif isinstance(event[1], TokenLogprob):
+                    request._emit_logprob(event[1])
+                elif isinstance(event[1], list):
+                    request.prompt_token_logprobs[:] = event[1]
                 elif event[1] is not None:
                     request._emit_audio(event[1])  # type: ignore[attr-defined]  # only Thinker requests speak
                 else:
                     del self.requests[event[0]]
                     request.output_ids[:] = event[4]
+                    request.prompt_token_logprobs[:] = event[5]
                     request._end(event[2], event[3])
             self.latest = stats
             self.on_step()
@@ -280,7 +310,8 @@ class ProcessRunner:
                 raise QueueFull(f"{waiting} requests are waiting (at most {self.config.max_queue})")
             for request in requests:
                 self.requests[request.request_id] = request
-            self.conn.send(("submit", [(r.request_id, r.prompt_ids, r.params, speech_fields(r)) for r in requests]))
+            self.conn.send(("submit", [(r.request_id, r.prompt_ids, r.params, speech_fields(r), scoring_fields(r))
+                                       for r in requests]))
 
     def fail(self, requests: Sequence[Request], error: str | None) -> None:
         with self.lock:

@@ -16,6 +16,19 @@ What a client can rely on:
   (504 after it), and a client that disconnects cancels its request, whose KV blocks are freed at once;
 - message content is encoded as plain text: a special-token string in a message cannot forge a turn.
 
+Completions take OpenAI's ``prompt`` forms: a string, a list of strings, a list of token ids or a list of lists
+of token ids (several prompts make ``n`` choices each, numbered prompt by prompt; token ids outside the vocabulary
+are a 400). ``echo`` returns each prompt (detokenised) before its completion, and ``max_tokens`` 0 with ``echo``
+returns the prompt alone. ``logprobs: N`` (0 to 20) reports ``tokens``, ``token_logprobs``, ``top_logprobs`` (the
+``N`` most likely, as ``{text: logprob}``) and ``text_offset`` for the generated tokens and, with ``echo``, for
+the prompt's (the first prompt token's log-probability and top list are null): what lm-eval's
+``local-completions`` reads to score a continuation. ``best_of`` generates that many choices per prompt and
+returns the ``n`` with the highest mean log-probability per token (not streamed). Chat takes ``logprobs: true``
+and ``top_logprobs: K`` (0 to 20) and answers ``choices[i].logprobs.content`` (``token``, ``logprob``, ``bytes``,
+``top_logprobs``), streamed too. Prompt log-probabilities come from the forward passes that read the prompt, and
+those of generated tokens from the logits they were sampled from, before temperature and filters: the model's
+own distribution (:mod:`omnilm.serve.logprobs`). A Thinker and a speculative server record none (400).
+
 Content may also be a list of OpenAI content parts. A text model takes ``{"type": "text", "text": ...}`` parts
 (joined) and refuses any other part with a 400 naming its type. A Thinker (a thinker folder, served by
 :mod:`omnilm.serve.thinker_engine`) also takes media, inline only (there is no network to fetch from):
@@ -85,11 +98,14 @@ from omnilm.infer.sampling import SamplingParams
 from omnilm.serve.audio_out import CHAT_AUDIO_FORMATS, SPEECH_FORMATS, Transcripts, pcm16, wav, wav_header
 from omnilm.serve.config import ServeConfig
 from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue
+from omnilm.serve.logprobs import MAX_TOP_LOGPROBS, Offsets, TokenLogprob, TokenText, completion_logprobs
 from omnilm.tokenizer.chat import ROLES, encode_chat, validate_messages
 
 log = logging.getLogger(__name__)
 
 MAX_CHOICES = 8
+#: Most prompts in one completions request (lm-eval sends a batch of prompts per request).
+MAX_PROMPTS = 256
 #: Limits on what a request may bring to a Thinker (besides the body size and the context).
 MAX_AUDIO_SECONDS = 30.0
 MIN_AUDIO_SECONDS = 0.1  # a shorter sound says nothing (under 20 ms the encoder's strides leave no token)
@@ -142,17 +158,35 @@ class SpeechRequest:
 
 @dataclass
 class GenerationRequest:
-    """A validated completion request: prompt token ids and how to sample ``n`` choices."""
+    """A validated completion request: the token ids of its prompts (chat: one) and how to sample ``n`` choices
+    of each."""
 
-    prompt_ids: list[int]
+    prompts: list[list[int]]
     params: SamplingParams
     n: int
     stream: bool
     include_usage: bool
-    #: A Thinker's media arguments for the placeholders in ``prompt_ids`` (numpy arrays), or None.
+    #: A Thinker's media arguments for the placeholders in the prompt (numpy arrays), or None.
     media: dict[str, Any] | None = None
     #: Speak the reply (chat with ``modalities`` including "audio"), or None.
     audio: AudioOutput | None = None
+    #: Completions: return each prompt before its completion.
+    echo: bool = False
+    #: Report log-probabilities with this many top alternatives per token (None: no log-probabilities).
+    logprobs: int | None = None
+    #: Choices generated per prompt, of which the ``n`` most likely per token are returned (``best_of``).
+    best_of: int = 1
+    #: ``max_tokens`` 0 with ``echo``: the prompt only, nothing generated.
+    prompt_only: bool = False
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        """The prompt of a one-prompt request (every chat request)."""
+        return self.prompts[0]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(prompt) for prompt in self.prompts)
 
 
 def _number(body: dict[str, Any], key: str, default: float, low: float, high: float | None = None) -> float:
@@ -167,13 +201,24 @@ def _number(body: dict[str, Any], key: str, default: float, low: float, high: fl
     return float(value)
 
 
-def _integer(body: dict[str, Any], key: str, default: int | None, low: int) -> int | None:
+def _integer(body: dict[str, Any], key: str, default: int | None, low: int, high: int | None = None) -> int | None:
     value = body.get(key, default)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise APIError(400, f"{key} must be an integer of at least {low}, got {json.dumps(value)}", param=key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"of at least {low}"
+        raise APIError(400, f"{key} must be an integer {bounds}, got {json.dumps(value)}", param=key)
     return value
+
+
+def _is_token(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """A short JSON rendering of a value for an error message."""
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def check_draft(target: Any, target_tokenizer: Any, draft: Any, draft_tokenizer: Any) -> None:
@@ -447,15 +492,20 @@ class Service:
             if self.config.draft_model is not None:
                 raise UserError("a draft model cannot serve a Thinker (speculative decoding is for text models)")
             thinker_config = read_thinker_config(model_dir)
-            self.context = thinker_config.text.max_seq_len
+            self.context, self.vocab_size = thinker_config.text.max_seq_len, thinker_config.text.vocab_size
             self.processor = OmniProcessor(self.tokenizer, thinker_config, read_media_budget(model_dir))
             self.media_ids = {self.tokenizer.token_to_id(t) for t in OMNI_TOKENS.values()}
         else:
             model_config = read_config(model_dir)
-            self.context = model_config.max_seq_len
+            self.context, self.vocab_size = model_config.max_seq_len, model_config.vocab_size
             if self.config.draft_model is not None:
                 check_draft(model_config, self.tokenizer, read_config(self.config.draft_model),
                             Tokenizer.from_dir(self.config.draft_model))
+        #: Why this server cannot report log-probabilities (None: it can; the batching engine records them).
+        self.no_scores = ("a Thinker's engine records no log-probabilities" if self.processor is not None else
+                          "the speculative engine (--draft-model) records no log-probabilities"
+                          if self.config.draft_model is not None else None)
+        self.token_text = TokenText(self.tokenizer)
         self.dirty: set[Channel] = set()
         self.dirty_lock = threading.Lock()
         self.created = int(time.time())
@@ -467,6 +517,11 @@ class Service:
         #: The engine's voice (``name``, ``sample_rate``; see :func:`omnilm.serve.runner.voice_info`), or None.
         self.voice: dict[str, Any] | None = self.runner.voice
         self.transcripts = Transcripts()
+
+    @property
+    def scores(self) -> bool:
+        """Whether the engine records log-probabilities (``logprobs``, ``best_of``, ``max_tokens`` 0)."""
+        return self.no_scores is None
 
     @property
     def modalities(self) -> list[str]:
@@ -532,25 +587,27 @@ class Service:
                     prompt_ids, media = self._encode_media(messages)
             except (UserError, ValueError) as err:
                 raise APIError(400, str(err), param="messages") from err
+            logprobs = self._chat_logprobs(body)
+            prompts, echo, best_of = [prompt_ids], False, None
         else:
-            prompt = body.get("prompt")
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            if not isinstance(prompt, str) or not prompt:
-                raise APIError(400, "prompt must be a non-empty string", param="prompt")
-            prompt_ids = self.tokenizer.encode(prompt)  # a raw prompt is the client's whole text, markup included
-            if self.processor is not None and self.media_ids.intersection(prompt_ids):
-                # Placeholders without media would fail in the engine; media come only through chat parts.
-                raise APIError(400, "the prompt holds media marker tokens; send media as content parts to "
-                               "/v1/chat/completions", param="prompt")
-        if len(prompt_ids) >= self.context:
-            raise APIError(400, f"the prompt has {len(prompt_ids)} tokens; the model's context is {self.context}",
-                           param="messages" if chat else "prompt", code="context_length_exceeded")
-        room = self.context - len(prompt_ids)
+            prompts = self._prompts(body.get("prompt"))
+            echo = body.get("echo", False)
+            if not isinstance(echo, bool):
+                raise APIError(400, f"echo must be true or false, got {json.dumps(echo)}", param="echo")
+            logprobs = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
+            best_of = _integer(body, "best_of", None, 1)
+        param = "messages" if chat else "prompt"
+        for i, prompt_ids in enumerate(prompts):
+            if len(prompt_ids) >= self.context:
+                at = "the prompt" if len(prompts) == 1 else f"prompt {i}"
+                raise APIError(400, f"{at} has {len(prompt_ids)} tokens; the model's context is {self.context}",
+                               param=param, code="context_length_exceeded")
+        longest = max(len(prompt_ids) for prompt_ids in prompts)
+        room = self.context - longest
         key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
-        max_tokens = _integer(body, key, min(room, 256), 1)
+        max_tokens = _integer(body, key, min(room, 256), 0 if echo else 1)
         if max_tokens > room:
-            raise APIError(400, f"{key}={max_tokens} plus the prompt's {len(prompt_ids)} tokens exceeds the "
+            raise APIError(400, f"{key}={max_tokens} plus the prompt's {longest} tokens exceeds the "
                            f"context of {self.context}", param=key, code="context_length_exceeded")
         stop = body.get("stop") or ()
         stop = (stop,) if isinstance(stop, str) else stop
@@ -559,14 +616,79 @@ class Service:
         stream_options = body.get("stream_options") or {}
         if not isinstance(stream_options, dict):
             raise APIError(400, "stream_options must be an object", param="stream_options")
+        stream = bool(body.get("stream", False))
         n = _integer(body, "n", 1, 1)
         if n > MAX_CHOICES:
             raise APIError(400, f"n must be at most {MAX_CHOICES}", param="n")
-        params = SamplingParams(max_new_tokens=max_tokens, temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        best_of = n if best_of is None else best_of
+        if not n <= best_of <= MAX_CHOICES:
+            raise APIError(400, f"best_of must be between n ({n}) and {MAX_CHOICES}, got {best_of}", param="best_of")
+        if best_of > n and stream:
+            raise APIError(400, "best_of greater than n cannot be streamed: the best choices are known at the end",
+                           param="best_of")
+        for name, asked in (("logprobs", logprobs is not None), ("best_of", best_of > n),
+                            ("max_tokens", max_tokens == 0)):
+            if asked and not self.scores:
+                raise APIError(400, f"{name} {'0 ' if name == 'max_tokens' else ''}is not available from this "
+                               f"server: {self.no_scores}", param=name)
+        params = SamplingParams(max_new_tokens=max(max_tokens, 1),
+                                temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=tuple(stop),
                                 seed=_integer(body, "seed", None, 0))
-        return GenerationRequest(prompt_ids, params, n, bool(body.get("stream", False)),
-                                 bool(stream_options.get("include_usage", False)), media, audio)
+        return GenerationRequest(prompts, params, n, stream, bool(stream_options.get("include_usage", False)), media,
+                                 audio, echo=echo, logprobs=logprobs, best_of=best_of, prompt_only=max_tokens == 0)
+
+    def _prompts(self, prompt: Any) -> list[list[int]]:
+        """The token ids of each prompt of a completions request: OpenAI's four forms, a string, a list of strings,
+        a list of token ids or a list of lists of token ids (400 for anything else, an empty prompt, or a token id
+        outside the vocabulary)."""
+        forms = ("prompt must be a non-empty string, a list of strings, a list of token ids or a list of lists of "
+                 "token ids")
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and _is_token(prompt[0])):
+            items = [prompt]
+        elif isinstance(prompt, list) and prompt:
+            items = prompt
+        else:
+            raise APIError(400, f"{forms}, got {_shown(prompt)}", param="prompt")
+        if len(items) > MAX_PROMPTS:
+            raise APIError(400, f"{len(items)} prompts in one request; at most {MAX_PROMPTS}", param="prompt")
+        prompts = []
+        for i, item in enumerate(items):
+            at = "the prompt" if len(items) == 1 else f"prompt {i}"
+            if isinstance(item, str):
+                if not item:
+                    raise APIError(400, f"{at} is empty; {forms}", param="prompt")
+                ids = self.tokenizer.encode(item)  # a raw prompt is the client's whole text, markup included
+            elif isinstance(item, list):
+                if not item:
+                    raise APIError(400, f"{at} is an empty list of token ids", param="prompt")
+                wrong = next((t for t in item if not _is_token(t)), None)
+                if wrong is not None:
+                    raise APIError(400, f"{at}: token ids must be integers, got {_shown(wrong)}", param="prompt")
+                outside = next((t for t in item if not 0 <= t < self.vocab_size), None)
+                if outside is not None:
+                    raise APIError(400, f"{at}: token id {outside} is outside the vocabulary (0 to "
+                                   f"{self.vocab_size - 1})", param="prompt")
+                ids = list(item)
+            else:
+                raise APIError(400, f"{forms}; {at} is {_shown(item)}", param="prompt")
+            if self.processor is not None and self.media_ids.intersection(ids):
+                # Placeholders without media would fail in the engine; media come only through chat parts.
+                raise APIError(400, f"{at} holds media marker tokens; send media as content parts to "
+                               "/v1/chat/completions", param="prompt")
+            prompts.append(ids)
+        return prompts
+
+    def _chat_logprobs(self, body: dict[str, Any]) -> int | None:
+        """Chat's ``logprobs`` (true or false) and ``top_logprobs`` (0 to 20, only with logprobs) as the number of
+        alternatives to report per token, or None."""
+        wanted = body.get("logprobs")
+        if wanted is not None and not isinstance(wanted, bool):
+            raise APIError(400, f"logprobs must be true or false, got {json.dumps(wanted)}", param="logprobs")
+        top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
+        if top is not None and not wanted:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (top or 0) if wanted else None
 
     def _no_voice(self, param: str) -> APIError:
         return APIError(400, f"the model {self.name!r} has no voice: it answers in text only (its output_modalities "
@@ -667,23 +789,60 @@ class Service:
         batch = self.processor.collate([example], pad_id=0, left_pad=True)
         return example.ids, media_arrays(batch)
 
-    def submit(self, request: GenerationRequest, on_text: Any = None, on_finish: Any = None) -> list[Request]:
-        """Queue the ``n`` choices of ``request`` (all or none: 429 when the queue cannot take them);
-        ``on_text(choice, piece)`` also receives a spoken choice's audio chunks."""
-        choices = []
-        for index in range(request.n):
-            seed = None if request.params.seed is None else request.params.seed + index
-            params = SamplingParams(**{**request.params.__dict__, "seed": seed})
-            text_callback = None if on_text is None else (lambda piece, i=index: on_text(i, piece))
-            finish_callback = None if on_finish is None else (lambda i=index: on_finish(i))
-            if request.media is None and request.audio is None:
-                choices.append(Request(list(request.prompt_ids), params, text_callback, finish_callback))
-            else:
-                from omnilm.serve.thinker_engine import ThinkerRequest
+    def completion_choice(self, parsed: GenerationRequest, index: int, r: Request,
+                          prompt_only: bool = False) -> dict[str, Any]:
+        """A completions choice for the finished request ``r``: its text (after its prompt with ``echo``) and, with
+        ``logprobs``, its tokens' log-probabilities (the prompt's first token has none; a completion that ended with
+        the end-of-sequence token lists that token too, though its text is not in ``text``). ``prompt_only``: the
+        echoed prompt alone (the first event of a stream)."""
+        text, tokens, records, starts = "", [], [], []
+        if parsed.echo:
+            offsets = Offsets(self.tokenizer, skip_special_tokens=False)
+            starts = [offsets.push(token) for token in r.prompt_ids]
+            text, tokens, records = offsets.finish(), list(r.prompt_ids), [None, *r.prompt_token_logprobs]
+        if not prompt_only:
+            generated, base = Offsets(self.tokenizer, skip_special_tokens=True), len(text)
+            for record in r.token_logprobs:
+                tokens.append(record.token)
+                records.append(record)
+                starts.append(base + generated.push(record.token))
+            text += r.text
+        logprobs = None if parsed.logprobs is None else completion_logprobs(self.token_text, tokens, records, starts)
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": r.finish_reason}
 
-                choices.append(ThinkerRequest(list(request.prompt_ids), params, text_callback, finish_callback,
-                                              media=request.media, speak_reply=request.audio is not None,
-                                              on_audio=text_callback))
+    def chat_logprobs(self, records: list[TokenLogprob]) -> dict[str, Any]:
+        """Chat's ``logprobs`` of ``records`` (the end-of-sequence token, which is no content, left out)."""
+        eos = self.runner.eos_ids
+        return {"content": [self.token_text.chat_entry(r) for r in records if r.token not in eos], "refusal": None}
+
+    def submit(self, request: GenerationRequest, on_text: Any = None, on_finish: Any = None) -> list[Request]:
+        """Queue the ``best_of`` choices of each prompt of ``request`` (all or none: 429 when the queue cannot take
+        them), prompt by prompt; ``on_text(choice, piece)`` also receives a spoken choice's audio chunks and, when
+        streaming with logprobs, each token's :class:`~omnilm.serve.logprobs.TokenLogprob`."""
+        choices = []
+        scored = request.logprobs is not None or request.best_of > request.n  # best_of ranks by log-probability
+        for prompt_index, prompt_ids in enumerate(request.prompts):
+            for j in range(request.best_of):
+                index = prompt_index * request.best_of + j
+                seed = None if request.params.seed is None else request.params.seed + j
+                params = SamplingParams(**{**request.params.__dict__, "seed": seed})
+                text_callback = None if on_text is None else (lambda piece, i=index: on_text(i, piece))
+                finish_callback = None if on_finish is None else (lambda i=index: on_finish(i))
+                if request.media is None and request.audio is None:
+                    choice = Request(list(prompt_ids), params, text_callback, finish_callback)
+                else:
+                    from omnilm.serve.thinker_engine import ThinkerRequest
+
+                    choice = ThinkerRequest(list(prompt_ids), params, text_callback, finish_callback,
+                                            media=request.media, speak_reply=request.audio is not None,
+                                            on_audio=text_callback)
+                if scored:
+                    choice.logprobs = request.logprobs or 0
+                    choice.on_logprob = text_callback if request.stream else None
+                if request.echo and request.logprobs is not None:
+                    choice.prompt_logprobs = request.logprobs
+                choice.prompt_only = request.prompt_only
+                choices.append(choice)
         return self._submit_all(choices)
 
     def submit_speech(self, text: str, on_audio: Any = None, on_finish: Any = None) -> list[Request]:
@@ -732,6 +891,21 @@ def _coalesce(events: list[tuple[int, Any]]) -> list[tuple[int, Any]]:
             out[-1] = (index, np.concatenate([last, piece]))
         else:
             out.append((index, piece))
+    return out
+
+
+def _best(parsed: GenerationRequest, submitted: list[Request]) -> list[Request]:
+    """The choices to answer: of each prompt's ``best_of``, the ``n`` with the highest mean log-probability per
+    token (best first), as OpenAI ranks them; all of them when ``best_of`` is ``n``."""
+    if parsed.best_of == parsed.n:
+        return submitted
+
+    def mean(r: Request) -> float:
+        return sum(record.logprob for record in r.token_logprobs) / max(len(r.token_logprobs), 1)
+
+    out: list[Request] = []
+    for start in range(0, len(submitted), parsed.best_of):
+        out += sorted(submitted[start: start + parsed.best_of], key=mean, reverse=True)[: parsed.n]
     return out
 
 
@@ -843,7 +1017,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         sounds: list[list[Any]] = [[] for _ in submitted]
         async for arrived in pieces:
             for i, piece in arrived:
-                if piece is not None and not isinstance(piece, str):
+                if piece is not None and not isinstance(piece, (str, TokenLogprob)):
                     sounds[i].append(piece)
         error = _failure(submitted)
         if error is not None:
@@ -854,10 +1028,13 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                 return {"role": "assistant", "content": r.text}
             return {"role": "assistant", "content": None, "audio": spoken(r.text, sound, parsed.audio.format)}
 
-        choices = [{"index": i, "finish_reason": r.finish_reason,
-                    **({"message": message(r, sounds[i])} if chat else {"text": r.text})}
-                   for i, r in enumerate(submitted)]
-        return head | {"object": kind, "choices": choices, "usage": _usage(len(parsed.prompt_ids), submitted)}
+        if chat:
+            choices = [{"index": i, "message": message(r, sounds[i]),
+                        "logprobs": service.chat_logprobs(r.token_logprobs) if parsed.logprobs is not None else None,
+                        "finish_reason": r.finish_reason} for i, r in enumerate(submitted)]
+        else:
+            choices = [service.completion_choice(parsed, i, r) for i, r in enumerate(_best(parsed, submitted))]
+        return head | {"object": kind, "choices": choices, "usage": _usage(parsed.prompt_tokens, submitted)}
 
     def spoken(transcript: str, sound: list[Any], kind: str) -> dict[str, Any]:
         """The ``message.audio`` of a whole spoken reply (its transcript kept for later turns)."""
@@ -875,11 +1052,33 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         def event(choices: list[dict[str, Any]], **extra: Any) -> str:
             return "data: " + json.dumps(head | {"object": kind, "choices": choices} | extra) + "\n\n"
 
+        # Token records wait for the text they make (the detokeniser may hold text back) and travel with it.
+        pending: list[list[TokenLogprob]] = [[] for _ in submitted]
+        offsets = [Offsets(service.tokenizer, skip_special_tokens=True) for _ in submitted]
+        bases = [0] * len(submitted)  # where each choice's generated text starts (after an echoed prompt)
+        started = [False] * len(submitted)
+
+        def logprobs(i: int) -> dict[str, Any] | None:
+            records, pending[i] = pending[i], []
+            if parsed.logprobs is None:
+                return None
+            if chat:
+                return service.chat_logprobs(records)
+            starts = [bases[i] + offsets[i].push(r.token) for r in records]
+            return completion_logprobs(service.token_text, [r.token for r in records], records, starts)
+
         def choice(i: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
             if not chat:
-                return {"index": i, "text": text or "", "finish_reason": finish}
+                return {"index": i, "text": text or "", "logprobs": logprobs(i), "finish_reason": finish}
             delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
-            return {"index": i, "delta": delta, "finish_reason": finish}
+            return {"index": i, "delta": delta, "logprobs": None if role else logprobs(i), "finish_reason": finish}
+
+        def echo(i: int) -> str:
+            """The event that returns choice ``i``'s prompt (before its first piece: the prompt has been read)."""
+            started[i] = True
+            answer = service.completion_choice(parsed, i, submitted[i], prompt_only=True)
+            bases[i] = len(answer["text"])
+            return event([answer | {"finish_reason": None}])
 
         # A spoken reply's text and sound travel as delta.audio (transcript pieces, then base64 pcm16 data).
         audio_ids = [f"audio_{uuid.uuid4().hex[:24]}" for _ in submitted] if parsed.audio is not None else None
@@ -892,12 +1091,16 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                 yield event([choice(i, "", None, role=True) for i in range(len(submitted))])
             async for arrived in pieces:
                 for i, piece in _coalesce(arrived):
-                    if isinstance(piece, str):
+                    if piece is None and submitted[i].finish_reason == "error":
+                        raise _failure(submitted)
+                    if parsed.echo and not started[i]:
+                        yield echo(i)
+                    if isinstance(piece, TokenLogprob):
+                        pending[i].append(piece)
+                    elif isinstance(piece, str):
                         yield event([choice(i, piece, None) if audio_ids is None else audio(i, transcript=piece)])
                     elif piece is not None:
                         yield event([audio(i, data=base64.b64encode(pcm16(piece)).decode("ascii"))])
-                    elif submitted[i].finish_reason == "error":
-                        raise _failure(submitted)
                     else:
                         if audio_ids is not None:
                             expires_at = service.transcripts.expiry()
@@ -905,7 +1108,7 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                             yield event([audio(i, expires_at=expires_at)])
                         yield event([choice(i, None if chat else "", submitted[i].finish_reason)])
             if parsed.include_usage:
-                yield event([], usage=_usage(len(parsed.prompt_ids), submitted))
+                yield event([], usage=_usage(parsed.prompt_tokens, submitted))
             yield "data: [DONE]\n\n"
         except APIError as err:  # the status line is sent already: the error travels as an event
             yield "data: " + json.dumps(err.body()) + "\n\n"
