@@ -314,6 +314,7 @@ def test_lm_eval_over_http_gives_the_numbers_of_its_hf_model(served: dict, tmp_p
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
     monkeypatch.setenv("OPENAI_API_KEY", API_KEY)  # what local-completions sends as its bearer token
     lm_eval = pytest.importorskip("lm_eval")
+    pytest.importorskip("tenacity", reason="lm-eval's API models (local-completions) need lm-eval[api]")
     from lm_eval.tasks import TaskManager
 
     tasks = write_tasks(tmp_path / "tasks")
