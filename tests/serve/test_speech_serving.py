@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from chromium import TIMEOUT_MS, chromium
 from live_server import InProcess, free_port, start_process
 from omnilm.infer.detokenize import StreamingDecoder
 from omnilm.infer.generate import FINISHED
@@ -45,10 +46,6 @@ VOICE = "default"  # a voice that does not name itself
 RATE = 16_000  # Griffin–Lim speaks at 16 kHz
 CODES = 16  # codec ids; the Talker's vocabulary adds pad, start, end and mask
 PROMPT = "What is this?"
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"]
-TIMEOUT_MS = 30_000
 
 
 def tiny_voice(folder: Path) -> Path:
@@ -357,13 +354,8 @@ def test_a_fault_in_speech_fails_its_request_and_the_voice_speaks_on(voice_dir: 
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium')")
-    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    with chromium(["--autoplay-policy=no-user-gesture-required"]) as browser:
         yield browser
-        browser.close()
 
 
 def test_the_web_chat_plays_spoken_replies_as_they_stream(browser: Any, speaking: int, voice: Voice) -> None:

@@ -18,14 +18,10 @@ from typing import Any
 
 import pytest
 
+from chromium import TIMEOUT_MS, chromium
 from live_server import API_KEY
 
-CHROMIUM = Path("/usr/bin/chromium")
-# The machine running the tests may be offline and runs as root: no sandbox, no background traffic.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
 STATS = re.compile(r"^(Stopped · )?(TTFT \d+ ms · )?(\d+\.\d tok/s · )?(\d+) tokens?$")
-TIMEOUT_MS = 30_000
 
 
 def test_web_chat_page_is_served(served: dict) -> None:
@@ -55,13 +51,8 @@ def completion(served: dict, body: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium')")
-    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+    with chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
+from chromium import TIMEOUT_MS, chromium
 from live_server import API_KEY, free_port, start_process
 from omnilm.infer.sampling import SamplingParams
 from omnilm.omni.audio import read_wav, write_wav
@@ -29,14 +30,7 @@ from omnilm.omni.thinker import load_thinker
 from omnilm.tokenizer import Tokenizer
 from tiny_thinker import noise_image, reference_reply, tiny_thinker_folder, tone
 
-CHROMIUM = Path("/usr/bin/chromium")
 MIC_HZ = 440.0
-# Offline and as root: no sandbox, no background traffic; the microphone is a fake device playing a WAV file and
-# its permission prompt is answered yes.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run", "--use-fake-ui-for-media-stream",
-                 "--use-fake-device-for-media-stream"]
-TIMEOUT_MS = 30_000
 NAME = "tiny-thinker"
 PROMPT = "What is this?"
 
@@ -55,16 +49,12 @@ def thinker(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> I
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"no Chromium at {CHROMIUM} (Debian package 'chromium')")
-    playwright = pytest.importorskip("playwright.sync_api", reason="Playwright's Python package is not installed")
     microphone = tmp_path_factory.mktemp("microphone") / "tone.wav"
     write_wav(microphone, tone(4.0, hz=MIC_HZ, rate=48_000), 48_000)  # played in a loop while recording
-    with playwright.sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                    args=[*CHROMIUM_ARGS, f"--use-file-for-fake-audio-capture={microphone}"])
+    # The microphone is a fake device playing that file, and its permission prompt is answered yes.
+    with chromium(["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                   f"--use-file-for-fake-audio-capture={microphone}"]) as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
