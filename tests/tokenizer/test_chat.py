@@ -123,7 +123,7 @@ def test_reply_opening_with_newlines_merged_into_the_header(tmp_path):
     ([], "non-empty list"),
     (["hello"], "message 0: expected an object"),
     ([{"content": "x"}], "message 0: missing role"),
-    ([{"role": "user", "content": "x"}, {"role": "tool", "content": "y"}], "message 1: unknown role 'tool'"),
+    ([{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}], "message 1: unknown role 'robot'"),
     ([{"role": "user"}], "message 0: missing content"),
     ([{"role": "user", "content": None}], "message 0: missing content"),
     ([{"role": "user", "content": ""}], "message 0: empty content"),

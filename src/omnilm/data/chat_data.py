@@ -1,6 +1,7 @@
 """Chat and preference records from jsonl files, tokenised with the ChatML template and an assistant mask.
 
-Accepted records: ``{"messages": [...]}`` (OpenAI/HF format), ``{"prompt": str, "completion": str}``, and for
+Accepted records: ``{"messages": [...]}`` (OpenAI/HF format, with ``tools`` when its turns call tools: they are
+rendered into the system turn), ``{"prompt": str, "completion": str}``, and for
 preferences ``{"prompt", "chosen", "rejected"}`` where each is a string or a list of messages (the prompt's
 messages come first, chosen/rejected hold the assistant reply). A bad record is skipped and listed with its
 ``file:line`` in the :class:`~omnilm.data.sources.ReadReport`, or fails the run under ``strict``.
@@ -58,8 +59,9 @@ def record_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     raise UserError("record has neither messages nor prompt/completion")
 
 
-def _encode(tokenizer: Any, messages: list[dict[str, Any]], max_len: int, location: str) -> ChatExample:
-    ids, mask = encode_chat(tokenizer, messages)
+def _encode(tokenizer: Any, messages: list[dict[str, Any]], max_len: int, location: str,
+            tools: list[dict[str, Any]] | None = None) -> ChatExample:
+    ids, mask = encode_chat(tokenizer, messages, tools=tools)
     ids, mask = ids[:max_len], mask[:max_len]
     if not any(mask):
         raise UserError(f"no assistant tokens within the first {max_len} tokens")
@@ -73,7 +75,7 @@ def load_chat_examples(paths: Sequence[str], tokenizer: Any, max_len: int, where
     examples = []
     for record, location in read_records(paths, where, strict, report):
         try:
-            examples.append(_encode(tokenizer, record_messages(record), max_len, location))
+            examples.append(_encode(tokenizer, record_messages(record), max_len, location, record.get("tools")))
         except UserError as err:
             report.skip(location, str(err), strict)
     return examples

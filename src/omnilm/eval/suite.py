@@ -10,6 +10,10 @@ Types:
   ``speech_wer``  word error rate of a Thinker's spoken replies (its folder's talker/ and token2wav/), of the
                   recorded replies (the judge's floor) and of their codec round trip (``codec``: the ceiling);
                   latency (``data``: jsonl with ``reply_audio``; ``where``; ``max_examples``)
+  ``tool_use``    arithmetic with and without the calculator tool, through the tool loop (``data``: jsonl with
+                  ``question`` and ``answer``, e.g. a calculator job's test.jsonl; ``max_examples``;
+                  ``max_new_tokens``): accuracy both ways, call rate, well-formed call rate
+                  (:mod:`omnilm.eval.tool_use`)
   ``val_loss``    loss and bits per byte on the ``val`` split of a tokenised dataset (``data``; ``batches``,
                   ``batch_size``, ``seq_len``)
   ``lm_eval``     lm-evaluation-harness tasks through ``omnilm.eval.harness`` (``tasks``: names, e.g. omnilm's local
@@ -101,6 +105,15 @@ def speech_wer_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[st
         codec = Codec.load(spec["codec"])
     return evaluate_spoken_replies(voice, _limit(records, spec.get("max_examples")), Path(spec["data"]).parent,
                                    judge, codec)
+
+
+@register_eval("tool_use", "accuracy_with_tools")
+def tool_use_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.eval.attributes import read_jsonl
+    from omnilm.eval.tool_use import evaluate_tool_use
+
+    records = _limit(read_jsonl(spec["data"]), spec.get("max_examples"))
+    return evaluate_tool_use(model, tokenizer, records, int(spec.get("max_new_tokens", 64)))
 
 
 def _limit(records: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:

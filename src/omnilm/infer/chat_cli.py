@@ -5,6 +5,8 @@ Each input line is one user turn; the assistant's reply is printed (streamed) fo
 history (oldest turns are dropped when it no longer fits the context). Commands: ``/reset`` starts over,
 ``/system TEXT`` sets a system message (and starts over), ``/quit`` leaves. On start a one-line banner with the
 model's name, its context and the commands goes to stderr, so that piped stdout carries only the replies.
+With ``--tools calculator`` the model may call the calculator: each call and its result go to stderr, the final
+reply to stdout (:mod:`omnilm.tools.loop`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system message at the start of the conversation")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--tools", default=None, metavar="NAMES",
+                   help="tools the model may call, comma-separated (available: calculator): each call is run, "
+                        "shown on stderr, and its result goes back to the model (omnilm.tools.loop)")
     p.set_defaults(handler=run_chat)
 
 
@@ -36,6 +41,19 @@ def fit_history(tokenizer: Any, system: list[dict[str, str]], turns: list[dict[s
     while len(kept) > 1 and len(encode_chat(tokenizer, system + kept, add_generation_prompt=True)[0]) > budget:
         kept = kept[2:] if len(kept) > 2 else kept[1:]
     return system + kept
+
+
+def run_with_tools(generator: Any, params: Any, messages: list[dict[str, Any]], names: str) -> Any:
+    """One user turn through the tool loop: each call and its result on stderr, the final reply on stdout."""
+    from omnilm.tools.loop import run_tool_loop, toolbox
+
+    tools, functions = toolbox([n.strip() for n in names.split(",") if n.strip()])
+    turn = run_tool_loop(lambda prompts: generator.generate(prompts, params), generator.tokenizer, [messages],
+                         tools, functions)[0]
+    for name, arguments, result in turn.calls:
+        print(f"[{name}] {arguments} -> {result}", file=sys.stderr, flush=True)
+    print(turn.reply, flush=True)
+    return turn
 
 
 def banner(model_dir: str | Path, context: int) -> str:
@@ -83,6 +101,10 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         turns.append({"role": "user", "content": text})
         messages = fit_history(tokenizer, system, turns, budget)
+        if args.tools:  # the tool loop; the history keeps the final replies only
+            turn = run_with_tools(generator, params, messages, args.tools)
+            turns.append({"role": "assistant", "content": turn.reply or "..."})
+            continue
         reply = ""
         # Encoded as the server does: what the user types is text, never a control token.
         for piece in generator.stream(encode_chat(tokenizer, messages, add_generation_prompt=True)[0], params):

@@ -65,6 +65,15 @@ def synth_arithmetic(spec: dict[str, Any], out: Path, root: Path) -> dict[str, A
     return write_arithmetic(from_dict(ArithmeticConfig, spec, source="synth_arithmetic job"), out)
 
 
+@job("synth_calculator")
+def synth_calculator(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """Calculator-tool conversations (:mod:`omnilm.data.synth.calculator`)."""
+    from omnilm.config import from_dict
+    from omnilm.data.synth.calculator import CalculatorConfig, write_calculator
+
+    return write_calculator(from_dict(CalculatorConfig, spec, source="synth_calculator job"), out)
+
+
 @job("synth_omni")
 def synth_omni(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     """Spoken, image and video QA (``omnilm data synth omni``): ``scale`` names a size, the other settings are

@@ -29,6 +29,11 @@ and ``top_logprobs: K`` (0 to 20) and answers ``choices[i].logprobs.content`` (`
 those of generated tokens from the logits they were sampled from, before temperature and filters: the model's
 own distribution (:mod:`omnilm.serve.logprobs`). A Thinker and a speculative server record none (400).
 
+Chat takes OpenAI's ``tools`` and ``tool_choice`` (none, auto, required, or a named function) and answers a reply
+that calls tools as ``message.tool_calls`` with ``finish_reason`` ``"tool_calls"``, streamed as ``delta.tool_calls``;
+conversations may hold assistant ``tool_calls`` and ``tool`` results. A reply whose call is malformed is ordinary
+text (:mod:`omnilm.serve.tools`).
+
 Content may also be a list of OpenAI content parts. A text model takes ``{"type": "text", "text": ...}`` parts
 (joined) and refuses any other part with a 400 naming its type. A Thinker (a thinker folder, served by
 :mod:`omnilm.serve.thinker_engine`) also takes media, inline only (there is no network to fetch from):
@@ -99,7 +104,8 @@ from omnilm.serve.audio_out import CHAT_AUDIO_FORMATS, SPEECH_FORMATS, Transcrip
 from omnilm.serve.config import ServeConfig
 from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue
 from omnilm.serve.logprobs import MAX_TOP_LOGPROBS, Offsets, TokenLogprob, TokenText, completion_logprobs
-from omnilm.tokenizer.chat import ROLES, encode_chat, validate_messages
+from omnilm.serve.tools import ToolRequest, ToolRequestError, ToolStream, assistant_turn, reply_message, tool_request
+from omnilm.tokenizer.chat import CHAT_ROLES, encode_chat, validate_messages
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +184,8 @@ class GenerationRequest:
     best_of: int = 1
     #: ``max_tokens`` 0 with ``echo``: the prompt only, nothing generated.
     prompt_only: bool = False
+    #: Chat with tools: the replies are read back as tool calls (:mod:`omnilm.serve.tools`), or None.
+    tools: ToolRequest | None = None
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -362,9 +370,15 @@ def chat_contents(messages: Any, media: bool) -> list[dict[str, Any]]:
             raise APIError(400, f"message {i}: expected an object with role and content, got "
                            f"{type(message).__name__}", param="messages")
         role, content = message.get("role"), message.get("content")
-        if role not in ROLES:
-            raise APIError(400, f"message {i}: unknown role {role!r} (allowed: {', '.join(ROLES)})",
+        if role not in CHAT_ROLES:
+            raise APIError(400, f"message {i}: unknown role {role!r} (allowed: {', '.join(CHAT_ROLES)})",
                            param="messages")
+        if role == "assistant" and message.get("tool_calls") is not None and not media:
+            try:
+                out.append(assistant_turn(message))
+            except UserError as err:
+                raise APIError(400, f"message {i}: {err}", param="messages") from err
+            continue
         if isinstance(content, str):
             if not content:
                 raise APIError(400, f"message {i}: empty content", param="messages")
@@ -578,11 +592,18 @@ class Service:
             if "messages" not in body:
                 raise APIError(400, "messages is required", param="messages")
             audio = self._audio_output(body)
+            try:
+                tools = tool_request(body, text_model=self.processor is None)
+            except ToolRequestError as err:
+                raise APIError(400, str(err), param=err.param) from err
+            if tools is not None and audio is not None:
+                raise APIError(400, "a spoken reply cannot call tools", param="tools")
             messages = chat_contents(self._with_transcripts(body["messages"]), media=self.processor is not None)
             try:
                 if self.processor is None:
-                    prompt_ids, _ = encode_chat(self.tokenizer, validate_messages(messages),
-                                                add_generation_prompt=True)
+                    prompt_ids, _ = encode_chat(self.tokenizer, validate_messages(messages), add_generation_prompt=True,
+                                                tools=tools.tools if tools else None,
+                                                prefix=tools.prefix if tools else "")
                 else:
                     prompt_ids, media = self._encode_media(messages)
             except (UserError, ValueError) as err:
@@ -590,6 +611,7 @@ class Service:
             logprobs = self._chat_logprobs(body)
             prompts, echo, best_of = [prompt_ids], False, None
         else:
+            tools = None
             prompts = self._prompts(body.get("prompt"))
             echo = body.get("echo", False)
             if not isinstance(echo, bool):
@@ -636,7 +658,8 @@ class Service:
                                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=tuple(stop),
                                 seed=_integer(body, "seed", None, 0))
         return GenerationRequest(prompts, params, n, stream, bool(stream_options.get("include_usage", False)), media,
-                                 audio, echo=echo, logprobs=logprobs, best_of=best_of, prompt_only=max_tokens == 0)
+                                 audio, echo=echo, logprobs=logprobs, best_of=best_of, prompt_only=max_tokens == 0,
+                                 tools=tools)
 
     def _prompts(self, prompt: Any) -> list[list[int]]:
         """The token ids of each prompt of a completions request: OpenAI's four forms, a string, a list of strings,
@@ -1023,15 +1046,19 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
         if error is not None:
             raise error
 
-        def message(r: Request, sound: list[Any]) -> dict[str, Any]:
+        def message(r: Request, sound: list[Any]) -> tuple[dict[str, Any], str | None]:
+            if parsed.tools is not None:
+                return reply_message(parsed.tools, r.text, r.finish_reason)
             if parsed.audio is None:
-                return {"role": "assistant", "content": r.text}
-            return {"role": "assistant", "content": None, "audio": spoken(r.text, sound, parsed.audio.format)}
+                return {"role": "assistant", "content": r.text}, r.finish_reason
+            return ({"role": "assistant", "content": None, "audio": spoken(r.text, sound, parsed.audio.format)},
+                    r.finish_reason)
 
         if chat:
-            choices = [{"index": i, "message": message(r, sounds[i]),
+            replies = [message(r, sounds[i]) for i, r in enumerate(submitted)]
+            choices = [{"index": i, "message": replies[i][0],
                         "logprobs": service.chat_logprobs(r.token_logprobs) if parsed.logprobs is not None else None,
-                        "finish_reason": r.finish_reason} for i, r in enumerate(submitted)]
+                        "finish_reason": replies[i][1]} for i, r in enumerate(submitted)]
         else:
             choices = [service.completion_choice(parsed, i, r) for i, r in enumerate(_best(parsed, submitted))]
         return head | {"object": kind, "choices": choices, "usage": _usage(parsed.prompt_tokens, submitted)}
@@ -1067,11 +1094,16 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
             starts = [bases[i] + offsets[i].push(r.token) for r in records]
             return completion_logprobs(service.token_text, [r.token for r in records], records, starts)
 
-        def choice(i: int, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        def choice(i: int, text: str | None, finish: str | None, role: bool = False,
+                   delta: dict[str, Any] | None = None) -> dict[str, Any]:
             if not chat:
                 return {"index": i, "text": text or "", "logprobs": logprobs(i), "finish_reason": finish}
-            delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
+            if delta is None:
+                delta = ({"role": "assistant"} if role else {}) | ({"content": text} if text is not None else {})
             return {"index": i, "delta": delta, "logprobs": None if role else logprobs(i), "finish_reason": finish}
+
+        # A reply that may call tools is held back from <tool_call> on and read whole at its end.
+        calls = [ToolStream(parsed.tools) for _ in submitted] if parsed.tools is not None else None
 
         def echo(i: int) -> str:
             """The event that returns choice ``i``'s prompt (before its first piece: the prompt has been read)."""
@@ -1097,6 +1129,10 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                         yield echo(i)
                     if isinstance(piece, TokenLogprob):
                         pending[i].append(piece)
+                    elif isinstance(piece, str) and calls is not None:
+                        content = calls[i].feed(piece)
+                        if content is not None:
+                            yield event([choice(i, content, None)])
                     elif isinstance(piece, str):
                         yield event([choice(i, piece, None) if audio_ids is None else audio(i, transcript=piece)])
                     elif piece is not None:
@@ -1106,7 +1142,12 @@ def create_app(service: Service, api_key: str | None = None) -> FastAPI:
                             expires_at = service.transcripts.expiry()
                             service.transcripts.add(audio_ids[i], submitted[i].text, expires_at)
                             yield event([audio(i, expires_at=expires_at)])
-                        yield event([choice(i, None if chat else "", submitted[i].finish_reason)])
+                        finish = submitted[i].finish_reason
+                        if calls is not None:
+                            deltas, finish = calls[i].finish(finish)
+                            for delta in deltas:
+                                yield event([choice(i, None, None, delta=delta)])
+                        yield event([choice(i, None if chat else "", finish)])
             if parsed.include_usage:
                 yield event([], usage=_usage(parsed.prompt_tokens, submitted))
             yield "data: [DONE]\n\n"
