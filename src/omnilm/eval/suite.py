@@ -4,7 +4,9 @@ Types:
   ``attributes``  biography attribute recall on held-out templates (``data``: eval.jsonl; ``seen``: a
                   train.jsonl whose ``person_id`` s restrict the probe to people the model saw; ``max_examples``)
   ``qa``          exact greedy answers to chat questions (``data``: jsonl of ``messages``; ``where``: keep
-                  records whose fields equal these values; ``max_examples``)
+                  records whose fields equal these values; ``max_examples``); open-book with ``rag: {index: DIR,
+                  top_k: K, match_field: person_id}``: the question carries its top-k passages
+                  (:mod:`omnilm.rag`), and the result adds retrieval ``recall_at_k``
   ``omni_qa``     exact greedy answers of a Thinker to questions with audio, images and video (``data``: jsonl
                   of ``messages`` with media parts, paths relative to it; ``where``; ``max_examples``)
   ``speech_wer``  word error rate of a Thinker's spoken replies (its folder's talker/ and token2wav/), of the
@@ -71,7 +73,18 @@ def qa_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float
 
     where = spec.get("where") or {}
     records = [r for r in read_jsonl(spec["data"]) if all(r.get(k) == v for k, v in where.items())]
-    return evaluate_qa(model, tokenizer, _limit(records, spec.get("max_examples")))
+    records = _limit(records, spec.get("max_examples"))
+    retrieval: dict[str, float] = {}
+    if spec.get("rag"):
+        from omnilm.rag.index import RagIndex
+        from omnilm.rag.records import open_book
+
+        rag = spec["rag"]
+        if not isinstance(rag, dict) or not rag.get("index"):
+            raise ConfigError(f"qa: rag must be {{index: DIR, top_k: K}}, got {rag!r}")
+        records, retrieval = open_book(records, RagIndex.load(rag["index"]), int(rag.get("top_k", 3)),
+                                       rag.get("match_field", "person_id"))
+    return evaluate_qa(model, tokenizer, records) | retrieval
 
 
 @register_eval("omni_qa", "accuracy")

@@ -134,6 +134,8 @@ def resolve_evals(evals: dict[str, dict[str, Any]], root: Path) -> dict[str, dic
         for key in ("data", "seen", "codec"):
             if spec.get(key):
                 spec[key] = _resolve(spec[key], root)
+        if isinstance(spec.get("rag"), dict) and spec["rag"].get("index"):
+            spec["rag"] = spec["rag"] | {"index": _resolve(spec["rag"]["index"], root)}
         out[name] = spec
     return out
 

@@ -37,6 +37,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="a small model with the same tokenizer: requests are then decoded one at a time with "
                         "speculative decoding (lower latency per stream, no batching)")
     p.add_argument("--speculative-k", type=int, default=defaults.speculative_k, help="draft tokens proposed per round")
+    p.add_argument("--rag", default=None, metavar="DIR",
+                   help="a retrieval index (omnilm rag index): chat requests get the top passages for their last "
+                        "user turn")
+    p.add_argument("--top-k", dest="rag_top_k", type=int, default=defaults.rag_top_k,
+                   help="passages retrieved per chat request with --rag")
     p.set_defaults(handler=run_serve)
 
 
@@ -52,7 +57,8 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(kv_budget_mb=args.kv_budget_mb, block_size=args.block_size, max_batch=args.max_batch,
                          prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                         draft_model=args.draft_model, speculative_k=args.speculative_k,
+                         draft_model=args.draft_model, speculative_k=args.speculative_k, rag=args.rag,
+                         rag_top_k=args.rag_top_k,
                          engine_process=not args.engine_thread)
     service = Service(args.model, model_name=args.name, config=config)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

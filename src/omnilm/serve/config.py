@@ -32,3 +32,8 @@ class ServeConfig:
     draft_model: str | None = None
     #: Draft tokens proposed per speculative round.
     speculative_k: int = 4
+    #: A retrieval index folder (``omnilm rag index``): chat requests get the top passages for their last user
+    #: turn put into it (:mod:`omnilm.rag.prompt`).
+    rag: str | None = None
+    #: Passages retrieved per chat request with ``rag``.
+    rag_top_k: int = 3

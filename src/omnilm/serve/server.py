@@ -497,6 +497,14 @@ class Service:
         self.config = dataclasses.replace(config or ServeConfig(), **overrides)
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self.name = model_name or Path(model_dir).resolve().name
+        #: The retrieval index whose passages go into chat requests' last user turn (``config.rag``), or None.
+        self.rag: Any = None
+        if self.config.rag is not None:
+            from omnilm.rag.index import RagIndex
+
+            if self.config.rag_top_k < 1:
+                raise UserError(f"rag_top_k must be at least 1, got {self.config.rag_top_k}")
+            self.rag = RagIndex.load(self.config.rag)
         #: The Thinker's conversation encoder when the model reads media (a thinker folder), else None.
         self.processor: Any = None
         if is_thinker_folder(model_dir):
@@ -599,6 +607,8 @@ class Service:
             if tools is not None and audio is not None:
                 raise APIError(400, "a spoken reply cannot call tools", param="tools")
             messages = chat_contents(self._with_transcripts(body["messages"]), media=self.processor is not None)
+            if self.rag is not None:
+                messages = self._with_passages(messages)
             try:
                 if self.processor is None:
                     prompt_ids, _ = encode_chat(self.tokenizer, validate_messages(messages), add_generation_prompt=True,
@@ -758,6 +768,18 @@ class Service:
             raise APIError(400, f"audio.format {kind!r} cannot be streamed: a streamed reply's audio is 'pcm16'",
                            param="audio.format")
         return AudioOutput(self._voice_name(options.get("voice"), "audio.voice"), kind)
+
+    def _with_passages(self, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``messages`` with the top passages for the last user turn rendered into it (unchanged when that turn
+        is not text)."""
+        from omnilm.rag.prompt import last_user_index, with_context
+
+        try:
+            last = last_user_index(messages)
+        except ValueError:
+            return messages
+        hits = self.rag.search([messages[last]["content"]], self.config.rag_top_k)[0]
+        return with_context(messages, [h.text for h in hits])
 
     def _with_transcripts(self, messages: Any) -> Any:
         """``messages`` with each assistant turn given as ``{"audio": {"id"}}`` (no content) replaced by its
