@@ -124,6 +124,24 @@ def test_tied_head_stays_tied_and_skips_are_honoured():
     assert isinstance(untied.lm_head, QuantizedLinear)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen2"])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_quantized_tied_head_is_a_copy_that_saves_and_loads(tmp_path, family, bits):
+    reference = small_model(family)
+    assert reference.config.tie_embeddings
+    model = quantize_model(_copy(reference), bits, 32, skip=())
+    assert isinstance(model.lm_head, QuantizedLinear) and "lm_head" in model.quantization["modules"]
+    torch.testing.assert_close(model.tok_emb.weight, reference.tok_emb.weight, rtol=0, atol=0)
+    torch.testing.assert_close(model.lm_head.dequantized_weight(),
+                               dequantize_weight(**quantize_weight(reference.tok_emb.weight, bits, 32), bits=bits))
+    save_quantized(model, tmp_path / "q")
+    loaded = load_pretrained(tmp_path / "q")
+    assert isinstance(loaded.lm_head, QuantizedLinear)
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids), model(ids))
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 @pytest.mark.parametrize(("bits", "group"), [(8, 128), (4, 32), (4, 64)])
 def test_save_load_gives_identical_logits(tmp_path, family, bits, group):

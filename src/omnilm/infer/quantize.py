@@ -15,16 +15,22 @@ underflow for near-zero groups. Only the weights are quantized; activations stay
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from omnilm.adapters.naming import matches_target
+from omnilm.kernels import qlinear as qlinear_kernels
 
 SUPPORTED_BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 _QMAX = {8: 127, 4: 7}
+#: Up to this many rows of activations (tokens in the batch), a CPU float32 forward uses the native kernels
+#: (``omnilm.kernels``), which read each weight byte once; beyond it the work is compute-bound and dequantising
+#: once for a BLAS matmul is faster.
+KERNEL_MAX_ROWS = 16
 
 
 def _check_bits(bits: int) -> None:
@@ -90,10 +96,11 @@ def dequantize_weight(qweight: torch.Tensor, scales: torch.Tensor, bits: int) ->
 
 
 class QuantizedLinear(nn.Module):
-    """A linear layer whose weight is stored quantized (see the module docstring) and dequantised per call.
+    """A linear layer whose weight is stored quantized (see the module docstring).
 
-    Nothing is cached: every ``forward`` rebuilds the weight, so memory holds only the packed codes (the
-    transient float weight lives for one matmul). The matmul runs in the activation's dtype.
+    Small float32 CPU batches (decoding) run the native kernels of ``omnilm.kernels``, which widen the codes in
+    registers. Everything else takes ``reference_forward``: the weight is dequantised for one matmul in the
+    activation's dtype and not cached, so memory holds only the packed codes.
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int, group_size: int = 128,
@@ -130,9 +137,29 @@ class QuantizedLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // self.in_features if self.in_features else 0
+        if 0 < rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" \
+                and not (torch.is_grad_enabled() and x.requires_grad):
+            kernels = qlinear_kernels()
+            if kernels is not None:
+                return self._kernel_forward(kernels, x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Dequantise the whole weight, then one matmul: any dtype, device, batch, and differentiable in x."""
         weight = self.dequantized_weight().to(x.dtype)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
+
+    def _kernel_forward(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)  # (rows, in)
+        if self.bits == 8:
+            y = kernels.int8_linear(flat, self.qweight, self.scales)
+        else:
+            y = kernels.int4_linear(flat, self.qweight, self.scales)
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
@@ -140,20 +167,14 @@ class QuantizedLinear(nn.Module):
 
 
 def quantizable_linears(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> list[str]:
-    """Names of the ``nn.Linear`` modules ``quantize_model`` replaces: all but ``skip`` and a tied head.
+    """Names of the ``nn.Linear`` modules ``quantize_model`` replaces: all but ``skip``.
 
-    ``skip`` entries match a module path or a dot-separated suffix of it. A head tied to the embedding is
-    always kept, since quantizing it would untie it from the (unquantized) embedding.
+    ``skip`` entries match a module path or a dot-separated suffix of it. A head tied to the embedding may be
+    quantized too (``skip=()``): it then becomes a quantized copy, and the embedding keeps its full-precision
+    table for lookups (more memory, but the head is the largest matrix a decode step reads).
     """
-    tied = getattr(getattr(model, "config", None), "tie_embeddings", False)
-    names = []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(matches_target(name, s) for s in skip):
-            continue
-        if tied and name == "lm_head":
-            continue
-        names.append(name)
-    return names
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and not any(matches_target(name, s) for s in skip)]
 
 
 def replace_linears(model: nn.Module, names: Sequence[str], bits: int, group_size: int,
@@ -186,7 +207,9 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 128,
     """Quantize ``model``'s linear layers in place (weights only) and return it.
 
     Embeddings are never quantized (they are lookups, not matmuls), and the LM head is skipped by default: it
-    is the layer whose error reaches the logits most directly, and a tied head must stay the embedding.
+    is the layer whose error reaches the logits most directly. ``skip=()`` quantizes it as well (a tied head
+    becomes a quantized copy of the embedding): for decoding speed, since in small models it is the largest
+    matrix read per token.
     ``group_size`` applies to int4 and must divide every quantized layer's input features.
     """
     _check_bits(bits)

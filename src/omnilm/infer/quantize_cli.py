@@ -17,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group-size", type=int, choices=(32, 64, 128), default=128,
                    help="input features per int4 scale (default 128; ignored for 8 bits)")
     p.add_argument("--out", required=True, help="output model folder")
+    p.add_argument("--quantize-head", action="store_true",
+                   help="quantize the LM head too (a tied head becomes a quantized copy): faster decoding, "
+                        "a little more error")
     p.add_argument("--eval-data", help="tokenised dataset folder with a 'val' split to measure perplexity on")
     p.add_argument("--eval-batches", type=int, default=8, help="validation batches (default 8)")
     p.add_argument("--eval-batch-size", type=int, default=8)
@@ -48,7 +51,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.eval_data and tokenizer is None:
         raise ValueError(f"--eval-data needs the tokenizer of {args.model} (tokenizer.json)")
     before = _val_loss(model, tokenizer, args) if args.eval_data else None
-    quantize_model(model, args.bits, args.group_size)
+    quantize_model(model, args.bits, args.group_size, skip=() if args.quantize_head else ("lm_head",))
     save_quantized(model, args.out, tokenizer=tokenizer)
     size_in, size_out = safetensors_bytes(args.model), safetensors_bytes(args.out)
     scheme = f"int{args.bits}" + (f" (group size {args.group_size})" if args.bits == 4 else " (per channel)")

@@ -398,13 +398,15 @@ def load_pretrained(folder: str | Path, dtype: torch.dtype | None = None,
         quantized = prepare_quantized(model, hf_config["quantization_config"], tensors, source)
     state = state_from_hf(tensors, config)
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    if config.tie_embeddings:
+    # A tied head is the embedding, unless it was quantized (then a quantized copy of it is stored).
+    tied = config.tie_embeddings and isinstance(model.lm_head, torch.nn.Linear)
+    if tied:
         state.pop("lm_head.weight", None)
         expected.pop("lm_head.weight")
     check_tensors(folder, state | quantized, expected)
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state | quantized, strict=False, assign=True)
-    if config.tie_embeddings:
+    if tied:
         model.lm_head.weight = model.tok_emb.weight
     return model.to(device).eval()
