@@ -19,13 +19,14 @@ from omnilm.infer import cli as infer_cli
 from omnilm.lab import cli as lab_cli
 from omnilm.model import cli as model_cli
 from omnilm.omni import cli as omni_cli
+from omnilm.rag import cli as rag_cli
 from omnilm.recipe import cli as recipe_cli
 from omnilm.serve import cli as serve_cli
 from omnilm.tokenizer import cli as tokenizer_cli
 from omnilm.train import cli as train_cli
 
 STAGES = (recipe_cli, data_cli, tokenizer_cli, train_cli, model_cli, quantize_cli, infer_cli, chat_cli, omni_cli,
-          serve_cli, eval_cli, lab_cli)
+          serve_cli, eval_cli, rag_cli, lab_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

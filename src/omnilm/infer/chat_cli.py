@@ -5,6 +5,7 @@ Each input line is one user turn; the assistant's reply is printed (streamed) fo
 history (oldest turns are dropped when it no longer fits the context). Commands: ``/reset`` starts over,
 ``/system TEXT`` sets a system message (and starts over), ``/quit`` leaves. On start a one-line banner with the
 model's name, its context and the commands goes to stderr, so that piped stdout carries only the replies.
+With ``--rag DIR`` each user turn is sent with its ``--top-k`` retrieved passages (:mod:`omnilm.rag.prompt`).
 With ``--tools calculator`` the model may call the calculator: each call and its result go to stderr, the final
 reply to stdout (:mod:`omnilm.tools.loop`).
 """
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from omnilm.errors import UserError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("chat", help="chat with a model (interactive, or one user turn per stdin line)")
@@ -26,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--system", default=None, help="system message at the start of the conversation")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--rag", default=None, metavar="DIR",
+                   help="a retrieval index (omnilm rag index): each question is sent with its top passages")
+    p.add_argument("--top-k", type=int, default=3, help="passages retrieved per question with --rag")
     p.add_argument("--tools", default=None, metavar="NAMES",
                    help="tools the model may call, comma-separated (available: calculator): each call is run, "
                         "shown on stderr, and its result goes back to the model (omnilm.tools.loop)")
@@ -65,6 +71,14 @@ def run_chat(args: argparse.Namespace) -> int:
     from omnilm.infer import SamplingParams, TextGenerator
     from omnilm.tokenizer.chat import IM_END, encode_chat
 
+    retriever = None
+    if args.rag:
+        from omnilm.rag.index import RagIndex
+        from omnilm.rag.prompt import with_context
+
+        retriever = RagIndex.load(args.rag)
+        if args.top_k < 1:
+            raise UserError(f"--top-k must be at least 1, got {args.top_k}")
     generator = TextGenerator.from_pretrained(args.model, device=args.device)
     tokenizer = generator.tokenizer
     im_end = tokenizer.token_to_id(IM_END)
@@ -101,6 +115,8 @@ def run_chat(args: argparse.Namespace) -> int:
             continue
         turns.append({"role": "user", "content": text})
         messages = fit_history(tokenizer, system, turns, budget)
+        if retriever is not None:  # passages in this turn only: the history keeps the questions as typed
+            messages = with_context(messages, [h.text for h in retriever.search([text], args.top_k)[0]])
         if args.tools:  # the tool loop; the history keeps the final replies only
             turn = run_with_tools(generator, params, messages, args.tools)
             turns.append({"role": "assistant", "content": turn.reply or "..."})

@@ -9,7 +9,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("run", help="run a recipe (default: the built-in demo, end to end)")
     p.add_argument("recipe", nargs="?", default="demo", help="recipe YAML file or built-in name (default: demo)")
     p.add_argument("--out", default=None, help="run folder (default: runs/<recipe name>)")
-    p.add_argument("--preset", default=None, help="a size preset declared by the recipe (demo: smoke)")
+    p.add_argument("--preset", default=None, help="a preset declared by the recipe, or several joined by commas "
+                                                 "(demo: smoke, qa_pretrain, rag_sft)")
     p.set_defaults(handler=run_recipe_cli)
 
 

@@ -24,7 +24,7 @@ from omnilm.utils.fingerprint import fingerprint, stale_reasons
 MARKER = ".omnilm-job.json"
 #: Job settings that name input files or folders (relative to the run folder): they make a job depend on the
 #: jobs whose outputs they point into.
-INPUT_KEYS = ("data", "tokenizer", "bios")
+INPUT_KEYS = ("data", "tokenizer", "bios", "index")
 JobFn = Callable[[dict[str, Any], Path, Path], dict[str, Any]]
 JOBS: dict[str, JobFn] = {}
 
@@ -108,6 +108,44 @@ def speech_codec(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     codec.stats.update(files=len(files))
     codec.save(out)
     return {"codes": codec.codes, "files": len(files), "train_mse": round(codec.stats["train_mse"], 5)}
+
+
+@job("rag_index")
+def rag_index(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """A retrieval index (``omnilm rag index``) over the records of ``data``; the other settings are
+    :class:`~omnilm.rag.index.IndexConfig` fields."""
+    from omnilm.config import from_dict
+    from omnilm.data.chat_data import read_records
+    from omnilm.rag.index import IndexConfig, RagIndex
+
+    spec = dict(spec)
+    paths = _paths(spec.pop("data"), root)
+    index = RagIndex.build((r for r, _ in read_records(paths, strict=True)),
+                           from_dict(IndexConfig, spec, source="rag_index job"))
+    index.save(out)
+    return {"passages": len(index.passages)}
+
+
+@job("rag_qa")
+def rag_qa(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """``qa.jsonl``: the chat records of ``data`` (``where``: field filter) with the top ``top_k`` passages of
+    ``index`` in their question (:func:`omnilm.rag.records.open_book`). A record whose gold passage
+    (``match_field``) is indexed but not retrieved is left out, so that no reply states a fact missing from
+    its context."""
+    from omnilm.data.chat_data import read_records
+    from omnilm.data.synth.io import write_jsonl
+    from omnilm.rag.index import RagIndex
+    from omnilm.rag.records import open_book
+
+    _take(spec, {"data", "index", "top_k", "match_field", "where"}, "rag_qa")
+    records = [r for r, _ in read_records(_paths(spec["data"], root), spec.get("where"), strict=True)]
+    index = RagIndex.load(_paths(spec["index"], root)[0])
+    match_field = spec.get("match_field", "person_id")
+    rewritten, stats = open_book(records, index, int(spec.get("top_k", 3)), match_field)
+    indexed = {p.get(match_field) for p in index.passages}
+    kept = [r for r in rewritten if r["retrieved_gold"] or r.get(match_field) not in indexed]
+    write_jsonl(out / "qa.jsonl", kept)
+    return {"records": len(kept), "left_out": len(rewritten) - len(kept)} | stats
 
 
 @job("tokenizer")

@@ -57,7 +57,7 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
 
 
 def load_recipe(name_or_path: str, preset: str | None = None) -> Recipe:
-    """A built-in recipe by name (``demo``) or a YAML file, with ``preset`` applied."""
+    """A built-in recipe by name (``demo``) or a YAML file, with ``preset`` applied (``a,b``: both, in order)."""
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml", ".json") or path.is_file():
         values, source = read_mapping(path), str(path)
@@ -70,10 +70,10 @@ def load_recipe(name_or_path: str, preset: str | None = None) -> Recipe:
         raise ConfigError(f"recipe {name_or_path!r}: no such file and no built-in recipe of that name "
                           f"(built-in: {', '.join(builtin_recipes())})")
     presets = values.pop("presets", {}) or {}
-    if preset is not None:
-        if preset not in presets:
-            raise ConfigError(f"{source}: no preset {preset!r} (presets: {', '.join(sorted(presets)) or 'none'})")
-        values = deep_merge(values, presets[preset])
+    for name in preset.split(",") if preset else []:  # several presets merge in the order given
+        if name not in presets:
+            raise ConfigError(f"{source}: no preset {name!r} (presets: {', '.join(sorted(presets)) or 'none'})")
+        values = deep_merge(values, presets[name])
     unknown = sorted(set(values) - {"name", "prepare", "stages"})
     if unknown:
         raise ConfigError(f"{source}: unknown top-level key(s) {unknown}; expected name, prepare, stages, presets")

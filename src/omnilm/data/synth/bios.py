@@ -4,11 +4,14 @@ Every person has six attributes. A biography states all six, each with a randoml
 in random order, always naming the person in full (so every sentence carries its own key). Files written:
 
 ``train.jsonl``     biographies ``{"text", "person_id"}``; person ``i`` (1-based) is drawn with weight
-                    ``i^-alpha``; with ``alpha = 0`` every seen person gets exactly ``bios_per_person``
+                    ``i^-alpha``; with ``alpha = 0`` every seen person gets exactly ``bios_per_person``;
+                    with ``qa_in_pretraining`` also QA documents (questions and answers in plain text) of
+                    the people whose QA is for training
 ``eval.jsonl``      one held-out-template sentence per seen person and attribute, value span marked
                     (``value_start``, ``value_end``), for completion probes
 ``eval_train_templates.jsonl`` the same probes in training templates (new sentences, known wording)
 ``eval_unseen.jsonl`` the same probes for the people never seen (written only when there are some)
+``passages.jsonl``  one more biography per seen person (fresh phrasings): the passages a retrieval index holds
 ``people.jsonl``    ground truth; ``seen`` is false for the people kept out of all training text and
                     ``qa_split`` says whether their QA pairs are for training (``train``) or testing
 ``qa.jsonl``        question/answer pairs in chat ``messages`` format, per person, attribute and question
@@ -51,6 +54,11 @@ class BiosConfig:
     companies: int = 200  # size of the employer pool
     universities: int = 100  # size of the university pool
     seed: int = 0
+    #: QA text mixed into train.jsonl: this fraction of its documents are question/answer lists of people whose
+    #: QA is for training (``qa_split`` train), never of the held-out half (0: biographies only)
+    qa_in_pretraining: float = 0.0
+    #: The first person's ``person_id``: a second set of people (other seed) can sit beside the first one
+    first_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -99,7 +107,7 @@ def make_people(config: BiosConfig) -> list[Person]:
         attributes = {"birth_date": date, "birth_city": rng.choice(cities), "university": rng.choice(universities),
                       "major": rng.choice(MAJORS), "employer": rng.choice(companies),
                       "employer_city": rng.choice(cities)}
-        people.append(Person(index, name, attributes, seen=index < config.people))
+        people.append(Person(config.first_id + index, name, attributes, seen=index < config.people))
     return people
 
 
@@ -142,6 +150,31 @@ def bio_counts(config: BiosConfig, rng: random.Random) -> list[int]:
     return [counts[i] for i in range(config.people)]
 
 
+def passage_records(people: list[Person], rng: random.Random) -> list[dict[str, Any]]:
+    """One biography per seen person, ``{"text", "person_id"}``: the documents a retriever searches."""
+    return [{"text": biography(p, rng), "person_id": p.person_id} for p in people if p.seen]
+
+
+def qa_document(person: Person, rng: random.Random) -> str:
+    """A person's six facts as questions and answers in plain text, one phrasing per attribute, random order."""
+    order = list(ATTRIBUTES)
+    rng.shuffle(order)
+    return " ".join(f"{rng.choice(QUESTIONS[a]).format(name=person.name)} {person.attributes[a]}." for a in order)
+
+
+def mix_qa_documents(bios: list[tuple[Person, str]], people: list[Person], fraction: float,
+                     rng: random.Random) -> list[tuple[Person, str]]:
+    """``bios`` with QA documents of ``people`` (round robin) making up ``fraction`` of the result, shuffled."""
+    if not 0 <= fraction < 1:
+        raise UserError(f"qa_in_pretraining must be in [0, 1), got {fraction}")
+    if fraction == 0 or not people:
+        return bios
+    count = round(len(bios) * fraction / (1 - fraction))
+    mixed = bios + [(people[i % len(people)], qa_document(people[i % len(people)], rng)) for i in range(count)]
+    rng.shuffle(mixed)
+    return mixed
+
+
 def answer_matches(response: str, value: str) -> bool:
     """Whether a QA response states ``value`` (exactly, ignoring case, surrounding space and a final period)."""
     def norm(text: str) -> str:
@@ -159,7 +192,13 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
     counts = bio_counts(config, rng)
     bios = [(person, biography(person, rng)) for person, n in zip(seen, counts, strict=True) for _ in range(n)]
     rng.shuffle(bios)
-    write_jsonl(out / "train.jsonl", ({"text": text, "person_id": p.person_id} for p, text in bios))
+    # Alternate QA splits within seen and within unseen people, so both halves mix frequent and rare people.
+    qa_split = {p.person_id: ("train" if rank % 2 == 0 else "test")
+                for group in (seen, [p for p in people if not p.seen]) for rank, p in enumerate(group)}
+    # Own generator: without QA text every file is as before.
+    documents = mix_qa_documents(bios, [p for p in seen if qa_split[p.person_id] == "train"],
+                                 config.qa_in_pretraining, random.Random(config.seed + 4))
+    write_jsonl(out / "train.jsonl", ({"text": text, "person_id": p.person_id} for p, text in documents))
 
     marginals = {a: Counter() for a in ATTRIBUTES}
     for person, n in zip(seen, counts, strict=True):
@@ -172,13 +211,11 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
     # Training-template probes: the same facts in the training wording, without the value-type ambiguity an
     # unseen wording adds (own generator: nothing else in the files changes).
     write_jsonl(out / "eval_train_templates.jsonl", probe_records(seen, random.Random(config.seed + 3), False))
+    write_jsonl(out / "passages.jsonl", passage_records(seen, random.Random(config.seed + 5)))
     unseen = [p for p in people if not p.seen]
     if unseen:  # own generator, so that adding unseen people changes nothing else in the files
         write_jsonl(out / "eval_unseen.jsonl", probe_records(unseen, random.Random(config.seed + 2)))
 
-    # Alternate QA splits within seen and within unseen people, so both halves mix frequent and rare people.
-    qa_split = {p.person_id: ("train" if rank % 2 == 0 else "test")
-                for group in (seen, [p for p in people if not p.seen]) for rank, p in enumerate(group)}
     write_jsonl(out / "people.jsonl", (p.record(qa_split[p.person_id]) for p in people))
 
     qa, prefs = [], []
