@@ -13,7 +13,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from omnilm.data.synth import media
-from omnilm.omni import codec as codec_module
 from omnilm.omni.audio import N_MELS, log_mel_spectrogram
 from omnilm.omni.codec import (
     Codec,
@@ -25,6 +24,7 @@ from omnilm.omni.codec import (
     kmeans_plus_plus,
     wav_sources,
 )
+from omnilm.utils import kmeans as kmeans_module
 
 needs_espeak = pytest.mark.skipif(not media.espeak_available(), reason="espeak-ng is not installed")
 
@@ -56,7 +56,7 @@ def test_assign_equals_brute_force(seed: int, n: int, d: int, k: int, grid: bool
 def test_assign_blocks_agree_with_one_block(monkeypatch: pytest.MonkeyPatch) -> None:
     x, centroids = _points(0, 1000, 8, False), _points(1, 37, 8, False)
     whole = assign(x, centroids)
-    monkeypatch.setattr(codec_module, "_DISTANCE_BLOCK", 37 * 3)  # three rows per block
+    monkeypatch.setattr(kmeans_module, "_DISTANCE_BLOCK", 37 * 3)  # three rows per block
     blocked = assign(x, centroids)
     assert torch.equal(whole[0], blocked[0]) and torch.allclose(whole[1], blocked[1])
 
