@@ -41,11 +41,13 @@ def make_generator(seed: int | None, device: torch.device) -> torch.Generator | 
 @torch.inference_mode()
 def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], params: SamplingParams,
                  eos_ids: Sequence[int] = (), pad_id: int = 0,
-                 stop_flags: list[bool] | None = None) -> Iterator[torch.Tensor]:
+                 stop_flags: list[bool] | None = None,
+                 seeds: Sequence[int | None] | None = None) -> Iterator[torch.Tensor]:
     """Yield the next token of every prompt (B,) at each step; ended sequences yield FINISHED.
 
     A sequence ends on an ``eos_ids`` token (which is yielded) or when the caller sets its entry of
-    ``stop_flags`` (used for stop strings, which are matched on text).
+    ``stop_flags`` (used for stop strings, which are matched on text). ``seeds`` (one per prompt) gives every
+    row its own random generator instead of ``params.seed``'s shared one (see ``decode_loop``).
     """
     if params.num_beams > 1:
         raise ValueError("generate_ids samples; use beam_search for num_beams > 1")
@@ -67,24 +69,34 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], params: S
             mask = torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype, device=device)], dim=1)
         return model(feed[:, None], mask, cache=cache)[:, -1]
 
-    yield from decode_loop(logits, step, params, eos_ids, pad_id, stop_flags, seen)
+    yield from decode_loop(logits, step, params, eos_ids, pad_id, stop_flags, seen, seeds)
 
 
 def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], params: SamplingParams,
                 eos_ids: Sequence[int] = (), pad_id: int = 0, stop_flags: list[bool] | None = None,
-                seen: torch.Tensor | None = None) -> Iterator[torch.Tensor]:
+                seen: torch.Tensor | None = None,
+                seeds: Sequence[int | None] | None = None) -> Iterator[torch.Tensor]:
     """The sampling loop shared by every decoder: from the prompts' last logits (B, V), yield one token per row
     (FINISHED once a row has ended) and feed it back through ``step`` (B,) -> next logits (B, V).
 
-    ``seen`` (B, V bool) marks tokens present so far, for the repetition penalty.
+    ``seen`` (B, V bool) marks tokens present so far, for the repetition penalty. With ``seeds`` (one per row)
+    each row samples from its own generator, so row r draws exactly what its prompt alone would draw with
+    ``seed=seeds[r]`` (k samples of one prompt in one batch, each reproducible on its own).
     """
     device = logits.device
     batch = logits.shape[0]
     generator = make_generator(params.seed, device)
+    if seeds is not None and len(seeds) != batch:
+        raise ValueError(f"seeds: {len(seeds)} given for {batch} rows")
+    generators = None if seeds is None else [make_generator(s, device) for s in seeds]
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     for index in range(params.max_new_tokens):
-        token = next_token(logits, params, seen, generator)
+        if generators is None:
+            token = next_token(logits, params, seen, generator)
+        else:
+            token = torch.cat([next_token(logits[r:r + 1], params, None if seen is None else seen[r:r + 1], g)
+                               for r, g in enumerate(generators)])
         token = torch.where(finished, FINISHED, token)
         yield token
         finished |= torch.isin(token, eos)

@@ -53,20 +53,22 @@ class TextGenerator:
         return (self.draft is not None and len(prompts) == 1 and params.num_beams == 1
                 and params.repetition_penalty == 1.0)
 
-    def stream_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams) -> Iterator[list[str]]:
+    def stream_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
+                     seeds: Sequence[int | None] | None = None) -> Iterator[list[str]]:
         """Yield, step by step, each prompt's new text (empty strings where nothing is final yet).
 
-        A prompt is text, or token ids already encoded (a conversation from ``encode_chat``)."""
+        A prompt is text, or token ids already encoded (a conversation from ``encode_chat``). ``seeds`` (one per
+        prompt) samples each row with its own generator (``generate_ids``)."""
         prompt_ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         decoders = [StreamingDecoder(self.tokenizer, params.stop) for _ in prompts]
         if params.num_beams > 1:
             yield [self._beam_text(ids, params, decoder) for ids, decoder in zip(prompt_ids, decoders, strict=True)]
             return
-        if self._speculative(prompts, params):
+        if self._speculative(prompts, params) and seeds is None:
             yield from self._speculative_deltas(prompt_ids[0], params, decoders[0])
             return
         stop_flags = [False] * len(prompts)
-        for tokens in generate_ids(self.model, prompt_ids, params, self.eos_ids, self.pad_id, stop_flags):
+        for tokens in generate_ids(self.model, prompt_ids, params, self.eos_ids, self.pad_id, stop_flags, seeds):
             deltas = []
             for row, token in enumerate(tokens.tolist()):
                 if token == FINISHED or token in self.eos_ids:
@@ -98,12 +100,14 @@ class TextGenerator:
             if deltas[0]:
                 yield deltas[0]
 
-    def generate(self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams) -> list[str]:
-        """The continuation of each prompt, text or token ids (batched with left padding)."""
+    def generate(self, prompts: str | Sequence[str | Sequence[int]], params: SamplingParams,
+                 seeds: Sequence[int | None] | None = None) -> list[str]:
+        """The continuation of each prompt, text or token ids (batched with left padding; ``seeds``: one random
+        generator per prompt, see ``generate_ids``)."""
         if isinstance(prompts, str):
             prompts = [prompts]
         texts = [""] * len(prompts)
-        for deltas in self.stream_batch(prompts, params):
+        for deltas in self.stream_batch(prompts, params, seeds):
             texts = [t + d for t, d in zip(texts, deltas, strict=True)]
         return texts
 
