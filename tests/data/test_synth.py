@@ -146,7 +146,7 @@ def evaluate_question(question: str) -> int:
 
 def test_arithmetic_answers_are_right_and_checkable(tmp_path: Path) -> None:
     counts = write_arithmetic(ArithmeticConfig(problems=300, max_steps=4, seed=5), tmp_path)
-    assert counts == {"train": 270, "test": 30}
+    assert counts == {"train": 270, "test": 30, "direct": 0}
     train, test = read(tmp_path / "train.jsonl"), read(tmp_path / "test.jsonl")
     assert not {r["messages"][0]["content"] for r in train} & {r["messages"][0]["content"] for r in test}
     for r in train + test:
@@ -166,3 +166,23 @@ def test_synth_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["data", "synth", "arithmetic", "--problems", "20", "--out", str(tmp_path / "ar")]) == 0
     assert len(read(tmp_path / "ar" / "test.jsonl")) == 2
     assert main(["data", "synth", "bios", "--people", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_arithmetic_direct_and_worked_answers(tmp_path: Path) -> None:
+    trigger = "Let's think step by step."
+    counts = write_arithmetic(ArithmeticConfig(problems=200, direct_fraction=0.25, cot_trigger=trigger), tmp_path)
+    train = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    test = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert counts["direct"] == round(len(train) * 0.25) == sum(r["style"] == "direct" for r in train)
+    for r in train:
+        question, reply = r["messages"][0]["content"], r["messages"][1]["content"]
+        if r["style"] == "direct":
+            assert question == r["question"] and reply == f"The answer is {r['answer']}."
+        else:
+            assert question == f"{r['question']} {trigger}" and reply == r["solution"]
+        assert extract_answer(reply) == r["answer"] and r["text"] == f"Question: {question}\nAnswer: {reply}"
+    # test problems: never a trigger, always the worked reference; the same problems as without the option
+    plain = tmp_path / "plain"
+    write_arithmetic(ArithmeticConfig(problems=200), plain)
+    assert test == [json.loads(line) for line in (plain / "test.jsonl").read_text().splitlines()]
+    assert all(r["messages"][0]["content"] == r["question"] and r["style"] == "worked" for r in test)

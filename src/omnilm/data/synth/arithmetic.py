@@ -3,7 +3,15 @@
 A problem starts with a quantity and applies 1 to ``max_steps`` operations (gain, lose, multiply, share out
 evenly). Operands are chosen so every intermediate value stays a non-negative integer. The assistant's
 reference answer works through the steps and ends with ``The answer is N.``, the form
-:func:`extract_answer` reads back. Files: ``train.jsonl`` and ``test.jsonl`` with ``messages``, ``answer``.
+:func:`extract_answer` reads back. Files: ``train.jsonl`` and ``test.jsonl`` with ``messages``, ``answer``,
+``question`` (the problem alone), ``solution`` (the worked answer) and ``text`` (``Question: ...\nAnswer: ...``,
+the record as plain text for pre-training).
+
+Direct and worked answers: with ``direct_fraction`` > 0, that share of the *training* problems is answered
+directly (``The answer is N.``) and, with ``cot_trigger`` set, the other problems' questions end with the trigger
+(e.g. "Let's think step by step.") and are answered step by step. A model trained on this learns from the data
+alone that the trigger asks for the worked answer (zero-shot chain of thought). Test problems are always asked
+without a trigger and keep the worked reference answer.
 """
 
 from __future__ import annotations
@@ -29,6 +37,8 @@ class ArithmeticConfig:
     min_steps: int = 1  # operations per problem, at least
     max_steps: int = 3  # operations per problem, at most
     max_operand: int = 20  # largest number a single operation uses
+    direct_fraction: float = 0.0  # share of training problems answered "The answer is N." without the work
+    cot_trigger: str = ""  # appended to the question of the worked training problems ("" = no trigger)
     seed: int = 0
 
 
@@ -66,9 +76,19 @@ def make_problem(rng: random.Random, config: ArithmeticConfig) -> dict[str, Any]
             work.append(f"{value} / {n} = {value // n}.")
             value //= n
     question.append(f"How many {item} does {name} have now?")
-    reply = " ".join(work) + f" The answer is {value}."
-    return {"messages": [{"role": "user", "content": " ".join(question)},
-                         {"role": "assistant", "content": reply}], "answer": value}
+    return record(" ".join(question), " ".join(work) + f" The answer is {value}.", value)
+
+
+def record(question: str, solution: str, answer: int, style: str = "worked", trigger: str = "") -> dict[str, Any]:
+    """A problem as a chat record: ``style`` "worked" asks ``question`` (+ " " + ``trigger``) and replies with
+    ``solution``; "direct" asks ``question`` and replies ``The answer is N.``."""
+    if style == "direct":
+        prompt, reply = question, f"The answer is {answer}."
+    else:
+        prompt, reply = f"{question} {trigger}".strip(), solution
+    return {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": reply}],
+            "answer": answer, "question": question, "solution": solution, "style": style,
+            "text": f"Question: {prompt}\nAnswer: {reply}"}
 
 
 def extract_answer(response: str) -> int | None:
@@ -86,6 +106,8 @@ def write_arithmetic(config: ArithmeticConfig, out: str | Path) -> dict[str, Any
     """Generate ``train.jsonl`` and ``test.jsonl`` into ``out``."""
     if config.problems < 1 or not 1 <= config.min_steps <= config.max_steps:
         raise UserError("arithmetic: need problems >= 1 and 1 <= min_steps <= max_steps")
+    if not 0 <= config.direct_fraction <= 1:
+        raise UserError("arithmetic: direct_fraction must be in [0, 1]")
     rng = random.Random(config.seed)
     by_question: dict[str, dict[str, Any]] = {}  # distinct questions, so no test problem is also a train one
     for _ in range(config.problems * 20):
@@ -97,7 +119,13 @@ def write_arithmetic(config: ArithmeticConfig, out: str | Path) -> dict[str, Any
         raise UserError(f"arithmetic: could not make {config.problems} distinct problems; raise max_operand")
     problems = list(by_question.values())
     n_test = round(config.problems * config.test_fraction)
+    train = problems[n_test:]
+    n_direct = round(len(train) * config.direct_fraction)
+    styles = ["direct"] * n_direct + ["worked"] * (len(train) - n_direct)
+    rng.shuffle(styles)
+    train = [record(p["question"], p["solution"], p["answer"], style, config.cot_trigger)
+             for p, style in zip(train, styles, strict=True)]
     out = Path(out)
     write_jsonl(out / "test.jsonl", problems[:n_test])
-    write_jsonl(out / "train.jsonl", problems[n_test:])
-    return {"train": len(problems) - n_test, "test": n_test}
+    write_jsonl(out / "train.jsonl", train)
+    return {"train": len(train), "test": n_test, "direct": n_direct}
