@@ -38,6 +38,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--apply-chat-template", action="store_true", help="format prompts with the chat template")
     p.add_argument("--seed", type=int, default=0, help="seed of lm-eval's sampling and of the local task data")
+    p.add_argument("--prompting", default=None,
+                   choices=("greedy", "cot", "self-consistency", "few-shot", "auto-cot"),
+                   help="score omnilm_arithmetic under a prompting strategy (omnilm.prompting.strategy); with "
+                        "--apply-chat-template the prompts are chat-formatted")
+    p.add_argument("--samples", type=int, default=None, help="replies per question for self-consistency (default 5)")
+    p.add_argument("--shots", type=int, default=None, help="demonstrations for few-shot and auto-cot (default 4)")
+    p.add_argument("--temperature", type=float, default=None, help="sampling temperature of --prompting (default: "
+                   "0, self-consistency 0.7)")
     p.set_defaults(handler=run_eval)
 
 
@@ -75,10 +83,21 @@ def run_eval(args: argparse.Namespace) -> int:
         model_args["dtype"] = args.dtype
     with tempfile.TemporaryDirectory(prefix="omnilm-tasks-") as scratch:
         task_dir = Path(args.out) / "tasks" if args.out else Path(scratch)
-        results = harness.evaluate(harness.MODEL_NAME, tasks, model_args=model_args, task_dir=task_dir,
+        lm, chat_template = harness.MODEL_NAME, args.apply_chat_template
+        if args.prompting:  # the prompts are built (and chat-formatted) here; lm-eval samples, votes and scores
+            from omnilm.eval.prompted import prepare
+            from omnilm.prompting.strategy import make_strategy
+
+            strategy = make_strategy(args.prompting, samples=args.samples, shots=args.shots,
+                                     temperature=args.temperature)
+            lm = harness.OmniLM(**model_args)
+            tasks = prepare(task_dir, tasks, strategy, lm, bios=bios, arithmetic=args.arithmetic,
+                            chat=args.apply_chat_template, seed=args.seed)
+            chat_template = False
+        results = harness.evaluate(lm, tasks, model_args=None if args.prompting else model_args, task_dir=task_dir,
                                    include_path=args.include_path, bios=bios, arithmetic=args.arithmetic,
                                    num_fewshot=args.num_fewshot, limit=limit, log_samples=args.log_samples,
-                                   seed=args.seed, apply_chat_template=args.apply_chat_template)
+                                   seed=args.seed, apply_chat_template=chat_template)
     if results is None:
         return 1
     print(harness.markdown_table(results))

@@ -40,8 +40,9 @@ VERSION = 1.0
 
 
 def is_local(name: str) -> bool:
-    """Whether a task name (or the tag) given to lm-eval refers to these tasks."""
-    return name == TAG or name in TASK_NAMES
+    """Whether a task name (or the tag) given to lm-eval refers to these tasks (or to the arithmetic task under a
+    prompting strategy, ``omnilm.eval.prompted``, written into the same folder)."""
+    return name == TAG or name in TASK_NAMES or name.startswith("omnilm_arithmetic_")
 
 
 def offline_if_local(tasks: list[str]) -> None:

@@ -22,6 +22,9 @@ Types:
                   ``omnilm_bios_mc``; ``data``: the biographies folder for the local tasks; ``limit``;
                   ``num_fewshot``; ``include_path``); metrics ``<task>/<metric>`` and ``acc``, the mean accuracy
                   of the tasks that report one (needs the eval extra: without lm-eval it says so and returns nothing)
+  ``prompting``   the arithmetic task under a prompting strategy (``omnilm eval --prompting``; ``strategy``,
+                  ``samples``, ``shots``, ``temperature``, ``data``: the arithmetic folder, ``chat`` (default true):
+                  chat-formatted prompts, ``limit``); ``acc``: exact answers (after the vote for self-consistency)
 """
 
 from __future__ import annotations
@@ -170,6 +173,36 @@ def lm_eval_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, 
                            bios=spec.get("data"), limit=spec.get("limit"), num_fewshot=spec.get("num_fewshot"),
                            seed=int(spec.get("seed", 0)), bootstrap_iters=0)
     return flat_metrics(results)
+
+
+@register_eval("prompting", "acc")
+def prompting_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    """The arithmetic task under a prompting strategy, as ``omnilm eval --prompting`` scores it (lm-eval)."""
+    import tempfile
+
+    from omnilm.eval.lm_tasks import offline_if_local
+
+    offline_if_local(["omnilm_arithmetic"])
+    try:
+        from omnilm.eval.harness import OmniLM, evaluate, flat_metrics
+        from omnilm.eval.prompted import prepare
+    except ImportError as err:
+        print(f"prompting: skipped, lm-evaluation-harness is not installed (pip install -e \".[eval]\"): {err}")
+        return {}
+    from omnilm.prompting.strategy import make_strategy
+
+    strategy = make_strategy(spec.get("strategy", "greedy"), samples=spec.get("samples"), shots=spec.get("shots"),
+                             temperature=spec.get("temperature"))
+    lm = OmniLM(model=model, tokenizer=tokenizer, batch_size=int(spec.get("batch_size", 64)))
+    seed = int(spec.get("seed", 0))
+    with tempfile.TemporaryDirectory(prefix="omnilm-tasks-") as task_dir:
+        tasks = prepare(task_dir, ["omnilm_arithmetic"], strategy, lm, arithmetic=spec.get("data"),
+                        chat=bool(spec.get("chat", True)), seed=seed)
+        results = evaluate(lm, tasks, task_dir=task_dir, arithmetic=spec.get("data"), limit=spec.get("limit"),
+                           seed=seed, bootstrap_iters=0)
+    metrics = flat_metrics(results)
+    return {"acc": next(v for k, v in metrics.items() if k.endswith("/exact_match_" + ("vote" if strategy.samples > 1
+                                                                                     else "answer")))} | metrics
 
 
 def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

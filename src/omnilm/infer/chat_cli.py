@@ -6,6 +6,8 @@ history (oldest turns are dropped when it no longer fits the context). Commands:
 ``/system TEXT`` sets a system message (and starts over), ``/quit`` leaves. On start a one-line banner with the
 model's name, its context and the commands goes to stderr, so that piped stdout carries only the replies.
 With ``--rag DIR`` each user turn is sent with its ``--top-k`` retrieved passages (:mod:`omnilm.rag.prompt`).
+``--cot`` appends the chain-of-thought trigger to each user turn; ``--self-consistency K`` samples K replies in one
+batch and prints the one stating the majority answer (:mod:`omnilm.prompting`).
 With ``--tools calculator`` the model may call the calculator: each call and its result go to stderr, the final
 reply to stdout (:mod:`omnilm.tools.loop`).
 """
@@ -32,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rag", default=None, metavar="DIR",
                    help="a retrieval index (omnilm rag index): each question is sent with its top passages")
     p.add_argument("--top-k", type=int, default=3, help="passages retrieved per question with --rag")
+    p.add_argument("--cot", action="store_true",
+                   help="zero-shot chain of thought: every question is sent with \"Let's think step by step.\"")
+    p.add_argument("--self-consistency", type=int, default=None, metavar="K",
+                   help="sample K replies per question (needs --temperature > 0) and print the one whose final "
+                        "answer (\"The answer is N\") the most replies agree on")
     p.add_argument("--tools", default=None, metavar="NAMES",
                    help="tools the model may call, comma-separated (available: calculator): each call is run, "
                         "shown on stderr, and its result goes back to the model (omnilm.tools.loop)")
@@ -69,6 +76,8 @@ def banner(model_dir: str | Path, context: int) -> str:
 
 def run_chat(args: argparse.Namespace) -> int:
     from omnilm.infer import SamplingParams, TextGenerator
+    from omnilm.prompting import COT_TRIGGER, AnswerReader, majority_vote
+    from omnilm.prompting.prompts import ask
     from omnilm.tokenizer.chat import IM_END, encode_chat
 
     retriever = None
@@ -79,6 +88,8 @@ def run_chat(args: argparse.Namespace) -> int:
         retriever = RagIndex.load(args.rag)
         if args.top_k < 1:
             raise UserError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.self_consistency is not None and (args.self_consistency < 1 or args.temperature <= 0):
+        raise UserError("--self-consistency K needs K >= 1 and --temperature > 0 (greedy replies would all agree)")
     generator = TextGenerator.from_pretrained(args.model, device=args.device)
     tokenizer = generator.tokenizer
     im_end = tokenizer.token_to_id(IM_END)
@@ -117,13 +128,24 @@ def run_chat(args: argparse.Namespace) -> int:
         messages = fit_history(tokenizer, system, turns, budget)
         if retriever is not None:  # passages in this turn only: the history keeps the questions as typed
             messages = with_context(messages, [h.text for h in retriever.search([text], args.top_k)[0]])
+        if args.cot:  # the trigger in this turn only, like the passages
+            messages = [*messages[:-1], {"role": "user", "content": ask(messages[-1]["content"], COT_TRIGGER)}]
         if args.tools:  # the tool loop; the history keeps the final replies only
             turn = run_with_tools(generator, params, messages, args.tools)
             turns.append({"role": "assistant", "content": turn.reply or "..."})
             continue
-        reply = ""
         # Encoded as the server does: what the user types is text, never a control token.
-        for piece in generator.stream(encode_chat(tokenizer, messages, add_generation_prompt=True)[0], params):
+        prompt = encode_chat(tokenizer, messages, add_generation_prompt=True)[0]
+        if args.self_consistency:  # K samples in one batch, the reply stating the majority answer
+            seed = args.seed or 0
+            replies = generator.generate([prompt] * args.self_consistency, params,
+                                         seeds=[seed + i for i in range(args.self_consistency)])
+            reply = replies[majority_vote([AnswerReader()(r) for r in replies]).first or 0].strip()
+            print(reply, flush=True)
+            turns.append({"role": "assistant", "content": reply or "..."})
+            continue
+        reply = ""
+        for piece in generator.stream(prompt, params):
             reply += piece
             print(piece, end="", flush=True)
         print(flush=True)
