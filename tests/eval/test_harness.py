@@ -175,3 +175,23 @@ def test_a_quantized_folder_and_the_recipe_eval_type(world, tokenizer, tmp_path)
     assert results["omnilm_bios_ppl/bits_per_byte"] > 0
     with pytest.raises(ValueError, match="task_dir"):
         evaluate(OmniLM(pretrained=str(model_dir)), ["omnilm_bios_mc"])
+
+
+def test_a_control_token_stop_string_ends_generation(tokenizer):
+    """A chat model's reply ends at <|im_end|>: as a stop string it never appears in the decoded text, so it must
+    end the sequence as a token. The head's rows are swapped so that the greedy first token is <|im_end|>."""
+    from omnilm.tokenizer.chat import IM_END, format_chat
+
+    model = small_model("llama", vocab_size=tokenizer.vocab_size).eval()  # untied head
+    prompt = format_chat([{"role": "user", "content": "Alice"}], add_generation_prompt=True)
+    ids, im_end = tokenizer.encode(prompt), tokenizer.token_to_id(IM_END)
+    with torch.no_grad():
+        first = int(model(torch.tensor([ids]))[0, -1].argmax())
+        assert first != im_end  # the head is untied: swapping its rows leaves the hidden states as they are
+        head = model.lm_head.weight
+        head[[first, im_end]] = head[[im_end, first]]
+    lm = OmniLM(model=model, tokenizer=tokenizer)
+    kwargs = {"max_gen_toks": 8, "do_sample": False}
+    ended = lm.generate_until([Instance("generate_until", {}, (prompt, {**kwargs, "until": [IM_END]}), 0)])
+    free = lm.generate_until([Instance("generate_until", {}, (prompt, {**kwargs, "until": ["\x00"]}), 0)])
+    assert ended == [""] and free[0] != ""

@@ -76,6 +76,7 @@ class OmniLM(TemplateLM):
         self._max_length = int(max_length) if max_length else self.net.config.max_seq_len
         self._max_gen_toks = int(max_gen_toks)
         self._generator = None
+        self._eos_ids: list[int] = []  # the generator's own end-of-sequence ids (stop strings add per request)
 
     # --- tokens ---------------------------------------------------------------------------------------------
     @property
@@ -211,12 +212,16 @@ class OmniLM(TemplateLM):
 
         if self._generator is None:
             self._generator = TextGenerator(self.net, self.omni_tokenizer)
+            self._eos_ids = list(self._generator.eos_ids)
         groups: dict[str, list[int]] = {}
         for index, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(index)
         results: list[str | None] = [None] * len(requests)
         for indices in groups.values():
             params, until = self._sampling(requests[indices[0]].args[1])
+            # a stop string that is a control token (a chat model's <|im_end|>) never appears in decoded text:
+            # it ends the sequence as a token instead
+            self._generator.eos_ids = sorted(set(self._eos_ids) | self._control_ids(until))
             room = self.max_length - params.max_new_tokens
             if room <= 0:
                 raise ValueError(f"OmniLM: max_gen_toks {params.max_new_tokens} leaves no room for a context in "
@@ -232,6 +237,11 @@ class OmniLM(TemplateLM):
                     results[i] = text
                     self.cache_hook.add_partial("generate_until", requests[i].args, text)
         return results  # type: ignore[return-value]
+
+    def _control_ids(self, strings: Sequence[str]) -> set[int]:
+        """Ids of the ``strings`` that are single control tokens (decoding drops them)."""
+        ids = (self.omni_tokenizer.token_to_id(s) for s in strings if s)
+        return {i for i in ids if i is not None and self.omni_tokenizer.decode([i], skip_special_tokens=True) == ""}
 
     # --- chat and records -----------------------------------------------------------------------------------
     @property
