@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from omnilm.infer import quantize
 from omnilm.infer.quantize import KERNEL_MAX_ROWS, QuantizedLinear, quantize_weight
 from omnilm.kernels import qlinear
 
@@ -63,6 +64,8 @@ def test_quantized_linear_matches_the_reference_path(bits: int, rows: int, group
     with torch.no_grad():
         fast, reference = layer(x), layer.reference_forward(x)
     assert fast.shape == reference.shape == (1, rows, out_features)
+    if bits == 4 and quantize.INT4_INT8_ACTIVATIONS:  # activations rounded to int8 per group first
+        reference = layer.reference_forward(_quantize_groups(x[0], group_size))[None]
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * reference.abs().max().item() + 1e-7)
 
 
@@ -92,3 +95,42 @@ def test_bad_inputs_are_refused() -> None:
         kernels.int8_linear(torch.zeros(2, 9), codes, scales)
     with pytest.raises(RuntimeError, match="float32"):
         kernels.int8_linear(torch.zeros(2, 8, dtype=torch.float64), codes, scales)
+
+
+def _quantize_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x with each group of ``group_size`` features rounded to int8 codes of scale absmax / 127 (brute force)."""
+    groups = x.view(x.shape[0], -1, group_size)
+    scale = groups.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(groups / scale) * scale).view_as(x)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), groups=st.integers(1, 5), group_size=st.sampled_from([2, 8, 32, 128, 256]),
+       out_features=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_int4_with_int8_activations_accumulates_exactly(rows: int, groups: int, group_size: int, out_features: int,
+                                                        seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    in_features = groups * group_size
+    nibbles = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
+    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    scales = 2.0 ** torch.randint(-3, 3, (out_features, groups), generator=generator).float()
+    # Integer activations whose groups each reach 127: the activation scale is 1 and the codes are x itself.
+    x = torch.randint(-127, 128, (rows, groups, group_size), generator=generator).float()
+    x[:, :, 0] = 127.0
+    x = x.view(rows, in_features)
+    weight = (nibbles.double() - 8).view(out_features, groups, group_size) * scales.double()[..., None]
+    expected = x.double() @ weight.view(out_features, in_features).T
+    assert torch.equal(kernels.int4_q8_linear(x, packed, scales).double(), expected)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 9), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]),
+       out_features=st.integers(1, 96), seed=st.integers(0, 2**16))
+def test_int4_with_int8_activations_equals_quantizing_x_first(rows: int, groups: int, group_size: int,
+                                                              out_features: int, seed: int) -> None:
+    layer = _layer(groups * group_size, out_features, 4, group_size, seed)
+    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(seed))
+    fast = kernels.int4_q8_linear(x, layer.qweight, layer.scales)
+    reference = _quantize_groups(x, group_size) @ layer.dequantized_weight().T
+    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * reference.abs().max().item() + 1e-7)
