@@ -34,7 +34,8 @@ _QMAX = {8: 127, 4: 7}
 KERNEL_MAX_ROWS = 16
 #: In the int4 kernel, quantize each weight group's activations to int8 too and take integer dot products (as
 #: llama.cpp pairs q4 weights with q8 activations): ~1.5x faster than widening nibbles to float, at about 0.6 %
-#: relative error on a layer's output. ``OMNILM_INT4_ACTIVATIONS=float`` keeps float activations.
+#: relative error on a layer's output. Only where the kernels have integer dot products (AVX512-VNNI);
+#: ``OMNILM_INT4_ACTIVATIONS=float`` keeps float activations everywhere.
 INT4_INT8_ACTIVATIONS = os.environ.get("OMNILM_INT4_ACTIVATIONS", "int8") != "float"
 
 
@@ -160,7 +161,7 @@ class QuantizedLinear(nn.Module):
         flat = x.reshape(-1, self.in_features)  # (rows, in)
         if self.bits == 8:
             y = kernels.int8_linear(flat, self.qweight, self.scales)
-        elif INT4_INT8_ACTIVATIONS:
+        elif INT4_INT8_ACTIVATIONS and kernels.integer_dot_products():  # without VNNI it would be scalar code
             y = kernels.int4_q8_linear(flat, self.qweight, self.scales)
         else:
             y = kernels.int4_linear(flat, self.qweight, self.scales)

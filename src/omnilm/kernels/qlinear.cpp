@@ -338,9 +338,18 @@ std::string vector_isa() {
 #endif
 }
 
+bool integer_dot_products() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  return true;
+#else
+  return false;
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "x (rows, in) f32 @ int8 (out, in) * scales (out) -> (rows, out)");
   m.def("int4_linear", &int4_linear, "x (rows, in) f32 @ packed int4 (out, in/2) * scales (out, groups)");
   m.def("int4_q8_linear", &int4_q8_linear, "int4_linear with x quantized to int8 per weight group (integer dots)");
+  m.def("integer_dot_products", &integer_dot_products, "whether int4_q8_linear has a vector path (else scalar)");
   m.def("vector_isa", &vector_isa, "the vector instruction set the kernels were compiled for");
 }
