@@ -38,20 +38,25 @@ def test_int8_integer_accumulation_is_exact(rows: int, in_features: int, out_fea
     assert torch.equal(kernels.int8_linear(x, codes, scales).double(), expected)
 
 
+@pytest.mark.parametrize("kernel", ["int4_linear", "int4_q8_linear"])
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 9), groups=st.integers(1, 5), group_size=st.sampled_from([2, 8, 32, 64, 128]),
+@given(rows=st.integers(1, 9), groups=st.integers(1, 5), group_size=st.sampled_from([2, 8, 32, 64, 128, 256]),
        out_features=st.integers(1, 70), seed=st.integers(0, 2**16))
-def test_int4_integer_accumulation_is_exact(rows: int, groups: int, group_size: int, out_features: int,
+def test_int4_integer_accumulation_is_exact(kernel: str, rows: int, groups: int, group_size: int, out_features: int,
                                             seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     in_features = groups * group_size
     nibbles = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
     packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
     scales = 2.0 ** torch.randint(-3, 3, (out_features, groups), generator=generator).float()
-    x = torch.randint(-8, 9, (rows, in_features), generator=generator).float()
+    # Integer activations whose groups each reach 127: int4_q8_linear's activation scale is then 1 and its codes
+    # are x itself, so both kernels must give the exact integer result.
+    x = torch.randint(-127, 128, (rows, groups, group_size), generator=generator).float()
+    x[:, :, 0] = 127.0
+    x = x.view(rows, in_features)
     weight = (nibbles.double() - 8).view(out_features, groups, group_size) * scales.double()[..., None]
     expected = x.double() @ weight.view(out_features, in_features).T
-    assert torch.equal(kernels.int4_linear(x, packed, scales).double(), expected)
+    assert torch.equal(getattr(kernels, kernel)(x, packed, scales).double(), expected)
 
 
 @settings(max_examples=40, deadline=None)
@@ -104,25 +109,6 @@ def _quantize_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
     scale = groups.abs().amax(-1, keepdim=True) / 127
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return (torch.round(groups / scale) * scale).view_as(x)
-
-
-@settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 9), groups=st.integers(1, 5), group_size=st.sampled_from([2, 8, 32, 128, 256]),
-       out_features=st.integers(1, 70), seed=st.integers(0, 2**16))
-def test_int4_with_int8_activations_accumulates_exactly(rows: int, groups: int, group_size: int, out_features: int,
-                                                        seed: int) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    in_features = groups * group_size
-    nibbles = torch.randint(0, 16, (out_features, in_features), generator=generator, dtype=torch.uint8)
-    packed = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
-    scales = 2.0 ** torch.randint(-3, 3, (out_features, groups), generator=generator).float()
-    # Integer activations whose groups each reach 127: the activation scale is 1 and the codes are x itself.
-    x = torch.randint(-127, 128, (rows, groups, group_size), generator=generator).float()
-    x[:, :, 0] = 127.0
-    x = x.view(rows, in_features)
-    weight = (nibbles.double() - 8).view(out_features, groups, group_size) * scales.double()[..., None]
-    expected = x.double() @ weight.view(out_features, in_features).T
-    assert torch.equal(kernels.int4_q8_linear(x, packed, scales).double(), expected)
 
 
 @settings(max_examples=30, deadline=None)

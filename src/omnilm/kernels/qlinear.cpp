@@ -20,6 +20,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <tuple>
 
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
@@ -186,6 +187,21 @@ void check_input(const torch::Tensor& x, int64_t in) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "x must be (rows, ", in, "), got ", x.sizes());
 }
 
+// Checks packed int4 weights (out, in/2), their scales (out, groups) and x (rows, in), and makes all three
+// contiguous; returns (out, in/2, groups).
+std::tuple<int64_t, int64_t, int64_t> check_int4(torch::Tensor& x, torch::Tensor& qweight, torch::Tensor& scales) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2, "qweight must be uint8 (out, in/2)");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.dim() == 2 && scales.size(0) == qweight.size(0),
+              "scales must be float32 (out, groups)");
+  const int64_t out = qweight.size(0), half = qweight.size(1), groups = scales.size(1);
+  TORCH_CHECK(half % groups == 0, "groups must divide the packed row");
+  check_input(x, 2 * half);
+  qweight = qweight.contiguous();
+  scales = scales.contiguous();
+  x = x.contiguous();
+  return {qweight.size(0), qweight.size(1), scales.size(1)};
+}
+
 }  // namespace
 
 torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales) {
@@ -209,17 +225,10 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
 }
 
 torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales) {
-  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2, "qweight must be uint8 (out, in/2)");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.dim() == 2 && scales.size(0) == qweight.size(0),
-              "scales must be float32 (out, groups)");
-  const int64_t out = qweight.size(0), half = qweight.size(1), groups = scales.size(1);
-  TORCH_CHECK(half % groups == 0, "groups must divide the packed row");
-  check_input(x, 2 * half);
-  qweight = qweight.contiguous();
-  scales = scales.contiguous();
+  const auto [out, half, groups] = check_int4(x, qweight, scales);
   const int64_t rows = x.size(0);
   // Even and odd input features apart (they meet a byte's low and high nibbles), and each group's sum of x.
-  auto pairs = x.contiguous().view({rows, half, 2});
+  auto pairs = x.view({rows, half, 2});
   auto xe = pairs.select(2, 0).contiguous(), xo = pairs.select(2, 1).contiguous();
   auto xsum = x.view({rows, groups, 2 * half / groups}).sum(2).contiguous();
   auto y = torch::empty({rows, out}, x.options());
@@ -284,15 +293,7 @@ void int4_q8_rows(const int8_t* xe, const int8_t* xo, const float* sx, const int
 }
 
 torch::Tensor int4_q8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales) {
-  TORCH_CHECK(qweight.scalar_type() == torch::kUInt8 && qweight.dim() == 2, "qweight must be uint8 (out, in/2)");
-  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.dim() == 2 && scales.size(0) == qweight.size(0),
-              "scales must be float32 (out, groups)");
-  const int64_t out = qweight.size(0), half = qweight.size(1), groups = scales.size(1);
-  TORCH_CHECK(half % groups == 0, "groups must divide the packed row");
-  check_input(x, 2 * half);
-  qweight = qweight.contiguous();
-  scales = scales.contiguous();
-  x = x.contiguous();
+  const auto [out, half, groups] = check_int4(x, qweight, scales);
   const int64_t rows = x.size(0), group_size = 2 * half / groups;
   // Quantize x group by group; even and odd features apart (they meet a byte's low and high nibbles).
   auto xe = torch::empty({rows, half}, torch::kInt8), xo = torch::empty({rows, half}, torch::kInt8);

@@ -102,6 +102,18 @@ def is_correct(response: str, answer: int) -> bool:
     return extract_answer(response) == answer
 
 
+def distinct_problems(rng: random.Random, config: ArithmeticConfig, what: str) -> dict[str, dict[str, Any]]:
+    """``config.problems`` problems with distinct questions (keyed by question), so that no test problem is also a
+    training one; ``what`` names the generator in the error raised when the operand range is too small."""
+    by_question: dict[str, dict[str, Any]] = {}
+    for _ in range(config.problems * 20):
+        problem = make_problem(rng, config)
+        by_question.setdefault(problem["messages"][0]["content"], problem)
+        if len(by_question) == config.problems:
+            return by_question
+    raise UserError(f"{what}: could not make {config.problems} distinct problems; raise max_operand")
+
+
 def write_arithmetic(config: ArithmeticConfig, out: str | Path) -> dict[str, Any]:
     """Generate ``train.jsonl`` and ``test.jsonl`` into ``out``."""
     if config.problems < 1 or not 1 <= config.min_steps <= config.max_steps:
@@ -109,15 +121,7 @@ def write_arithmetic(config: ArithmeticConfig, out: str | Path) -> dict[str, Any
     if not 0 <= config.direct_fraction <= 1:
         raise UserError("arithmetic: direct_fraction must be in [0, 1]")
     rng = random.Random(config.seed)
-    by_question: dict[str, dict[str, Any]] = {}  # distinct questions, so no test problem is also a train one
-    for _ in range(config.problems * 20):
-        problem = make_problem(rng, config)
-        by_question.setdefault(problem["messages"][0]["content"], problem)
-        if len(by_question) == config.problems:
-            break
-    else:
-        raise UserError(f"arithmetic: could not make {config.problems} distinct problems; raise max_operand")
-    problems = list(by_question.values())
+    problems = list(distinct_problems(rng, config, "arithmetic").values())
     n_test = round(config.problems * config.test_fraction)
     train = problems[n_test:]
     n_direct = round(len(train) * config.direct_fraction)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omnilm.data.synth.arithmetic import ArithmeticConfig, make_problem
+from omnilm.data.synth.arithmetic import ArithmeticConfig, distinct_problems
 from omnilm.data.synth.io import write_jsonl
 from omnilm.errors import UserError
 from omnilm.tokenizer.chat import format_chat
@@ -84,14 +84,7 @@ def write_calculator(config: CalculatorConfig, out: str | Path) -> dict[str, Any
     if config.problems < 1 or not 1 <= config.min_steps <= config.max_steps:
         raise UserError("calculator: need problems >= 1 and 1 <= min_steps <= max_steps")
     rng = random.Random(config.seed)
-    by_question: dict[str, dict[str, Any]] = {}  # distinct questions, so no test problem is also a train one
-    for _ in range(config.problems * 20):
-        problem = make_problem(rng, arithmetic)
-        by_question.setdefault(problem["messages"][0]["content"], problem)
-        if len(by_question) == config.problems:
-            break
-    else:
-        raise UserError(f"calculator: could not make {config.problems} distinct problems; raise max_operand")
+    by_question = distinct_problems(rng, arithmetic, "calculator")
     records = []
     for question, problem in by_question.items():
         record = tool_record(question, expression_of(problem["messages"][-1]["content"]))
