@@ -14,6 +14,7 @@ from omnilm import __version__
 from omnilm.data import cli as data_cli
 from omnilm.errors import UserError
 from omnilm.eval import cli as eval_cli
+from omnilm.export import cli as export_cli
 from omnilm.infer import chat_cli, quantize_cli
 from omnilm.infer import cli as infer_cli
 from omnilm.lab import cli as lab_cli
@@ -21,12 +22,13 @@ from omnilm.model import cli as model_cli
 from omnilm.omni import cli as omni_cli
 from omnilm.rag import cli as rag_cli
 from omnilm.recipe import cli as recipe_cli
+from omnilm.scaling import cli as scaling_cli
 from omnilm.serve import cli as serve_cli
 from omnilm.tokenizer import cli as tokenizer_cli
 from omnilm.train import cli as train_cli
 
-STAGES = (recipe_cli, data_cli, tokenizer_cli, train_cli, model_cli, quantize_cli, infer_cli, chat_cli, omni_cli,
-          serve_cli, eval_cli, rag_cli, lab_cli)
+STAGES = (recipe_cli, data_cli, tokenizer_cli, train_cli, model_cli, export_cli, quantize_cli, infer_cli, chat_cli, omni_cli,
+          serve_cli, eval_cli, rag_cli, lab_cli, scaling_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Export of model folders to other runtimes' formats (GGUF for llama.cpp)."""
