@@ -50,6 +50,30 @@ class ModelConfig:
     dropout: float = 0.0
     #: Standard deviation of the normal initialisation of weight matrices.
     init_std: float = 0.02
+    #: Mixture of experts (llama/qwen2 only; see omnilm.model.moe): routed experts per MoE layer (0 = dense MLP).
+    n_experts: int = 0
+    #: Experts each token is routed to (top-k).
+    n_experts_per_tok: int = 2
+    #: Hidden width of each routed expert (None = d_ff).
+    moe_d_ff: int | None = None
+    #: Shared experts run on every token, fused into one SwiGLU of width shared_d_ff.
+    n_shared_experts: int = 0
+    #: Hidden width of the fused shared experts (None = n_shared_experts · the routed expert width).
+    shared_d_ff: int | None = None
+    #: Scale the shared experts' output by sigmoid(w·x) (Qwen2-MoE's shared_expert_gate).
+    shared_expert_gate: bool = False
+    #: Router scores: softmax over experts (Mixtral, Qwen2-MoE) or an independent sigmoid per expert.
+    router_gate: Literal["softmax", "sigmoid"] = "softmax"
+    #: Renormalise the k selected scores to sum to 1 (Mixtral: yes; Qwen2-MoE: configurable).
+    norm_topk_prob: bool = True
+    #: Every moe_every-th layer is an MoE layer (Qwen2-MoE's decoder_sparse_step), the others dense.
+    moe_every: int = 1
+    #: Layers kept dense whatever moe_every says (Qwen2-MoE's mlp_only_layers).
+    dense_layers: tuple[int, ...] = ()
+    #: Weight of the Switch load-balancing loss added to the training loss.
+    router_aux_loss_coef: float = 0.01
+    #: Weight of the router z-loss added to the training loss.
+    router_z_loss_coef: float = 0.001
     #: Special token ids written into config.json / generation_config.json (None = not set).
     bos_token_id: int | None = None
     eos_token_id: int | None = None
@@ -64,6 +88,17 @@ class ModelConfig:
             raise ConfigError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
         if self.family == "gpt2" and (self.n_kv_head not in (None, self.n_head)):
             raise ConfigError("gpt2 family has no grouped-query attention (n_kv_head must equal n_head)")
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        if self.n_experts:
+            if self.family == "gpt2":
+                raise ConfigError("mixture of experts needs a SwiGLU family (llama or qwen2), not gpt2")
+            if not 1 <= self.n_experts_per_tok <= self.n_experts:
+                raise ConfigError(f"n_experts_per_tok={self.n_experts_per_tok} must be in 1..n_experts="
+                                  f"{self.n_experts}")
+            if self.router_gate not in ("softmax", "sigmoid"):
+                raise ConfigError(f"router_gate={self.router_gate!r}; expected softmax or sigmoid")
+            if self.moe_every < 1:
+                raise ConfigError("moe_every must be ≥ 1")
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
             if not self.uses_rope or len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.dim_per_head:
@@ -86,6 +121,20 @@ class ModelConfig:
         if self.family == "gpt2":
             return 4 * self.d_model
         return 64 * ((8 * self.d_model // 3 + 63) // 64)
+
+    @property
+    def expert_dim(self) -> int:
+        """Hidden width of one routed expert."""
+        return self.moe_d_ff or self.ff_dim
+
+    @property
+    def shared_dim(self) -> int:
+        """Hidden width of the fused shared experts."""
+        return self.shared_d_ff or self.n_shared_experts * self.expert_dim
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether layer ``layer`` (0-based) has a mixture-of-experts feed-forward."""
+        return bool(self.n_experts) and layer not in self.dense_layers and (layer + 1) % self.moe_every == 0
 
     @property
     def uses_rope(self) -> bool:

@@ -1,4 +1,5 @@
-"""Checkpoints in the Hugging Face layout (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM).
+"""Checkpoints in the Hugging Face layout (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, and for
+mixture-of-experts models MixtralForCausalLM / Qwen2MoeForCausalLM, whose experts are stored one tensor each).
 
 A model folder holds ``config.json``, ``model.safetensors`` (or shards plus
 ``model.safetensors.index.json``), ``generation_config.json`` and, when given a tokenizer,
@@ -26,6 +27,14 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 
 HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+#: A mixture-of-experts model of each family is the Hugging Face MoE model type of that family.
+MOE_MODEL_TYPES = {"llama": "mixtral", "qwen2": "qwen2_moe"}
+MOE_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+#: Per MoE model type: the feed-forward's module name, and each stacked expert tensor's per-expert name.
+MOE_LAYOUTS = {
+    "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
+    "qwen2_moe": ("mlp", {"gate_proj": "gate_proj", "up_proj": "up_proj", "down_proj": "down_proj"}),
+}
 
 
 class CheckpointError(ValueError):
@@ -79,7 +88,53 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         hf |= {"attention_bias": False, "mlp_bias": False}
     else:
         hf |= {"use_sliding_window": False}
+    if config.n_experts:
+        hf = _moe_config_to_hf(config, hf)
     return hf
+
+
+def _moe_config_to_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
+    """A llama MoE as Mixtral, a qwen2 MoE as Qwen2-MoE; what neither can express is refused."""
+    model_type = MOE_MODEL_TYPES[config.family]
+    if config.router_gate != "softmax":
+        raise CheckpointError(f"{model_type} routes with softmax; a {config.router_gate}-gated MoE has no "
+                              "transformers equivalent")
+    common = {"architectures": [MOE_ARCHITECTURES[model_type]], "model_type": model_type,
+              "num_experts_per_tok": config.n_experts_per_tok, "router_aux_loss_coef": config.router_aux_loss_coef,
+              "router_z_loss_coef": config.router_z_loss_coef, "output_router_logits": False}
+    if model_type == "mixtral":
+        if config.n_shared_experts or not config.norm_topk_prob or config.moe_every != 1 or config.dense_layers:
+            raise CheckpointError("Mixtral has no shared experts or dense layers and renormalises the top-k "
+                                  "scores; use family 'qwen2' (Qwen2-MoE) for those")
+        hf = {k: v for k, v in hf.items() if k not in ("attention_bias", "mlp_bias")}
+        return hf | common | {"num_local_experts": config.n_experts, "intermediate_size": config.expert_dim,
+                              "sliding_window": None, "router_jitter_noise": 0.0}
+    if config.n_shared_experts != 1 or not config.shared_expert_gate:
+        raise CheckpointError("Qwen2-MoE has exactly one shared expert with a sigmoid gate (n_shared_experts=1, "
+                              "shared_expert_gate=true)")
+    return hf | common | {
+        "num_experts": config.n_experts, "moe_intermediate_size": config.expert_dim,
+        "shared_expert_intermediate_size": config.shared_dim, "norm_topk_prob": config.norm_topk_prob,
+        "decoder_sparse_step": config.moe_every, "mlp_only_layers": list(config.dense_layers), "qkv_bias": True}
+
+
+def _moe_config_from_hf(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
+    """ModelConfig fields of a Mixtral / Qwen2-MoE config.json."""
+    common = {"n_experts_per_tok": _require(hf, "num_experts_per_tok", source),
+              "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.01),
+              "router_z_loss_coef": hf.get("router_z_loss_coef", 0.0)}
+    if model_type == "mixtral":
+        if hf.get("sliding_window") not in (None, 0) and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
+            raise CheckpointError(f"{source}: Mixtral sliding-window attention is not supported")
+        return common | {"n_experts": _require(hf, "num_local_experts", source), "norm_topk_prob": True}
+    if not hf.get("qkv_bias", True):
+        raise CheckpointError(f"{source}: qwen2_moe without qkv_bias is not supported")
+    shared = hf.get("shared_expert_intermediate_size", 0)
+    return common | {
+        "n_experts": _require(hf, "num_experts", source), "moe_d_ff": _require(hf, "moe_intermediate_size", source),
+        "n_shared_experts": 1 if shared else 0, "shared_d_ff": shared or None, "shared_expert_gate": bool(shared),
+        "norm_topk_prob": hf.get("norm_topk_prob", False), "moe_every": hf.get("decoder_sparse_step", 1),
+        "dense_layers": tuple(hf.get("mlp_only_layers") or ())}
 
 
 def _require(hf: dict[str, Any], key: str, source: str) -> Any:
@@ -123,40 +178,62 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             max_seq_len=hf.get("n_positions", 1024), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02),
             **ids)
-    if model_type in ("llama", "qwen2"):
+    if model_type in ("llama", "qwen2", "mixtral", "qwen2_moe"):
+        family = {"mixtral": "llama", "qwen2_moe": "qwen2"}.get(model_type, model_type)
+        moe = _moe_config_from_hf(hf, model_type, source) if model_type in MOE_ARCHITECTURES else {}
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{source}: unsupported activation {hf.get('hidden_act')!r} (expected silu)")
         if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
             raise CheckpointError(f"{source}: llama attention_bias/mlp_bias are not supported")
-        if model_type == "qwen2" and hf.get("use_sliding_window"):
+        if family == "qwen2" and hf.get("use_sliding_window"):
             raise CheckpointError(f"{source}: qwen2 sliding-window attention is not supported")
         n_head = _require(hf, "num_attention_heads", source)
         d = _require(hf, "hidden_size", source)
         return ModelConfig(
-            family=model_type, vocab_size=_require(hf, "vocab_size", source),
+            family=family, vocab_size=_require(hf, "vocab_size", source),
             n_layer=_require(hf, "num_hidden_layers", source), n_head=n_head,
             n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d,
             d_ff=_require(hf, "intermediate_size", source), head_dim=hf.get("head_dim") or d // n_head,
             max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=_rope_theta(hf, source),
             mrope_section=_mrope_section(hf),
-            norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=model_type == "qwen2",
+            norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=family == "qwen2",
             tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
-            init_std=hf.get("initializer_range", 0.02), **ids)
-    raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; omnilm reads gpt2, llama and qwen2")
+            init_std=hf.get("initializer_range", 0.02), **ids, **moe)
+    raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; omnilm reads gpt2, llama, qwen2, "
+                          "mixtral and qwen2_moe")
 
 
 # ---------------------------------------------------------------------------------------------
 # parameter names and layouts
 
 
-def _llama_name(name: str) -> str:
-    """omnilm parameter name -> Llama/Qwen2 name (a one-to-one renaming)."""
+def _llama_name(name: str, moe_module: str = "mlp") -> str:
+    """omnilm parameter name -> Llama/Qwen2 name (a one-to-one renaming; stacked MoE experts excepted, see
+    ``_expert_names``). ``moe_module`` is the MoE feed-forward's module name (Mixtral's block_sparse_moe)."""
     if name in ("tok_emb.weight", "norm_f.weight"):
         return {"tok_emb.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}[name]
     if name.startswith("blocks."):
         return ("model.layers." + name[len("blocks."):]).replace(".norm1.", ".input_layernorm.").replace(
-            ".norm2.", ".post_attention_layernorm.").replace(".attn.", ".self_attn.")
+            ".norm2.", ".post_attention_layernorm.").replace(".attn.", ".self_attn.").replace(
+            ".mlp.router.", f".{moe_module}.gate.").replace(".mlp.shared.", ".mlp.shared_expert.").replace(
+            ".mlp.shared_gate.", ".mlp.shared_expert_gate.")
     return name  # lm_head.weight
+
+
+def _is_stacked_experts(name: str) -> bool:
+    return ".mlp.experts." in name
+
+
+def _expert_names(name: str, n_experts: int, config: ModelConfig) -> list[str]:
+    """The Hugging Face names of the per-expert slices of a stacked expert tensor, e.g.
+    blocks.0.mlp.experts.gate_proj -> model.layers.0.block_sparse_moe.experts.{j}.w1.weight (Mixtral)."""
+    module, names = MOE_LAYOUTS[MOE_MODEL_TYPES[config.family]]
+    layer, projection = name.split(".")[1], name.rsplit(".", 1)[1]
+    return [f"model.layers.{layer}.{module}.experts.{j}.{names[projection]}.weight" for j in range(n_experts)]
+
+
+def _moe_module(config: ModelConfig) -> str:
+    return MOE_LAYOUTS[MOE_MODEL_TYPES[config.family]][0] if config.n_experts else "mlp"
 
 
 def _gpt2_state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -220,8 +297,14 @@ def state_to_hf(model: Transformer, state: dict[str, torch.Tensor] | None = None
     if model.config.family == "gpt2":
         out = _gpt2_state_to_hf(state, model.config)
     else:
-        out = {_llama_name(k): v for k, v in state.items()
-               if not (k == "lm_head.weight" and model.config.tie_embeddings)}
+        out = {}
+        for k, v in state.items():
+            if k == "lm_head.weight" and model.config.tie_embeddings:
+                continue
+            if _is_stacked_experts(k):
+                out |= dict(zip(_expert_names(k, v.shape[0], model.config), v.unbind(0), strict=True))
+            else:
+                out[_llama_name(k, _moe_module(model.config))] = v
     return {k: v.contiguous() for k, v in out.items()}
 
 
@@ -229,8 +312,16 @@ def state_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str,
     """Hugging Face weights renamed to omnilm's names (unknown names are kept, to be reported)."""
     if config.family == "gpt2":
         return _gpt2_state_from_hf(hf, config)
-    reverse = {_llama_name(k): k for k in _expected_shapes(config)}
-    return {reverse.get(k, k): v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+    expected = _expected_shapes(config)
+    module = _moe_module(config)
+    reverse = {_llama_name(k, module): k for k in expected if not _is_stacked_experts(k)}
+    experts = {k: _expert_names(k, shape[0], config) for k, shape in expected.items() if _is_stacked_experts(k)}
+    hf = {k: v for k, v in hf.items() if not k.endswith("rotary_emb.inv_freq")}
+    out = {}
+    for name, parts in experts.items():
+        if all(part in hf for part in parts):  # else missing: check_tensors names it
+            out[name] = torch.stack([hf.pop(part) for part in parts])
+    return out | {reverse.get(k, k): v for k, v in hf.items()}
 
 
 def _expected_shapes(config: ModelConfig) -> dict[str, torch.Size]:

@@ -15,6 +15,7 @@ from torch import nn
 
 from omnilm.model.attention import Attention, KVCache, build_attention_mask, rope_cos_sin
 from omnilm.model.config import ModelConfig
+from omnilm.model.moe import MoE, residual_std
 
 
 class RMSNorm(nn.Module):
@@ -38,9 +39,10 @@ def make_norm(config: ModelConfig) -> nn.Module:
 class MLP(nn.Module):
     """GELU MLP (gpt2) or SwiGLU (llama/qwen2): down(act(gate(x)) * up(x))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, d_ff: int | None = None) -> None:
+        """``d_ff`` overrides the config's hidden width (MoE shared experts)."""
         super().__init__()
-        d, f, bias = config.d_model, config.ff_dim, config.linear_bias
+        d, f, bias = config.d_model, d_ff or config.ff_dim, config.linear_bias
         self.swiglu = config.family != "gpt2"
         self.gate_proj = nn.Linear(d, f, bias=False) if self.swiglu else None
         self.up_proj = nn.Linear(d, f, bias=bias)
@@ -58,7 +60,12 @@ class Block(nn.Module):
         self.norm1 = make_norm(config)
         self.attn = Attention(config, layer_idx)
         self.norm2 = make_norm(config)
-        self.mlp = MLP(config)
+        # A mixture-of-experts feed-forward where the config asks for one (see omnilm.model.moe).
+        if config.is_moe_layer(layer_idx):
+            shared = MLP(config, config.shared_dim) if config.n_shared_experts else None
+            self.mlp: nn.Module = MoE(config, shared)
+        else:
+            self.mlp = MLP(config)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
@@ -87,7 +94,9 @@ class Transformer(nn.Module):
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2·layers) (GPT-2)."""
         std = self.config.init_std
         for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
+            if isinstance(module, MoE):
+                module.init_weights(std, residual_std(self.config))
+            elif isinstance(module, nn.Linear):
                 scale = 1 / math.sqrt(2 * self.config.n_layer) if name.endswith(("o_proj", "down_proj")) else 1
                 nn.init.normal_(module.weight, std=std * scale)
                 if module.bias is not None:

@@ -9,17 +9,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnilm.model.moe import router_aux_loss
+
 IGNORE_INDEX = -100
 
 
 def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, reduction: Literal["mean", "sum"] = "mean",
                    ) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean (or summed) next-token loss over a (B, T+1) token batch: inputs = tokens[:, :-1], targets =
-    tokens[:, 1:]."""
+    tokens[:, 1:]. A mixture-of-experts model's router losses (load balancing, z-loss, weighted by its config)
+    are added to the mean loss and logged."""
     logits = model(tokens[:, :-1])
     loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
                            reduction=reduction)
-    return loss, {}
+    return with_router_loss(model, loss, reduction)
+
+
+def with_router_loss(model: nn.Module, loss: torch.Tensor, reduction: Literal["mean", "sum"] = "mean",
+                     ) -> tuple[torch.Tensor, dict[str, float]]:
+    """``loss`` plus the router losses of an MoE model's last forward (mean reduction only: a summed loss is
+    normalised later by its caller), with the values to log; a dense model's loss is returned as it is."""
+    aux, logs = router_aux_loss(model)
+    if aux is None or reduction != "mean":
+        return loss, logs
+    return loss + aux, logs | {"lm_loss": loss.item()}
 
 
 def masked_targets(tokens: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
