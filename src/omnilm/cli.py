@@ -27,8 +27,8 @@ from omnilm.serve import cli as serve_cli
 from omnilm.tokenizer import cli as tokenizer_cli
 from omnilm.train import cli as train_cli
 
-STAGES = (recipe_cli, data_cli, tokenizer_cli, train_cli, model_cli, export_cli, quantize_cli, infer_cli, chat_cli, omni_cli,
-          serve_cli, eval_cli, rag_cli, lab_cli, scaling_cli)
+STAGES = (recipe_cli, data_cli, tokenizer_cli, train_cli, model_cli, export_cli, quantize_cli, infer_cli, chat_cli,
+          omni_cli, serve_cli, eval_cli, rag_cli, lab_cli, scaling_cli)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""Scaling laws: Chinchilla's and Kaplan's forms, fitting them to runs, planning compute, IsoFLOP sweeps."""
