@@ -10,11 +10,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import small_model
+from helpers import CORPUS, small_model
 from omnilm.errors import UserError
 from omnilm.export.gguf import export_gguf, gguf_tensors, gguf_vocab, interleave_rotary_rows
 from omnilm.infer.quantize import quantize_model
 from omnilm.model.attention import apply_rope, rope_cos_sin
+from omnilm.model.transformer import Transformer
 from omnilm.tokenizer import Tokenizer
 
 gguf = pytest.importorskip("gguf")
@@ -37,15 +38,16 @@ def _read(path: Path) -> tuple[dict[str, object], dict[str, np.ndarray]]:
     return fields, tensors
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_f32_file_holds_every_weight_and_the_tokenizer(tmp_path: Path, family: str, tokenizer: Tokenizer) -> None:
     model = _model(family, tokenizer)
     fields, tensors = _read(export_gguf(model, tokenizer, tmp_path / "m.gguf"))
     config = model.config
     assert fields["general.architecture"] == family
     assert fields[f"{family}.block_count"] == config.n_layer
-    assert fields[f"{family}.attention.head_count_kv"] == config.kv_heads
-    assert fields[f"{family}.rope.freq_base"] == pytest.approx(config.rope_theta)
+    if family != "gpt2":
+        assert fields[f"{family}.attention.head_count_kv"] == config.kv_heads
+        assert fields[f"{family}.rope.freq_base"] == pytest.approx(config.rope_theta)
     tokens = fields["tokenizer.ggml.tokens"]
     assert len(tokens) == config.vocab_size  # padded past the tokenizer's own vocabulary
     assert tokens[tokenizer.eos_id] == "<|endoftext|>" and tokens[-1] == f"[PAD{config.vocab_size - 1}]"
@@ -92,8 +94,6 @@ def test_interleaved_rows_rotate_as_pairs_what_halves_rotate(n_heads: int, half:
 
 
 def test_refuses_what_llama_cpp_would_read_differently(tokenizer: Tokenizer, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="llama and qwen2"):
-        export_gguf(_model("gpt2", tokenizer), tokenizer, tmp_path / "g.gguf")
     quantized = _model("llama", tokenizer)
     quantize_model(quantized, 8, group_size=32)
     with pytest.raises(UserError, match="unquantized"):
@@ -113,7 +113,7 @@ def _llama(path: Path):  # noqa: ANN202
                            type_k=0, type_v=0)  # f32 KV cache (GGML_TYPE_F32): llama.cpp defaults to f16
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2"])
 def test_llama_cpp_scores_and_continues_like_omnilm(tmp_path: Path, family: str, tokenizer: Tokenizer) -> None:
     model = _model(family, tokenizer)
     llm = _llama(export_gguf(model, tokenizer, tmp_path / "m.gguf"))
@@ -124,20 +124,37 @@ def test_llama_cpp_scores_and_continues_like_omnilm(tmp_path: Path, family: str,
         llm.eval(ids)
         ours = model(torch.tensor([ids]))[0]
         theirs = torch.tensor(np.asarray(llm.scores[:len(ids)]))
-        torch.testing.assert_close(theirs, ours, atol=2e-3, rtol=1e-3)
+        # ggml evaluates GELU through an fp16 lookup table, hence the looser bound for gpt2.
+        atol = 1e-2 if family == "gpt2" else 2e-3
+        torch.testing.assert_close(theirs, ours, atol=atol, rtol=1e-3)
         llm.reset()
         generated = list(_greedy_llama_cpp(llm, ids, 32))
         expected = _greedy_omnilm(model, ids, 32)
         assert generated == expected, prompt
 
 
-def test_llama_cpp_q8_0_starts_like_omnilm(tmp_path: Path, tokenizer: Tokenizer) -> None:
-    model = _model("qwen2", tokenizer)
+def _fitted(tokenizer: Tokenizer) -> Transformer:
+    """A qwen2-family model fitted to the test corpus: its continuations are confident, as a trained model's are."""
+    rows = [tokenizer.encode(line)[:48] for line in CORPUS]
+    batch = torch.tensor([row + [tokenizer.pad_id] * (48 - len(row)) for row in rows])
+    model = _model("qwen2", tokenizer, init_std=0.02).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(80):
+        loss = torch.nn.functional.cross_entropy(model(batch[:, :-1]).flatten(0, 1), batch[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+def test_llama_cpp_q8_0_starts_like_omnilm_on_a_fitted_model(tmp_path: Path, tokenizer: Tokenizer) -> None:
+    """llama.cpp's q8_0 also rounds the activations to 8 bits, so only a model that knows its continuations (not a
+    random one, whose top tokens are close) is expected to keep omnilm's first tokens."""
+    model = _fitted(tokenizer)
     llm = _llama(export_gguf(model, tokenizer, tmp_path / "m.gguf", "q8_0"))
-    for prompt in PROMPTS:
-        ids = tokenizer.encode(prompt)
-        llm.reset()
-        assert list(_greedy_llama_cpp(llm, ids, 4)) == _greedy_omnilm(model, ids, 4), prompt
+    for line in CORPUS:
+        ids = tokenizer.encode(line)[:6]
+        assert list(_greedy_llama_cpp(llm, ids, 8)) == _greedy_omnilm(model, ids, 8), line
 
 
 def _greedy_llama_cpp(llm, ids: list[int], n: int):  # noqa: ANN001, ANN202

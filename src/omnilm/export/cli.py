@@ -8,7 +8,7 @@ import argparse
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="write a model folder in another runtime's format")
     formats = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    g = formats.add_parser("gguf", help="a GGUF file for llama.cpp / ollama (llama and qwen2 families)",
+    g = formats.add_parser("gguf", help="a GGUF file for llama.cpp / ollama (gpt2, llama and qwen2 families)",
                            description="Write the model and its tokenizer (merges, special tokens, chat template) "
                                        "as one GGUF file; q8_0 and q4_0 use llama.cpp's block layouts.")
     g.add_argument("--model", required=True, help="model folder (HF layout, with tokenizer.json)")

@@ -1,4 +1,4 @@
-"""GGUF export: a Llama/Qwen2 model folder as one file that llama.cpp (and tools built on it) runs as it is.
+"""GGUF export: a GPT-2/Llama/Qwen2 model folder as one file that llama.cpp (and tools built on it) runs as it is.
 
 The file is written with ``gguf``, llama.cpp's own Python writer, so the container format, key names and
 quantised block layouts (q8_0, q4_0) are llama.cpp's. What is decided here is the mapping: tensor names,
@@ -8,7 +8,7 @@ tokens, pre-tokenizer name and chat template).
 Rotary layout: omnilm (like Hugging Face) rotates the two halves of each head; llama.cpp's ``llama``
 architecture rotates interleaved pairs, so q/k rows of llama-family models are permuted on export (the
 same reordering llama.cpp's converter applies). Its ``qwen2`` architecture uses the halves layout, so
-qwen2 tensors go through unchanged.
+qwen2 tensors go through unchanged. GPT-2 models map to llama.cpp's ``gpt2`` architecture (fused q|k|v).
 """
 
 from __future__ import annotations
@@ -56,34 +56,56 @@ def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, half, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
+def _linear(linear: torch.nn.Module) -> torch.nn.Linear:
+    if not isinstance(linear, torch.nn.Linear):
+        raise UserError("GGUF export reads full-precision weights: export the unquantized model folder and choose "
+                        "the precision with --type (q8_0, q4_0)")
+    return linear
+
+
+def _gpt2_block(block: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """llama.cpp's gpt2 layout: one fused q|k|v projection, LayerNorms with biases, biases everywhere."""
+    attn, mlp = block.attn, block.mlp
+    q, k, v = _linear(attn.q_proj), _linear(attn.k_proj), _linear(attn.v_proj)
+    out = {"attn_qkv.weight": torch.cat((q.weight, k.weight, v.weight)),
+           "attn_qkv.bias": torch.cat((q.bias, k.bias, v.bias))}
+    for name, module in (("attn_output", attn.o_proj), ("ffn_up", mlp.up_proj), ("ffn_down", mlp.down_proj),
+                         ("attn_norm", block.norm1), ("ffn_norm", block.norm2)):
+        module = module if name.endswith("norm") else _linear(module)
+        out |= {f"{name}.weight": module.weight, f"{name}.bias": module.bias}
+    return out
+
+
+def _rotary_block(block: torch.nn.Module, config: ModelConfig) -> dict[str, torch.Tensor]:
+    """llama.cpp's llama/qwen2 layout; llama's q/k rows reordered for its rotation of adjacent pairs."""
+    attn, mlp = block.attn, block.mlp
+    projections = {"attn_q": (attn.q_proj, config.n_head), "attn_k": (attn.k_proj, config.kv_heads),
+                   "attn_v": (attn.v_proj, None), "attn_output": (attn.o_proj, None),
+                   "ffn_gate": (mlp.gate_proj, None), "ffn_up": (mlp.up_proj, None), "ffn_down": (mlp.down_proj, None)}
+    out = {"attn_norm.weight": block.norm1.weight, "ffn_norm.weight": block.norm2.weight}
+    for name, (module, heads) in projections.items():
+        linear = _linear(module)
+        reorder = config.family == "llama" and heads is not None
+        out[name + ".weight"] = interleave_rotary_rows(linear.weight, heads) if reorder else linear.weight
+        if linear.bias is not None:
+            out[name + ".bias"] = interleave_rotary_rows(linear.bias, heads) if reorder else linear.bias
+    return out
+
+
 def gguf_tensors(model: Transformer) -> dict[str, torch.Tensor]:
     """omnilm's parameters under llama.cpp's tensor names, in llama.cpp's layout (fp32, (out, in) rows)."""
     config = model.config
-    if config.family not in ("llama", "qwen2"):
-        raise UserError(f"GGUF export supports the llama and qwen2 families, not {config.family!r}")
     if config.mrope_section is not None:
         raise UserError("GGUF export of multimodal-RoPE (mrope_section) models is not supported")
-    permute = config.family == "llama"
     out: dict[str, torch.Tensor] = {"token_embd.weight": model.tok_emb.weight,
                                     "output_norm.weight": model.norm_f.weight}
+    if config.family == "gpt2":
+        out |= {"position_embd.weight": model.pos_emb.weight, "output_norm.bias": model.norm_f.bias}
     if not config.tie_embeddings:  # llama.cpp reuses token_embd as the output head when output.weight is absent
-        out["output.weight"] = model.lm_head.weight
+        out["output.weight"] = _linear(model.lm_head).weight
     for i, block in enumerate(model.blocks):
-        attn, mlp, p = block.attn, block.mlp, f"blk.{i}."
-        projections = {"attn_q": (attn.q_proj, config.n_head), "attn_k": (attn.k_proj, config.kv_heads),
-                       "attn_v": (attn.v_proj, None), "attn_output": (attn.o_proj, None),
-                       "ffn_gate": (mlp.gate_proj, None), "ffn_up": (mlp.up_proj, None),
-                       "ffn_down": (mlp.down_proj, None)}
-        for name, (linear, heads) in projections.items():
-            if not isinstance(linear, torch.nn.Linear):
-                raise UserError("GGUF export reads full-precision weights: export the unquantized model folder "
-                                "and choose the precision with --type (q8_0, q4_0)")
-            reorder = permute and heads is not None
-            out[p + name + ".weight"] = interleave_rotary_rows(linear.weight, heads) if reorder else linear.weight
-            if linear.bias is not None:
-                out[p + name + ".bias"] = interleave_rotary_rows(linear.bias, heads) if reorder else linear.bias
-        out[p + "attn_norm.weight"] = block.norm1.weight
-        out[p + "ffn_norm.weight"] = block.norm2.weight
+        tensors = _gpt2_block(block) if config.family == "gpt2" else _rotary_block(block, config)
+        out |= {f"blk.{i}.{name}": tensor for name, tensor in tensors.items()}
     return {name: t.detach().float().contiguous() for name, t in out.items()}
 
 
@@ -166,13 +188,16 @@ def _add_hyperparameters(writer: Any, config: ModelConfig) -> None:
     writer.add_block_count(config.n_layer)
     writer.add_feed_forward_length(config.ff_dim)
     writer.add_head_count(config.n_head)
+    writer.add_vocab_size(config.vocab_size)
+    if config.family == "gpt2":
+        writer.add_layer_norm_eps(config.norm_eps)
+        return
     writer.add_head_count_kv(config.kv_heads)
     writer.add_key_length(config.dim_per_head)
     writer.add_value_length(config.dim_per_head)
     writer.add_rope_dimension_count(config.dim_per_head)
     writer.add_rope_freq_base(config.rope_theta)
     writer.add_layer_norm_rms_eps(config.norm_eps)
-    writer.add_vocab_size(config.vocab_size)
 
 
 def _add_tokenizer(writer: Any, tokenizer: Tokenizer, config: ModelConfig) -> None:
