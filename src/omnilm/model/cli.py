@@ -1,4 +1,5 @@
-"""CLI verbs ``init`` (a randomly initialised model folder) and ``info`` (what a model folder holds)."""
+"""CLI verbs ``init`` (a randomly initialised model folder), ``info`` (what a model folder holds), ``upcycle``
+(dense to mixture of experts) and ``grow`` (deeper or wider)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output model folder")
     p.set_defaults(handler=run_init)
+
+    p = subparsers.add_parser(
+        "upcycle", help="turn a dense llama/qwen2 model folder into a mixture of experts (same first forward)",
+        description="Every expert a copy of the dense MLP, or with --granularity G one of its G hidden-unit "
+                    "slices (scaled by G); the router starts so that the MoE computes the dense function.")
+    p.add_argument("--model", required=True, help="dense model folder")
+    p.add_argument("--experts", type=int, required=True, help="routed experts per layer")
+    p.add_argument("--top-k", type=int, required=True, help="experts per token (a multiple of the granularity)")
+    p.add_argument("--granularity", type=int, default=1, help="split the MLP into this many finer experts")
+    p.add_argument("--seed", type=int, default=0, help="seed of the router's random rows")
+    p.add_argument("--out", required=True, help="output model folder")
+    p.set_defaults(handler=run_upcycle)
+
+    p = subparsers.add_parser(
+        "grow", help="make a model folder deeper (layer copies) or wider, optionally preserving its function",
+        description="--depth interleave|stack duplicates the layers (with --preserve the copies start with zero "
+                    "output projections, so the logits are unchanged); --d-model / --d-ff widen the model "
+                    "function-preservingly.")
+    p.add_argument("--model", required=True, help="model folder")
+    p.add_argument("--depth", choices=("interleave", "stack"), help="depth up-scaling mode")
+    p.add_argument("--overlap", type=int, default=0, help="stack: layers dropped at the seam of each half")
+    p.add_argument("--preserve", action=argparse.BooleanOptionalAction, default=True,
+                   help="depth: zero the copies' output projections (default on)")
+    p.add_argument("--d-model", type=int, help="new residual width (llama/qwen2)")
+    p.add_argument("--d-ff", type=int, help="new MLP hidden width")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output model folder")
+    p.set_defaults(handler=run_grow)
 
     p = subparsers.add_parser("info", help="describe a model folder or list the presets")
     what = p.add_mutually_exclusive_group(required=True)
@@ -59,3 +88,33 @@ def run_info(args: argparse.Namespace) -> int:
               f"{config.n_head} heads / {config.kv_heads} KV heads, vocab {config.vocab_size}, "
               f"context {config.max_seq_len}, tied={config.tie_embeddings}")
     return 0
+
+
+def run_upcycle(args: argparse.Namespace) -> int:
+    from omnilm.model.grow_folder import grow_folder
+
+    summary = grow_folder(args.model, args.out, "upcycle", experts=args.experts, top_k=args.top_k,
+                          granularity=args.granularity, seed=args.seed)
+    _print_growth(args.out, summary)
+    return 0
+
+
+def run_grow(args: argparse.Namespace) -> int:
+    from omnilm.errors import UserError
+    from omnilm.model.grow_folder import grow_folder
+
+    if (args.depth is None) == (args.d_model is None and args.d_ff is None):
+        raise UserError("grow: give either --depth or --d-model/--d-ff")
+    if args.depth:
+        summary = grow_folder(args.model, args.out, "depth", mode=args.depth, overlap=args.overlap,
+                              preserve=args.preserve)
+    else:
+        summary = grow_folder(args.model, args.out, "width", d_model=args.d_model, d_ff=args.d_ff, seed=args.seed)
+    _print_growth(args.out, summary)
+    return 0
+
+
+def _print_growth(out: str, summary: dict) -> None:
+    print(f"wrote {out}: {summary['params_before'] / 1e6:.2f}M -> {summary['params_after'] / 1e6:.2f}M parameters, "
+          f"{summary['n_layer']} layers, d_model {summary['d_model']}, experts {summary['n_experts']}; "
+          f"max |logit change| on a random batch {summary['max_logit_change']:.2e}")

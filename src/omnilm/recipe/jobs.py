@@ -24,7 +24,7 @@ from omnilm.utils.fingerprint import fingerprint, stale_reasons
 MARKER = ".omnilm-job.json"
 #: Job settings that name input files or folders (relative to the run folder): they make a job depend on the
 #: jobs whose outputs they point into.
-INPUT_KEYS = ("data", "tokenizer", "bios", "index")
+INPUT_KEYS = ("data", "tokenizer", "bios", "index", "model")
 JobFn = Callable[[dict[str, Any], Path, Path], dict[str, Any]]
 JOBS: dict[str, JobFn] = {}
 
@@ -167,6 +167,18 @@ def tokenize(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     _take(spec, {"data", "tokenizer", "val_fraction", "workers", "text_field", "seed"}, "tokenize")
     options = {k: spec[k] for k in ("val_fraction", "workers", "text_field", "seed") if k in spec}
     return tokenize_corpus(_paths(spec["data"], root), _paths(spec["tokenizer"], root)[0], out, **options)
+
+
+@job("grow")
+def grow(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """A grown copy of the model folder ``model`` (``omnilm upcycle`` / ``omnilm grow``): ``method`` upcycle
+    (experts, top_k, granularity), depth (mode, overlap, preserve) or width (d_model, d_ff); a stage then
+    starts from it with ``init_from``."""
+    from omnilm.model.grow_folder import grow_folder
+
+    spec = dict(spec)
+    model, method = _paths(spec.pop("model"), root)[0], spec.pop("method", "depth")
+    return grow_folder(model, out, method, **spec)
 
 
 @job("prepare")
