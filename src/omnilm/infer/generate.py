@@ -113,18 +113,29 @@ def decode_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tenso
 @torch.inference_mode()
 def beam_search(model: Transformer, prompt: Sequence[int], num_beams: int, max_new_tokens: int,
                 eos_ids: Sequence[int] = (), length_penalty: float = 1.0) -> list[int]:
-    """The best beam's generated tokens (ending with EOS when one was produced).
+    """The best beam's generated tokens (ending with EOS when one was produced); see ``beam_loop``."""
+    device = model.tok_emb.weight.device
+    check_length(model, len(prompt) + max_new_tokens)
+    cache = model.new_cache(1, len(prompt) + max_new_tokens)
+    logits = model(torch.tensor([list(prompt)], device=device), cache=cache, last_only=True)[:, -1]
+    return beam_loop(logits, lambda feed: model(feed[:, None], cache=cache)[:, -1], cache.reorder, num_beams,
+                     max_new_tokens, eos_ids, length_penalty)
+
+
+def beam_loop(logits: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor],
+              reorder: Callable[[torch.Tensor], None], num_beams: int, max_new_tokens: int,
+              eos_ids: Sequence[int] = (), length_penalty: float = 1.0) -> list[int]:
+    """Beam search shared by every model: from one prompt's last logits (1, V), ``step`` feeds each beam's
+    newest token (num_beams,) and returns the next logits (num_beams, V); ``reorder(index)`` makes the model's
+    cache follow the beams (its single row is first copied to every beam).
 
     Follows the usual beam search of Hugging Face transformers (``early_stopping=False``): keep the
     ``num_beams`` best running beams; of the best ``num_beams`` candidates at a step, those ending in
     EOS (or at the length limit) become finished hypotheses scored sum(log p) / length ** length_penalty;
     stop when no running beam can beat the worst of ``num_beams`` finished ones.
     """
-    device = model.tok_emb.weight.device
-    check_length(model, len(prompt) + max_new_tokens)
-    cache = model.new_cache(1, len(prompt) + max_new_tokens)
-    logits = model(torch.tensor([list(prompt)], device=device), cache=cache, last_only=True)[:, -1]
-    cache.reorder(torch.zeros(num_beams, dtype=torch.long, device=device))
+    device = logits.device
+    reorder(torch.zeros(num_beams, dtype=torch.long, device=device))
     logits = logits.expand(num_beams, -1)
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     n_candidates = max(2, 1 + len(eos_ids)) * num_beams
@@ -133,12 +144,12 @@ def beam_search(model: Transformer, prompt: Sequence[int], num_beams: int, max_n
     running_scores[0] = 0.0
     running = torch.empty(num_beams, 0, dtype=torch.long, device=device)
     finished: list[tuple[float, list[int]]] = []
-    for step in range(max_new_tokens):
+    for index in range(max_new_tokens):
         vocab = logits.shape[-1]
         scores = (torch.log_softmax(logits.float(), -1) + running_scores[:, None]).flatten()
         top_scores, top_index = scores.topk(n_candidates)
         beam, token = top_index // vocab, top_index % vocab
-        length = step + 1
+        length = index + 1
         ends = torch.isin(token, eos) | (length == max_new_tokens)
         for j in range(num_beams):
             if ends[j]:
@@ -151,10 +162,10 @@ def beam_search(model: Transformer, prompt: Sequence[int], num_beams: int, max_n
         keep = live_scores.topk(num_beams).indices
         running_scores = live_scores[keep]
         running = torch.cat([running[beam[keep]], token[keep, None]], dim=1)
-        cache.reorder(beam[keep])
+        reorder(beam[keep])
         if len(finished) == num_beams:
             best_possible = running_scores[0].item() / length**length_penalty
             if best_possible <= min(score for score, _ in finished):
                 break
-        logits = model(running[:, -1:], cache=cache)[:, -1]
+        logits = step(running[:, -1])
     return finished[0][1]

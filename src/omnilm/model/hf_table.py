@@ -63,13 +63,16 @@ def save_folder(folder: str | Path, tensors: dict[str, torch.Tensor], config_jso
 
 
 def load_into(folder: str | Path, build: Callable[[], nn.Module], table: KeyTable, aliases: Sequence[str] = (),
-              dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> nn.Module:
+              dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+              tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """A model built by ``build`` (on the meta device) with the weights of ``folder``.
 
     ``aliases`` are Hugging Face names of tensors that repeat another one (tied embeddings written out by some
     versions): they are dropped. Tied parameters are filled once and re-tied by the model's ``tie_weights``.
+    ``tensors`` are the folder's tensors when the caller has read them already.
     """
-    tensors = {k: v for k, v in read_hf_tensors(folder).items() if k not in set(aliases)}
+    tensors = read_hf_tensors(folder) if tensors is None else tensors
+    tensors = {k: v for k, v in tensors.items() if k not in set(aliases)}
     state = table.from_hf(tensors)
     with torch.device("meta"):
         model = build()
