@@ -95,8 +95,10 @@ def load_into(folder: str | Path, build: Callable[[], nn.Module], table: KeyTabl
 
 
 def distinct_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's parameters, each tied tensor under its first name only (what a checkpoint stores)."""
-    out: dict[str, torch.Tensor] = {}
+    """The model's parameters, each tied tensor under its first name only, and its persistent buffers (what a
+    checkpoint stores)."""
+    out: dict[str, torch.Tensor] = {k: v for k, v in model.state_dict().items()
+                                    if k in dict(model.named_buffers())}
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) not in seen:
