@@ -139,7 +139,7 @@ def test_unsupported_features_are_refused():
     from omnilm.model.hf import config_from_hf
 
     base = HF_CONFIGS["llama"]().to_dict()
-    with pytest.raises(CheckpointError, match="RoPE scaling type 'linear'"):
-        config_from_hf(base | {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}})
+    with pytest.raises(CheckpointError, match="RoPE scaling type 'longrope'"):
+        config_from_hf(base | {"rope_parameters": {"rope_type": "longrope", "factor": 2.0, "rope_theta": 1e4}})
     with pytest.raises(CheckpointError, match="attention_bias"):
         config_from_hf(base | {"attention_bias": True})

@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="draft model folder (same tokenizer) for speculative decoding: same output distribution, "
                         "greedy output unchanged, sampled output drawn differently for a given --seed")
     p.add_argument("--speculative-k", type=int, default=4, help="draft tokens per target pass (default 4)")
+    p.add_argument("--attention-sinks", type=int, default=0, metavar="K",
+                   help="stream with constant memory: keep the first K tokens plus --sink-window recent ones in the "
+                        "KV cache (StreamingLLM; 0 = full cache)")
+    p.add_argument("--sink-window", type=int, default=0, metavar="W",
+                   help="recent tokens kept with --attention-sinks (default: the rest of the model's context)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="compute precision (default: as stored)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.set_defaults(handler=run_generate)
@@ -43,7 +48,8 @@ def run_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
         min_p=args.min_p, repetition_penalty=args.repetition_penalty, num_beams=args.num_beams,
-        length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed)
+        length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed,
+        attention_sinks=args.attention_sinks, sink_window=args.sink_window)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     generator = TextGenerator.from_pretrained(args.model, dtype=dtype, device=args.device, draft=args.draft_model,
                                               speculative_k=args.speculative_k)

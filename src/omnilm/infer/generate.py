@@ -54,8 +54,17 @@ def generate_ids(model: Transformer, prompts: Sequence[Sequence[int]], params: S
     device = model.tok_emb.weight.device
     ids, mask = left_pad(prompts, pad_id, device)
     batch, width = ids.shape
-    check_length(model, width + params.max_new_tokens)
-    cache = model.new_cache(batch, width + params.max_new_tokens)
+    if params.attention_sinks:
+        # Positions are slots of the bounded cache, so a learned-position model streams past its table too.
+        limit = model.config.max_seq_len
+        window = params.sink_window or limit - params.attention_sinks - 1
+        if window < 1 or (model.pos_emb is not None and max(width, params.attention_sinks + window + 1) > limit):
+            raise ValueError(f"attention_sinks + sink_window + 1 (and the prompt, for learned positions) must fit "
+                             f"the model's context of {limit}")
+        cache = model.new_cache(batch, sinks=params.attention_sinks, window=window)
+    else:
+        check_length(model, width + params.max_new_tokens)
+        cache = model.new_cache(batch, width + params.max_new_tokens, rolling=True)
     seen = None
     if params.repetition_penalty != 1.0:
         real = mask.bool() if mask is not None else torch.ones_like(ids, dtype=torch.bool)

@@ -32,6 +32,12 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     #: Seed of the sampling random generator (None = torch's global generator).
     seed: int | None = None
+    #: Streaming with attention sinks (StreamingLLM): keep only the first attention_sinks tokens plus the
+    #: sink_window most recent ones in the KV cache, so memory stays constant however long the output
+    #: (0 = the usual full cache). Unpadded prompts only (one prompt, or prompts of equal length).
+    attention_sinks: int = 0
+    #: Recent tokens kept with attention_sinks (0 = the rest of the model's max_seq_len).
+    sink_window: int = 0
 
     def __post_init__(self) -> None:
         checks = [
@@ -42,6 +48,7 @@ class SamplingParams:
             (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
             (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
             (self.num_beams >= 1, "num_beams must be ≥ 1"),
+            (self.attention_sinks >= 0 and self.sink_window >= 0, "attention_sinks and sink_window must be ≥ 0"),
         ]
         for ok, message in checks:
             if not ok:

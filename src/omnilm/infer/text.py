@@ -51,7 +51,7 @@ class TextGenerator:
 
     def _speculative(self, prompts: Sequence[str], params: SamplingParams) -> bool:
         return (self.draft is not None and len(prompts) == 1 and params.num_beams == 1
-                and params.repetition_penalty == 1.0)
+                and params.repetition_penalty == 1.0 and not params.attention_sinks)
 
     def stream_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
                      seeds: Sequence[int | None] | None = None) -> Iterator[list[str]]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from omnilm.config import ConfigError, from_dict, read_mapping
 
@@ -40,6 +40,22 @@ class ModelConfig:
     #: sections of these sizes (summing to head_dim / 2), each rotated by its own component of 3-D position ids
     #: (3, B, T). None = plain RoPE; with it, 2-D position ids act as three equal components (plain RoPE too).
     mrope_section: tuple[int, ...] | None = None
+    #: RoPE scaling for contexts beyond training, spelled like transformers' ``rope_scaling`` /
+    #: ``rope_parameters`` (without rope_theta): ``{"rope_type": "linear", "factor": s}`` (position
+    #: interpolation), ``dynamic`` (NTK base growing with the length beyond max_seq_len; factor), ``yarn``
+    #: (factor, original_max_position_embeddings; optional beta_fast, beta_slow, attention_factor, mscale,
+    #: mscale_all_dim, truncate) or ``llama3`` (factor, low_freq_factor, high_freq_factor,
+    #: original_max_position_embeddings). None = plain RoPE.
+    rope_scaling: dict[str, Any] | None = None
+    #: Sliding-window attention (Mistral / Qwen2 ``sliding_window``): a query sees itself and the
+    #: sliding_window − 1 tokens before it. None = full causal attention.
+    sliding_window: int | None = None
+    #: Layers below this index attend fully and the others through the window (Qwen2's max_window_layers;
+    #: 0 = every layer slides, as Mistral).
+    window_from_layer: int = 0
+    #: ALiBi instead of position embeddings (BLOOM / MPT): head h adds −m_h·(i − j) to its attention scores,
+    #: m_h = 2^(−8h/H) for H a power of two (interleaved otherwise). Replaces RoPE / learned positions.
+    alibi: bool = False
     #: Epsilon of LayerNorm / RMSNorm.
     norm_eps: float = 1e-5
     #: Biases on the q/k/v projections (forced on for gpt2 and qwen2).
@@ -99,11 +115,34 @@ class ModelConfig:
                 raise ConfigError(f"router_gate={self.router_gate!r}; expected softmax or sigmoid")
             if self.moe_every < 1:
                 raise ConfigError("moe_every must be ≥ 1")
+        self._check_long_context()
         if self.mrope_section is not None:
             object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
             if not self.uses_rope or len(self.mrope_section) != 3 or sum(self.mrope_section) * 2 != self.dim_per_head:
                 raise ConfigError(f"mrope_section={list(self.mrope_section)} must be 3 sizes summing to head_dim/2 = "
                                   f"{self.dim_per_head // 2} on a rotary (llama/qwen2) model")
+
+    def _check_long_context(self) -> None:
+        if self.rope_scaling is not None:
+            scaling = dict(self.rope_scaling)
+            rope_type = scaling.pop("rope_type", scaling.pop("type", None))
+            scaling.pop("rope_theta", None)
+            if rope_type not in ROPE_SCALING_KEYS:
+                raise ConfigError(f"rope_scaling.rope_type={rope_type!r}; expected one of {sorted(ROPE_SCALING_KEYS)}")
+            required, optional = ROPE_SCALING_KEYS[rope_type]
+            missing, unknown = sorted(required - set(scaling)), sorted(set(scaling) - required - optional)
+            if missing or unknown:
+                raise ConfigError(f"rope_scaling ({rope_type}): missing {missing}, unknown {unknown}; "
+                                  f"expected {sorted(required)} and optionally {sorted(optional)}")
+            if not float(scaling["factor"]) >= 1.0:
+                raise ConfigError(f"rope_scaling.factor must be ≥ 1, got {scaling['factor']}")
+            if not self.uses_rope:
+                raise ConfigError("rope_scaling needs a rotary (llama/qwen2) model without alibi")
+            object.__setattr__(self, "rope_scaling", {"rope_type": rope_type} | scaling)
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"sliding_window must be ≥ 1, got {self.sliding_window}")
+        if self.alibi and self.mrope_section is not None:
+            raise ConfigError("alibi replaces RoPE: it cannot be combined with mrope_section")
 
     # Derived sizes, resolved once here so the model never re-implements the defaults.
     @property
@@ -138,7 +177,7 @@ class ModelConfig:
 
     @property
     def uses_rope(self) -> bool:
-        return self.family != "gpt2"
+        return self.family != "gpt2" and not self.alibi
 
     @property
     def linear_bias(self) -> bool:
@@ -148,6 +187,16 @@ class ModelConfig:
     @property
     def attn_qkv_bias(self) -> bool:
         return self.family in ("gpt2", "qwen2") or self.qkv_bias
+
+
+#: Per RoPE-scaling type: the keys it needs and the keys it may have (transformers' validation rules).
+ROPE_SCALING_KEYS: dict[str, tuple[set[str], set[str]]] = {
+    "linear": ({"factor"}, set()),
+    "dynamic": ({"factor"}, set()),
+    "yarn": ({"factor", "original_max_position_embeddings"},
+             {"attention_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "truncate"}),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+}
 
 
 PRESETS: dict[str, ModelConfig] = {

@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from omnilm.model.config import ModelConfig
+from omnilm.model.config import ROPE_SCALING_KEYS, ModelConfig
 from omnilm.model.transformer import Transformer
 from omnilm.utils.atomic import atomic_path, write_json_atomic
 
@@ -84,10 +84,24 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
     }
     if config.mrope_section is not None:
         hf["rope_parameters"]["mrope_section"] = list(config.mrope_section)
+    if config.rope_scaling is not None:
+        # transformers 5 reads rope_parameters, 4.x rope_scaling; both say the same.
+        hf["rope_parameters"] |= config.rope_scaling
+        hf["rope_scaling"] = dict(config.rope_scaling)
+    if config.alibi:
+        raise CheckpointError("a llama/qwen2-family model with ALiBi has no transformers equivalent")
     if config.family == "llama":
         hf |= {"attention_bias": False, "mlp_bias": False}
+        if config.sliding_window is not None:
+            # Llama with a sliding window over every layer is Mistral's architecture.
+            if config.window_from_layer:
+                raise CheckpointError("Mistral slides the window over every layer (window_from_layer must be 0); "
+                                      "use family 'qwen2' for full-attention lower layers")
+            hf |= {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                   "sliding_window": config.sliding_window}
     else:
-        hf |= {"use_sliding_window": False}
+        hf |= {"use_sliding_window": config.sliding_window is not None, "sliding_window": config.sliding_window,
+               "max_window_layers": config.window_from_layer}
     if config.n_experts:
         hf = _moe_config_to_hf(config, hf)
     return hf
@@ -151,12 +165,49 @@ def _mrope_section(hf: dict[str, Any]) -> tuple[int, ...] | None:
 
 def _rope_theta(hf: dict[str, Any], source: str) -> float:
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type == "mrope":  # Qwen2-VL's spelling of default frequencies with mrope_section
-        rope_type = "default"
-    if rope_type != "default":
-        raise CheckpointError(f"{source}: unsupported RoPE scaling type {rope_type!r} (only 'default')")
     return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(hf: dict[str, Any], source: str) -> dict[str, Any] | None:
+    """ModelConfig.rope_scaling from ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x), with
+    transformers' defaults filled in (original_max_position_embeddings = max_position_embeddings; a YaRN factor
+    of None = the ratio of the two)."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    rope_type = params.pop("rope_type", params.pop("type", "default"))
+    if rope_type in ("default", "mrope"):  # mrope: Qwen2-VL's spelling of default frequencies with mrope_section
+        return None
+    if rope_type not in ROPE_SCALING_KEYS:
+        raise CheckpointError(f"{source}: unsupported RoPE scaling type {rope_type!r} (supported: default, "
+                              f"{', '.join(sorted(ROPE_SCALING_KEYS))})")
+    required, optional = ROPE_SCALING_KEYS[rope_type]
+    scaling = {k: v for k, v in params.items() if k in required | optional}
+    if "original_max_position_embeddings" in required:
+        scaling.setdefault("original_max_position_embeddings",
+                           hf.get("original_max_position_embeddings", hf.get("max_position_embeddings")))
+    if rope_type == "yarn" and scaling.get("factor") is None:
+        scaling["factor"] = hf["max_position_embeddings"] / scaling["original_max_position_embeddings"]
+    return {"rope_type": rope_type} | scaling
+
+
+def _sliding_window(hf: dict[str, Any], model_type: str, n_layer: int, source: str) -> dict[str, Any]:
+    """sliding_window / window_from_layer of a Mistral or Qwen2 config.json."""
+    if model_type == "mistral":
+        return {"sliding_window": hf.get("sliding_window")}
+    if model_type == "qwen2_moe" and hf.get("use_sliding_window"):
+        raise CheckpointError(f"{source}: qwen2_moe sliding-window attention is not supported")
+    if model_type != "qwen2" or not hf.get("use_sliding_window") or hf.get("sliding_window") is None:
+        return {}
+    start = hf.get("max_window_layers", 28)
+    layer_types = hf.get("layer_types")
+    if layer_types is not None:
+        sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+        start = sliding[0] if sliding else n_layer
+        if sliding != list(range(start, n_layer)):
+            raise CheckpointError(f"{source}: layer_types {layer_types} is not full attention followed by "
+                                  "sliding-window layers")
+    if start >= n_layer:
+        return {}
+    return {"sliding_window": hf["sliding_window"], "window_from_layer": start}
 
 
 def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -178,15 +229,13 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             max_seq_len=hf.get("n_positions", 1024), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
             tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02),
             **ids)
-    if model_type in ("llama", "qwen2", "mixtral", "qwen2_moe"):
-        family = {"mixtral": "llama", "qwen2_moe": "qwen2"}.get(model_type, model_type)
+    if model_type in ("llama", "qwen2", "mixtral", "qwen2_moe", "mistral"):
+        family = {"mixtral": "llama", "qwen2_moe": "qwen2", "mistral": "llama"}.get(model_type, model_type)
         moe = _moe_config_from_hf(hf, model_type, source) if model_type in MOE_ARCHITECTURES else {}
         if hf.get("hidden_act", "silu") != "silu":
             raise CheckpointError(f"{source}: unsupported activation {hf.get('hidden_act')!r} (expected silu)")
         if model_type == "llama" and (hf.get("attention_bias") or hf.get("mlp_bias")):
             raise CheckpointError(f"{source}: llama attention_bias/mlp_bias are not supported")
-        if family == "qwen2" and hf.get("use_sliding_window"):
-            raise CheckpointError(f"{source}: qwen2 sliding-window attention is not supported")
         n_head = _require(hf, "num_attention_heads", source)
         d = _require(hf, "hidden_size", source)
         return ModelConfig(
@@ -195,12 +244,13 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             n_kv_head=hf.get("num_key_value_heads") or n_head, d_model=d,
             d_ff=_require(hf, "intermediate_size", source), head_dim=hf.get("head_dim") or d // n_head,
             max_seq_len=hf.get("max_position_embeddings", 2048), rope_theta=_rope_theta(hf, source),
-            mrope_section=_mrope_section(hf),
+            mrope_section=_mrope_section(hf), rope_scaling=_rope_scaling(hf, source),
+            **_sliding_window(hf, model_type, _require(hf, "num_hidden_layers", source), source),
             norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=family == "qwen2",
             tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
             init_std=hf.get("initializer_range", 0.02), **ids, **moe)
     raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; omnilm reads gpt2, llama, qwen2, "
-                          "mixtral and qwen2_moe")
+                          "mistral, mixtral and qwen2_moe")
 
 
 # ---------------------------------------------------------------------------------------------

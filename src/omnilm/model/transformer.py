@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnilm.model.attention import Attention, KVCache, build_attention_mask, rope_cos_sin
+from omnilm.model.attention import Attention, KVCache, RollingKVCache, layer_masks, rope_cos_sin
 from omnilm.model.config import ModelConfig
 from omnilm.model.moe import MoE, residual_std
 
@@ -81,7 +81,8 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.pos_emb = None if config.uses_rope else nn.Embedding(config.max_seq_len, config.d_model)
+        learned = not (config.uses_rope or config.alibi)
+        self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
@@ -145,12 +146,12 @@ class Transformer(nn.Module):
         rope = None
         if self.pos_emb is not None:
             x = x + self.pos_emb(position_ids)
-        else:
+        elif self.config.uses_rope:
             rope = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x.dtype,
-                                self.config.mrope_section)
+                                self.config.mrope_section, self.config.rope_scaling, self.config.max_seq_len)
         x = self.drop(x)
-        mask = build_attention_mask(attention_mask, past, T, x.device)
-        for block in self.blocks:
+        masks = layer_masks(self.config, attention_mask, position_ids, past, T, cache, x.dtype)
+        for block, mask in zip(self.blocks, masks, strict=True):
             x = block(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
@@ -165,7 +166,16 @@ class Transformer(nn.Module):
             h = h[:, -1:]
         return self.lm_head(h)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty KV cache on this model's device and dtype."""
+    def new_cache(self, batch_size: int, max_len: int | None = None, sinks: int | None = None,
+                  window: int | None = None, rolling: bool = False) -> KVCache | RollingKVCache:
+        """An empty KV cache on this model's device and dtype: a full one of ``max_len`` positions, or a rolling
+        constant-memory one: with ``sinks``, attention sinks plus ``window`` recent tokens (default: the rest of
+        max_seq_len); with ``rolling`` on a model whose every layer slides (``sliding_window``,
+        window_from_layer 0), the window. Rolling caches cannot be truncated (speculative decoding)."""
         p = self.tok_emb.weight
-        return KVCache(self.config, batch_size, max_len or self.config.max_seq_len, p.device, p.dtype)
+        config = self.config
+        if sinks:
+            return RollingKVCache(config, batch_size, window or config.max_seq_len - sinks, sinks, p.device, p.dtype)
+        if rolling and config.sliding_window is not None and config.window_from_layer == 0:
+            return RollingKVCache(config, batch_size, config.sliding_window, 0, p.device, p.dtype)
+        return KVCache(config, batch_size, max_len or config.max_seq_len, p.device, p.dtype)
