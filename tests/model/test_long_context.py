@@ -167,3 +167,48 @@ def test_attention_sinks_match_a_full_cache_before_the_first_eviction_and_refuse
         torch.testing.assert_close(model(ids, cache=cache), model(ids), **TOL)
         with pytest.raises(ValueError, match="unpadded"):
             model(ids[:, :1], torch.tensor([[0] + [1] * 12]), cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------- ALiBi (BLOOM)
+
+
+@pytest.mark.parametrize("n_head", [4, 6])  # 6: not a power of two, BLOOM's interleaved extra slopes
+def test_alibi_slopes_equal_bloom(n_head):
+    from transformers.models.bloom.modeling_bloom import _get_alibi_slopes
+
+    from omnilm.model.attention import alibi_slopes
+
+    torch.testing.assert_close(alibi_slopes(n_head), _get_alibi_slopes(n_head, "cpu"), atol=0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("n_head", [4, 6])
+def test_bloom_checkpoint_parity_both_ways_with_padding_and_cache(tmp_path, n_head):
+    from transformers import BloomConfig
+
+    config = BloomConfig(vocab_size=300, hidden_size=48, n_layer=2, n_head=n_head, initializer_range=0.2)
+    hf_model = random_hf(config)
+    for name, param in hf_model.named_parameters():
+        if name.endswith("bias") or "layernorm" in name:  # make biases and norm affines count
+            torch.nn.init.normal_(param, mean=1.0 if "layernorm.weight" in name else 0.0, std=0.3)
+    hf_model.save_pretrained(tmp_path / "hf")
+    ours = load_pretrained(tmp_path / "hf")
+    assert ours.config.alibi and ours.config.embedding_norm and ours.pos_emb is None
+    ids = torch.randint(0, 300, (2, 24))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        expected = hf_model(ids, attention_mask=mask).logits
+        got = ours(ids, mask)
+        torch.testing.assert_close(got[0], expected[0], **TOL)
+        torch.testing.assert_close(got[1, 6:], expected[1, 6:], **TOL)
+        cache = ours.new_cache(2, 24)  # incremental decoding: the biases follow the cached key positions
+        steps = [ours(ids[:, :10], mask[:, :10], cache=cache)]
+        steps += [ours(ids[:, t:t + 1], mask[:, :t + 1], cache=cache) for t in range(10, 24)]
+        stepped = torch.cat(steps, dim=1)
+        torch.testing.assert_close(stepped[0], expected[0], **TOL)
+        torch.testing.assert_close(stepped[1, 6:], expected[1, 6:], **TOL)
+    save_pretrained(ours, tmp_path / "ours")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    assert type(again).__name__ == "BloomForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids[:1]).logits, expected[:1], **TOL)

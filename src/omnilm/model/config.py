@@ -56,6 +56,8 @@ class ModelConfig:
     #: ALiBi instead of position embeddings (BLOOM / MPT): head h adds −m_h·(i − j) to its attention scores,
     #: m_h = 2^(−8h/H) for H a power of two (interleaved otherwise). Replaces RoPE / learned positions.
     alibi: bool = False
+    #: A norm right after the token embedding (BLOOM's word_embeddings_layernorm).
+    embedding_norm: bool = False
     #: Epsilon of LayerNorm / RMSNorm.
     norm_eps: float = 1e-5
     #: Biases on the q/k/v projections (forced on for gpt2 and qwen2).

@@ -1,5 +1,5 @@
-"""Checkpoints in the Hugging Face layout (GPT2LMHeadModel, LlamaForCausalLM, Qwen2ForCausalLM, and for
-mixture-of-experts models MixtralForCausalLM / Qwen2MoeForCausalLM, whose experts are stored one tensor each).
+"""Checkpoints in the Hugging Face layout (GPT2LMHeadModel, BloomForCausalLM for ALiBi models, LlamaForCausalLM,
+MistralForCausalLM for sliding-window Llamas, Qwen2ForCausalLM, and for mixture-of-experts models MixtralForCausalLM / Qwen2MoeForCausalLM, whose experts are stored one tensor each).
 
 A model folder holds ``config.json``, ``model.safetensors`` (or shards plus
 ``model.safetensors.index.json``), ``generation_config.json`` and, when given a tokenizer,
@@ -58,9 +58,13 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
         "initializer_range": config.init_std,
         "dtype": "float32",
     }
+    if config.family == "gpt2" and config.alibi:
+        return _bloom_config_to_hf(config, common)
     if config.family == "gpt2":
         if config.head_dim not in (None, config.d_model // config.n_head):
             raise CheckpointError("gpt2 checkpoints need head_dim == d_model // n_head")
+        if config.embedding_norm:
+            raise CheckpointError("GPT2LMHeadModel has no embedding norm (BLOOM has, with ALiBi: set alibi too)")
         return common | {
             "n_embd": config.d_model, "n_layer": config.n_layer, "n_head": config.n_head,
             "n_inner": config.ff_dim, "n_positions": config.max_seq_len, "activation_function": "gelu_new",
@@ -151,6 +155,34 @@ def _moe_config_from_hf(hf: dict[str, Any], model_type: str, source: str) -> dic
         "dense_layers": tuple(hf.get("mlp_only_layers") or ())}
 
 
+def _bloom_config_to_hf(config: ModelConfig, common: dict[str, Any]) -> dict[str, Any]:
+    """A gpt2-family model with ALiBi and an embedding norm is BLOOM's architecture."""
+    if not config.embedding_norm or not config.tie_embeddings or config.ff_dim != 4 * config.d_model \
+            or config.head_dim not in (None, config.d_model // config.n_head):
+        raise CheckpointError("an ALiBi model saves as BloomForCausalLM, which needs embedding_norm, a tied head, "
+                              "d_ff = 4·d_model and head_dim = d_model // n_head")
+    return common | {
+        "architectures": ["BloomForCausalLM"], "model_type": "bloom", "hidden_size": config.d_model,
+        "n_layer": config.n_layer, "n_head": config.n_head, "layer_norm_epsilon": config.norm_eps,
+        "apply_residual_connection_post_layernorm": False, "hidden_dropout": config.dropout,
+        "attention_dropout": config.dropout, "pretraining_tp": 1, "slow_but_exact": False,
+        # BLOOM has no position table; the length a model is meant for is recorded for omnilm.
+        "seq_length": config.max_seq_len}
+
+
+def _bloom_config_from_hf(hf: dict[str, Any], ids: dict[str, Any], source: str) -> ModelConfig:
+    if hf.get("apply_residual_connection_post_layernorm") or hf.get("pretraining_tp", 1) != 1 \
+            and hf.get("slow_but_exact"):
+        raise CheckpointError(f"{source}: BLOOM variants apply_residual_connection_post_layernorm / "
+                              "slow_but_exact are not supported")
+    d = _require(hf, "hidden_size", source)
+    return ModelConfig(
+        family="gpt2", alibi=True, embedding_norm=True, vocab_size=_require(hf, "vocab_size", source),
+        n_layer=_require(hf, "n_layer", source), n_head=_require(hf, "n_head", source), d_model=d, d_ff=4 * d,
+        max_seq_len=hf.get("seq_length", 2048), norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", True), init_std=hf.get("initializer_range", 0.02), **ids)
+
+
 def _require(hf: dict[str, Any], key: str, source: str) -> Any:
     if key not in hf:
         raise CheckpointError(f"{source}: config.json lacks {key!r}")
@@ -215,6 +247,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     model_type = hf.get("model_type")
     ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in ids.items()}
+    if model_type == "bloom":
+        return _bloom_config_from_hf(hf, ids, source)
     if model_type == "gpt2":
         act = hf.get("activation_function", "gelu_new")
         if act not in ("gelu_new", "gelu_pytorch_tanh"):
@@ -249,8 +283,8 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
             norm_eps=hf.get("rms_norm_eps", 1e-6), qkv_bias=family == "qwen2",
             tie_embeddings=hf.get("tie_word_embeddings", model_type == "qwen2"),
             init_std=hf.get("initializer_range", 0.02), **ids, **moe)
-    raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; omnilm reads gpt2, llama, qwen2, "
-                          "mistral, mixtral and qwen2_moe")
+    raise CheckpointError(f"{source}: unsupported model_type {model_type!r}; omnilm reads gpt2, bloom, llama, "
+                          "qwen2, mistral, mixtral and qwen2_moe")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,11 +374,54 @@ def _gpt2_state_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dic
     return out
 
 
+#: BLOOM tensor names (one template list, both directions); q/k/v are fused per head and handled apart.
+BLOOM_KEYS = [("tok_emb.weight", "transformer.word_embeddings.weight"), ("lm_head.weight", "lm_head.weight")] + [
+    (f"{ours}.{suffix}", f"{theirs}.{suffix}") for suffix in ("weight", "bias") for ours, theirs in (
+        ("emb_norm", "transformer.word_embeddings_layernorm"), ("norm_f", "transformer.ln_f"),
+        ("blocks.{i}.norm1", "transformer.h.{i}.input_layernorm"),
+        ("blocks.{i}.norm2", "transformer.h.{i}.post_attention_layernorm"),
+        ("blocks.{i}.attn.o_proj", "transformer.h.{i}.self_attention.dense"),
+        ("blocks.{i}.mlp.up_proj", "transformer.h.{i}.mlp.dense_h_to_4h"),
+        ("blocks.{i}.mlp.down_proj", "transformer.h.{i}.mlp.dense_4h_to_h"))]
+
+
+def _bloom_state_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    from omnilm.model.hf_table import KeyTable
+
+    state = dict(state)
+    for i in range(config.n_layer):
+        for suffix in ("weight", "bias"):
+            # BLOOM's fused rows are per head (q, k, v) interleaved: (H, 3, D, ...) flattened.
+            parts = [state.pop(f"blocks.{i}.attn.{p}_proj.{suffix}") for p in "qkv"]
+            fused = torch.stack([x.unflatten(0, (config.n_head, -1)) for x in parts], dim=1).flatten(0, 2)
+            state[f"transformer.h.{i}.self_attention.query_key_value.{suffix}"] = fused
+    if config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return KeyTable(BLOOM_KEYS).to_hf(state)
+
+
+def _bloom_state_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    from omnilm.model.hf_table import KeyTable
+
+    hf = {(k if k.startswith(("transformer.", "lm_head")) else "transformer." + k): v for k, v in hf.items()}
+    if config.tie_embeddings:
+        hf.pop("lm_head.weight", None)
+    out = {}
+    for key in [k for k in hf if k.endswith(("query_key_value.weight", "query_key_value.bias"))]:
+        layer, suffix = key.split(".")[2], key.rsplit(".", 1)[1]
+        q, k, v = hf.pop(key).unflatten(0, (config.n_head, 3, -1)).unbind(1)
+        for name, tensor in zip("qkv", (q, k, v), strict=True):
+            out[f"blocks.{layer}.attn.{name}_proj.{suffix}"] = tensor.flatten(0, 1)
+    return out | KeyTable(BLOOM_KEYS).from_hf(hf)
+
+
 def state_to_hf(model: Transformer, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's weights (or ``state``, omnilm-named, e.g. gathered from shards) under Hugging Face names and
     layouts (contiguous, tied head omitted)."""
     state = {k: v.detach() for k, v in (model.state_dict() if state is None else state).items()}
-    if model.config.family == "gpt2":
+    if model.config.alibi:
+        out = _bloom_state_to_hf(state, model.config)
+    elif model.config.family == "gpt2":
         out = _gpt2_state_to_hf(state, model.config)
     else:
         out = {}
@@ -360,6 +437,8 @@ def state_to_hf(model: Transformer, state: dict[str, torch.Tensor] | None = None
 
 def state_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Hugging Face weights renamed to omnilm's names (unknown names are kept, to be reported)."""
+    if config.alibi:
+        return _bloom_state_from_hf(hf, config)
     if config.family == "gpt2":
         return _gpt2_state_from_hf(hf, config)
     expected = _expected_shapes(config)

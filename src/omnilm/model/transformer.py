@@ -83,6 +83,7 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         learned = not (config.uses_rope or config.alibi)
         self.pos_emb = nn.Embedding(config.max_seq_len, config.d_model) if learned else None
+        self.emb_norm = make_norm(config) if config.embedding_norm else None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm_f = make_norm(config)
@@ -149,6 +150,8 @@ class Transformer(nn.Module):
         elif self.config.uses_rope:
             rope = rope_cos_sin(position_ids, self.config.dim_per_head, self.config.rope_theta, x.dtype,
                                 self.config.mrope_section, self.config.rope_scaling, self.config.max_seq_len)
+        if self.emb_norm is not None:
+            x = self.emb_norm(x)
         x = self.drop(x)
         masks = layer_masks(self.config, attention_mask, position_ids, past, T, cache, x.dtype)
         for block, mask in zip(self.blocks, masks, strict=True):
