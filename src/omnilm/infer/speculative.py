@@ -1,4 +1,5 @@
-"""Speculative decoding: a small draft model proposes tokens, the target model verifies them in one pass.
+"""Speculative decoding: a small draft model (or the target's own multi-token heads, ``omnilm.infer.mtp_draft``)
+proposes tokens, the target model verifies them in one pass.
 
 Each round the draft proposes up to ``k`` tokens one by one; the target scores all of them in a single
 forward pass. Proposal x_i, drawn from the draft's distribution q_i, is accepted with probability
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -85,9 +87,46 @@ def verify_greedy(target_logits: torch.Tensor, proposals: Sequence[int]) -> tupl
 
 def _feed(model: Transformer, cache: KVCache, tokens: list[int]) -> torch.Tensor:
     """Run the tokens not yet in ``cache`` (all of ``tokens`` past cache.length); logits (n, V) of those."""
+    return _feed_hidden(model, cache, tokens)[0]
+
+
+def _feed_hidden(model: Transformer, cache: KVCache, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like ``_feed``, also returning the final hidden states (n, D) of the tokens run."""
     device = model.tok_emb.weight.device
     new = torch.tensor([tokens[cache.length:]], dtype=torch.long, device=device)
-    return model(new, cache=cache)[0].float()
+    hidden = model.hidden_states(new, cache=cache)[0]
+    return model.lm_head(hidden).float(), hidden
+
+
+class Drafter(Protocol):
+    """Where proposals come from: a small draft model (``ModelDrafter``) or the target's own extra heads.
+
+    ``sync`` is called once the target has scored a chunk: with every committed token so far and the target's
+    final hidden state at the position before the last committed one (the state that predicted it; None
+    before any target pass). ``propose`` then offers up to ``n`` tokens following ``tokens`` and, when
+    sampling, the distributions (m, V) they were drawn from (None when greedy); it may offer fewer.
+    """
+
+    def propose(self, tokens: list[int], n: int, params: SamplingParams,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]: ...
+
+    def sync(self, tokens: list[int], hidden: torch.Tensor | None) -> None: ...
+
+
+class ModelDrafter:
+    """A separate draft model with its own KV cache (rejected proposals are dropped from it on ``sync``)."""
+
+    def __init__(self, draft: Transformer, max_len: int) -> None:
+        self.draft = draft
+        self.cache = draft.new_cache(1, max_len)
+
+    def propose(self, tokens: list[int], n: int, params: SamplingParams,
+                generator: torch.Generator | None) -> tuple[list[int], torch.Tensor | None]:
+        return _propose(self.draft, self.cache, tokens, n, params, generator)
+
+    def sync(self, tokens: list[int], hidden: torch.Tensor | None) -> None:
+        # The next proposal feeds whatever the cache lacks of ``tokens`` (the prompt, in one pass, at first).
+        self.cache.truncate(min(self.cache.length, len(tokens) - 1))
 
 
 def _propose(draft: Transformer, cache: KVCache, tokens: list[int], n: int, params: SamplingParams,
@@ -107,13 +146,13 @@ def _propose(draft: Transformer, cache: KVCache, tokens: list[int], n: int, para
 
 
 @torch.inference_mode()
-def speculative_tokens(target: Transformer, draft: Transformer, prompt_ids: Sequence[int],
+def speculative_tokens(target: Transformer, draft: Transformer | Drafter, prompt_ids: Sequence[int],
                        params: SamplingParams, k: int = 4, eos_ids: Sequence[int] = (),
                        generator: torch.Generator | None = None,
                        stats: SpeculativeStats | None = None) -> Iterator[list[int]]:
     """Yield the new tokens of each round (1 to k + 1 of them), ending after an ``eos_ids`` token (yielded)
-    or at ``params.max_new_tokens``. ``stats``, when given, is updated as the rounds go."""
-    check_compatible(target, draft, params)
+    or at ``params.max_new_tokens``. ``draft`` is a draft model or any ``Drafter`` (e.g. the target's
+    multi-token heads). ``stats``, when given, is updated as the rounds go."""
     if k < 1:
         raise ValueError("k must be ≥ 1")
     if not prompt_ids:
@@ -121,23 +160,30 @@ def speculative_tokens(target: Transformer, draft: Transformer, prompt_ids: Sequ
     stats = stats if stats is not None else SpeculativeStats()
     limit = len(prompt_ids) + params.max_new_tokens
     check_length(target, limit)
-    check_length(draft, limit)
-    # Room for the proposals of a round on top of the committed tokens.
-    target_cache, draft_cache = target.new_cache(1, limit + k), draft.new_cache(1, limit + k)
+    if isinstance(draft, Transformer):
+        check_compatible(target, draft, params)
+        check_length(draft, limit)
+        # Room for the proposals of a round on top of the committed tokens.
+        draft = ModelDrafter(draft, limit + k)
+    else:
+        check_compatible(target, target, params)
+    target_cache = target.new_cache(1, limit + k)
     if generator is None:
         generator = make_generator(params.seed, target.tok_emb.weight.device)
     tokens = list(prompt_ids)
-    # Invariant between rounds: both caches hold at most tokens[:-1]; each round feeds what they lack.
+    # Invariant between rounds: the caches hold at most tokens[:-1]; each round feeds what they lack.
+    hidden = None
     if len(tokens) > 1:
-        _feed(target, target_cache, tokens[:-1])
-        _feed(draft, draft_cache, tokens[:-1])
+        hidden = _feed_hidden(target, target_cache, tokens[:-1])[1][-1]
         stats.target_forward_passes += 1
+    draft.sync(tokens, hidden)
     eos = set(eos_ids)
     while len(tokens) < limit:
         # At most the tokens still allowed: all n accepted plus the target's bonus token.
-        n = min(k, limit - len(tokens) - 1)
-        proposals, draft_probs = _propose(draft, draft_cache, tokens, n, params, generator)
-        target_logits = _feed(target, target_cache, tokens + proposals)[-(n + 1):]
+        proposals, draft_probs = draft.propose(tokens, min(k, limit - len(tokens) - 1), params, generator)
+        n = len(proposals)
+        target_logits, target_hidden = _feed_hidden(target, target_cache, tokens + proposals)
+        target_logits, target_hidden = target_logits[-(n + 1):], target_hidden[-(n + 1):]
         stats.target_forward_passes += 1
         if params.greedy:
             kept, following = verify_greedy(target_logits, proposals)
@@ -158,10 +204,11 @@ def speculative_tokens(target: Transformer, draft: Transformer, prompt_ids: Sequ
             return
         # Rejected proposals leave the caches; the last token is fed next round.
         target_cache.truncate(min(target_cache.length, len(tokens) - 1))
-        draft_cache.truncate(min(draft_cache.length, len(tokens) - 1))
+        draft.sync(tokens, target_hidden[kept])
 
 
-def speculative_generate(target: Transformer, draft: Transformer, prompt_ids: list[int], params: SamplingParams,
+def speculative_generate(target: Transformer, draft: Transformer | Drafter, prompt_ids: list[int],
+                         params: SamplingParams,
                          k: int = 4, eos_ids: Sequence[int] = (),
                          generator: torch.Generator | None = None) -> tuple[list[int], dict[str, float]]:
     """Continue one prompt with ``target``, drafting with ``draft``: (new tokens, stats).
