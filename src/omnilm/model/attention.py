@@ -186,16 +186,23 @@ def layer_masks(config: ModelConfig, attention_mask: torch.Tensor | None, positi
     """The attention mask of every layer: causal with padding, windowed on sliding-window layers, a rolling
     cache's own, and with ALiBi turned into additive biases (B, H, T, keys) of that dtype."""
     device = position_ids.device
+    paged = attention_mask is not None and attention_mask.dim() == 4
     if isinstance(cache, RollingKVCache):
         full = window = cache.mask_for(attention_mask, q_len, device)
+    elif paged:
+        # A ready 4-D mask (the serving engine's paged batches): its key columns are positions 0..S−1.
+        full = window = attention_mask.bool()
+        if config.sliding_window is not None:
+            keys = torch.arange(full.shape[-1], device=device)
+            window = full & (keys > position_ids[:, None, :, None] - config.sliding_window)
     else:
         full = build_attention_mask(attention_mask, past, q_len, device)
         window = build_attention_mask(attention_mask, past, q_len, device, config.sliding_window) \
             if config.sliding_window is not None else full
     if config.alibi:
-        if attention_mask is not None and attention_mask.dim() == 4:
-            raise ValueError("ALiBi models need 2-D attention masks (not a paged batch's 4-D mask)")
-        if isinstance(cache, RollingKVCache):
+        if paged:
+            keys = torch.arange(full.shape[-1], device=device)[None].expand(len(position_ids), -1)
+        elif isinstance(cache, RollingKVCache):
             keys = torch.cat([cache.key_positions(), position_ids[0, -q_len:]])[None].expand(len(position_ids), -1)
         elif past == 0 and (attention_mask is None or attention_mask.dim() == 2):
             keys = position_ids
