@@ -116,7 +116,8 @@ def _ours_greedy(model, prompt: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("family, overrides, hf_class", [
-    ("llama", MIXTRAL, "MixtralForCausalLM"), ("qwen2", QWEN2_MOE, "Qwen2MoeForCausalLM")])
+    ("llama", MIXTRAL, "MixtralForCausalLM"), ("qwen2", QWEN2_MOE, "Qwen2MoeForCausalLM"),
+    ("llama", MIXTRAL | {"sliding_window": 6}, "MixtralForCausalLM")])
 def test_omnilm_moe_checkpoint_loads_in_transformers(tmp_path, family, overrides, hf_class):
     model = small_model(family, **overrides)
     save_pretrained(model, tmp_path)

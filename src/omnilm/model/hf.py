@@ -126,7 +126,10 @@ def _moe_config_to_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]
                                   "scores; use family 'qwen2' (Qwen2-MoE) for those")
         hf = {k: v for k, v in hf.items() if k not in ("attention_bias", "mlp_bias")}
         return hf | common | {"num_local_experts": config.n_experts, "intermediate_size": config.expert_dim,
-                              "sliding_window": None, "router_jitter_noise": 0.0}
+                              "sliding_window": config.sliding_window, "router_jitter_noise": 0.0}
+    if config.sliding_window is not None:
+        raise CheckpointError("a qwen2 MoE with sliding-window attention is not supported (Mixtral's is: use "
+                              "family 'llama')")
     if config.n_shared_experts != 1 or not config.shared_expert_gate:
         raise CheckpointError("Qwen2-MoE has exactly one shared expert with a sigmoid gate (n_shared_experts=1, "
                               "shared_expert_gate=true)")
@@ -142,8 +145,6 @@ def _moe_config_from_hf(hf: dict[str, Any], model_type: str, source: str) -> dic
               "router_aux_loss_coef": hf.get("router_aux_loss_coef", 0.01),
               "router_z_loss_coef": hf.get("router_z_loss_coef", 0.0)}
     if model_type == "mixtral":
-        if hf.get("sliding_window") not in (None, 0) and hf["sliding_window"] < hf.get("max_position_embeddings", 0):
-            raise CheckpointError(f"{source}: Mixtral sliding-window attention is not supported")
         return common | {"n_experts": _require(hf, "num_local_experts", source), "norm_topk_prob": True}
     if not hf.get("qkv_bias", True):
         raise CheckpointError(f"{source}: qwen2_moe without qkv_bias is not supported")
@@ -223,7 +224,7 @@ def _rope_scaling(hf: dict[str, Any], source: str) -> dict[str, Any] | None:
 
 def _sliding_window(hf: dict[str, Any], model_type: str, n_layer: int, source: str) -> dict[str, Any]:
     """sliding_window / window_from_layer of a Mistral or Qwen2 config.json."""
-    if model_type == "mistral":
+    if model_type in ("mistral", "mixtral"):  # every layer slides (or none, without a window)
         return {"sliding_window": hf.get("sliding_window")}
     if model_type == "qwen2_moe" and hf.get("use_sliding_window"):
         raise CheckpointError(f"{source}: qwen2_moe sliding-window attention is not supported")
