@@ -96,3 +96,20 @@ def test_sampled_tokens_follow_the_model_distribution(variant):
     check_goodness_of_fit([t[1] for t in outputs if t[0] == top], second)
     # The third token comes from a head's proposal after an accepted one, or from a residual: still the model's.
     check_goodness_of_fit([t[2] for t in outputs if t[:2] == [top, top2]], third)
+
+
+def test_generate_command_with_mtp_prints_the_plain_greedy_text(tmp_path, tokenizer, capsys):
+    from omnilm.cli import main
+
+    torch.manual_seed(4)
+    decoder = small_model("llama", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id)
+    MultiTokenModel(decoder, MTPConfig(n_heads=2)).save_pretrained(tmp_path / "m", tokenizer=tokenizer)
+    args = ["generate", "--model", str(tmp_path / "m"), "--prompt", "Alice was born", "--temperature", "0",
+            "--max-new-tokens", "24"]
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--mtp", "--speculative-k", "2"]) == 0
+    assert capsys.readouterr().out == plain and plain
+    (tmp_path / "m" / "mtp.json").unlink()
+    assert main(args + ["--mtp"]) == 2
+    assert "no multi-token-prediction heads" in capsys.readouterr().err

@@ -29,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-model", default=None, metavar="DIR",
                    help="draft model folder (same tokenizer) for speculative decoding: same output distribution, "
                         "greedy output unchanged, sampled output drawn differently for a given --seed")
+    p.add_argument("--mtp", action="store_true",
+                   help="self-speculative decoding: the model's own multi-token-prediction heads (mtp.safetensors, "
+                        "from pretraining with the mtp option) draft; same output distribution as plain decoding")
     p.add_argument("--speculative-k", type=int, default=4, help="draft tokens per target pass (default 4)")
     p.add_argument("--attention-sinks", type=int, default=0, metavar="K",
                    help="stream with constant memory: keep the first K tokens plus --sink-window recent ones in the "
@@ -52,7 +55,7 @@ def run_generate(args: argparse.Namespace) -> int:
         attention_sinks=args.attention_sinks, sink_window=args.sink_window)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     generator = TextGenerator.from_pretrained(args.model, dtype=dtype, device=args.device, draft=args.draft_model,
-                                              speculative_k=args.speculative_k)
+                                              speculative_k=args.speculative_k, mtp=args.mtp)
     out = sys.stdout.buffer
     for piece in generator.stream(args.prompt, params):
         out.write(piece.encode("utf-8"))

@@ -10,9 +10,11 @@ import torch
 from omnilm.infer.detokenize import StreamingDecoder
 from omnilm.infer.generate import FINISHED, beam_search, generate_ids
 from omnilm.infer.layout import prepare_for_decoding
+from omnilm.infer.mtp_draft import MTPDrafter
 from omnilm.infer.sampling import SamplingParams
 from omnilm.infer.speculative import check_compatible, speculative_tokens
 from omnilm.model.hf import load_pretrained
+from omnilm.model.mtp import MTPHeads, load_heads
 from omnilm.model.transformer import Transformer
 from omnilm.tokenizer import Tokenizer
 
@@ -20,15 +22,19 @@ from omnilm.tokenizer import Tokenizer
 class TextGenerator:
     """A model and its tokenizer, ready to continue text prompts.
 
-    With a ``draft`` model (same vocabulary), single prompts without beam search or repetition penalty are
-    decoded speculatively, ``speculative_k`` draft tokens per target pass; the output distribution is the
-    model's own either way.
+    With a ``draft`` model (same vocabulary), or the model's own multi-token-prediction heads (``mtp_heads``,
+    self-speculative decoding), single prompts without beam search or repetition penalty are decoded
+    speculatively, ``speculative_k`` draft tokens per target pass; the output distribution is the model's own
+    either way.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, draft: Transformer | None = None,
-                 speculative_k: int = 4) -> None:
+                 speculative_k: int = 4, mtp_heads: MTPHeads | None = None) -> None:
         self.model = prepare_for_decoding(model)
         self.tokenizer = tokenizer
+        if draft is not None and mtp_heads is not None:
+            raise ValueError("draft with a draft model or with the model's heads, not both")
+        self.mtp_heads = prepare_for_decoding(mtp_heads) if mtp_heads is not None else None
         if draft is not None:
             check_compatible(model, draft, SamplingParams())
         if speculative_k < 1:
@@ -43,14 +49,17 @@ class TextGenerator:
     @classmethod
     def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None,
                         device: str | torch.device = "cpu", draft: str | Path | None = None,
-                        speculative_k: int = 4) -> TextGenerator:
-        """Load a model folder (weights + tokenizer.json), and optionally a draft model folder."""
+                        speculative_k: int = 4, mtp: bool = False) -> TextGenerator:
+        """Load a model folder (weights + tokenizer.json), and optionally a draft model folder or (``mtp``) the
+        folder's own multi-token heads as the draft."""
         draft_model = load_pretrained(draft, dtype=dtype, device=device) if draft is not None else None
-        return cls(load_pretrained(folder, dtype=dtype, device=device), Tokenizer.from_dir(folder), draft_model,
-                   speculative_k)
+        model = load_pretrained(folder, dtype=dtype, device=device)
+        heads = load_heads(folder, model) if mtp else None
+        return cls(model, Tokenizer.from_dir(folder), draft_model, speculative_k, heads)
 
     def _speculative(self, prompts: Sequence[str], params: SamplingParams) -> bool:
-        return (self.draft is not None and len(prompts) == 1 and params.num_beams == 1
+        drafts = self.draft is not None or self.mtp_heads is not None
+        return (drafts and len(prompts) == 1 and params.num_beams == 1
                 and params.repetition_penalty == 1.0 and not params.attention_sinks)
 
     def stream_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
@@ -81,8 +90,8 @@ class TextGenerator:
 
     def _speculative_deltas(self, prompt_ids: list[int], params: SamplingParams,
                             decoder: StreamingDecoder) -> Iterator[list[str]]:
-        for chunk in speculative_tokens(self.model, self.draft, prompt_ids, params, self.speculative_k,
-                                        self.eos_ids):
+        draft = self.draft if self.mtp_heads is None else MTPDrafter(self.model, self.mtp_heads)
+        for chunk in speculative_tokens(self.model, draft, prompt_ids, params, self.speculative_k, self.eos_ids):
             yield ["".join(decoder.push(token) for token in chunk if token not in self.eos_ids)]
             if decoder.stopped:
                 break

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--draft-model", default=None,
                    help="a small model with the same tokenizer: requests are then decoded one at a time with "
                         "speculative decoding (lower latency per stream, no batching)")
+    p.add_argument("--mtp", action="store_true",
+                   help="self-speculative decoding with the model's own multi-token-prediction heads (one request "
+                        "at a time, no second model)")
     p.add_argument("--speculative-k", type=int, default=defaults.speculative_k, help="draft tokens proposed per round")
     p.add_argument("--rag", default=None, metavar="DIR",
                    help="a retrieval index (omnilm rag index): chat requests get the top passages for their last "
@@ -57,7 +60,7 @@ def run_serve(args: argparse.Namespace) -> int:
     config = ServeConfig(kv_budget_mb=args.kv_budget_mb, block_size=args.block_size, max_batch=args.max_batch,
                          prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
-                         draft_model=args.draft_model, speculative_k=args.speculative_k, rag=args.rag,
+                         draft_model=args.draft_model, mtp=args.mtp, speculative_k=args.speculative_k, rag=args.rag,
                          rag_top_k=args.rag_top_k,
                          engine_process=not args.engine_thread)
     service = Service(args.model, model_name=args.name, config=config)
@@ -65,7 +68,7 @@ def run_serve(args: argparse.Namespace) -> int:
     stats = service.runner.stats()
     capacity = (f"{stats['kv_blocks']} KV blocks of {stats['block_size']} positions, up to {config.max_batch} "
                 "requests at once" if "kv_blocks" in stats
-                else "one request at a time" + (", speculative" if config.draft_model else ""))
+                else "one request at a time" + (", speculative" if config.draft_model or config.mtp else ""))
     voice = f", speaks at {service.voice['sample_rate']} Hz" if service.voice is not None else ""
     print(f"omnilm serve: {service.name} on http://{args.host}:{args.port} ({capacity}, context {service.context}"
           f"{voice}{', API key required' if api_key else ''})", flush=True)

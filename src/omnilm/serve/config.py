@@ -30,6 +30,8 @@ class ServeConfig:
     engine_process: bool = True
     #: A smaller model with the same tokenizer: requests are then decoded one at a time, speculatively.
     draft_model: str | None = None
+    #: Self-speculative decoding: the model's own multi-token-prediction heads draft (one request at a time).
+    mtp: bool = False
     #: Draft tokens proposed per speculative round.
     speculative_k: int = 4
     #: A retrieval index folder (``omnilm rag index``): chat requests get the top passages for their last user

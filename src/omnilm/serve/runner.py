@@ -96,10 +96,16 @@ def build_engine(model_dir: str | Path, config: ServeConfig) -> RequestQueue:
 
     generator = TextGenerator.from_pretrained(model_dir)
     engine: RequestQueue
-    if config.draft_model is not None:
+    if config.draft_model is not None or config.mtp:
+        from omnilm.infer.mtp_draft import MTPDrafter
         from omnilm.serve.speculative_engine import SpeculativeEngine
 
-        draft = TextGenerator.from_pretrained(config.draft_model).model
+        if config.mtp:  # the heads beside the model folder draft
+            from omnilm.model.mtp import load_heads
+
+            draft = MTPDrafter(generator.model, load_heads(model_dir, generator.model))
+        else:
+            draft = TextGenerator.from_pretrained(config.draft_model).model
         engine = SpeculativeEngine(generator.model, draft, generator.tokenizer, config.speculative_k,
                                    max_queue=config.max_queue)
     else:

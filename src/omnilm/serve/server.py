@@ -489,6 +489,7 @@ class Service:
         import dataclasses
 
         from omnilm.model.hf import read_config
+        from omnilm.model.mtp import has_heads
         from omnilm.omni.processor import OMNI_TOKENS
         from omnilm.omni.thinker import is_thinker_folder, read_media_budget
         from omnilm.serve.runner import ProcessRunner, ThreadRunner, build_engine
@@ -511,7 +512,7 @@ class Service:
             from omnilm.omni.processor import OmniProcessor
             from omnilm.omni.thinker import read_thinker_config
 
-            if self.config.draft_model is not None:
+            if self.config.draft_model is not None or self.config.mtp:
                 raise UserError("a draft model cannot serve a Thinker (speculative decoding is for text models)")
             thinker_config = read_thinker_config(model_dir)
             self.context, self.vocab_size = thinker_config.text.max_seq_len, thinker_config.text.vocab_size
@@ -520,13 +521,17 @@ class Service:
         else:
             model_config = read_config(model_dir)
             self.context, self.vocab_size = model_config.max_seq_len, model_config.vocab_size
+            if self.config.draft_model is not None and self.config.mtp:
+                raise UserError("draft with --draft-model or with the model's own heads (--mtp), not both")
             if self.config.draft_model is not None:
                 check_draft(model_config, self.tokenizer, read_config(self.config.draft_model),
                             Tokenizer.from_dir(self.config.draft_model))
+            if self.config.mtp and not has_heads(model_dir):
+                raise UserError(f"{model_dir} has no multi-token-prediction heads (mtp.json) for --mtp")
         #: Why this server cannot report log-probabilities (None: it can; the batching engine records them).
         self.no_scores = ("a Thinker's engine records no log-probabilities" if self.processor is not None else
-                          "the speculative engine (--draft-model) records no log-probabilities"
-                          if self.config.draft_model is not None else None)
+                          "the speculative engine (--draft-model, --mtp) records no log-probabilities"
+                          if self.config.draft_model is not None or self.config.mtp else None)
         self.token_text = TokenText(self.tokenizer)
         self.dirty: set[Channel] = set()
         self.dirty_lock = threading.Lock()

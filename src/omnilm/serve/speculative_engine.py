@@ -1,4 +1,5 @@
-"""Serving with a draft model (``omnilm serve --draft-model``): requests decoded one at a time, speculatively.
+"""Serving with a draft model (``omnilm serve --draft-model``) or the model's own multi-token heads (``--mtp``):
+requests decoded one at a time, speculatively.
 
 Speculative decoding lowers the latency of a single stream; it does not batch. This engine has the same
 interface as :class:`omnilm.serve.engine.Engine` (``submit``, ``cancel``, ``busy``, ``step``), so the server is
@@ -14,7 +15,7 @@ import torch
 
 from omnilm.infer.detokenize import StreamingDecoder
 from omnilm.infer.generate import make_generator
-from omnilm.infer.speculative import speculative_tokens
+from omnilm.infer.speculative import Drafter, speculative_tokens
 from omnilm.model.transformer import Transformer
 from omnilm.serve.engine import Request, RequestQueue
 
@@ -24,10 +25,12 @@ log = logging.getLogger(__name__)
 class SpeculativeEngine(RequestQueue):
     """One request at a time; the target verifies the draft's proposals (exact acceptance rule)."""
 
-    def __init__(self, model: Transformer, draft: Transformer, tokenizer, k: int = 4,  # noqa: ANN001
+    def __init__(self, model: Transformer, draft: Transformer | Drafter, tokenizer, k: int = 4,  # noqa: ANN001
                  max_queue: int | None = None) -> None:
+        """``draft``: a draft model, or another drafter such as the model's multi-token heads (``--mtp``)."""
         super().__init__(max_queue)
-        self.model, self.draft, self.tokenizer, self.k = model.eval(), draft.eval(), tokenizer, k
+        self.model, self.tokenizer, self.k = model.eval(), tokenizer, k
+        self.draft = draft.eval() if isinstance(draft, Transformer) else draft
         self.max_len = model.config.max_seq_len
         self.eos_ids = {i for i in (tokenizer.eos_id, model.config.eos_token_id) if i is not None}
         self._current: tuple[Request, Iterator[list[int]], StreamingDecoder] | None = None
