@@ -14,7 +14,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval", help="run lm-evaluation-harness tasks on a model folder (needs the eval extra)",
         description="Score --model on lm-eval tasks (built-in, from --include-path, or omnilm's local tasks "
-                    "omnilm_bios_mc, omnilm_bios_cloze, omnilm_arithmetic, omnilm_bios_ppl, tag: omnilm) through "
+                    "omnilm_bios_mc, omnilm_bios_cloze, omnilm_arithmetic, omnilm_bios_ppl, tag: omnilm; long-context "
+                    "retrieval omnilm_passkey and omnilm_needle, one task per length and depth) through "
                     "lm-eval's own machinery, with omnilm's batched inference. Prints lm-eval's table; --out "
                     "writes results.json, results.md, the local tasks (tasks/) and, with --log-samples, per-sample "
                     "logs. Needs `pip install -e \".[eval]\"`.")
@@ -46,6 +47,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=None, help="demonstrations for few-shot and auto-cot (default 4)")
     p.add_argument("--temperature", type=float, default=None, help="sampling temperature of --prompting (default: "
                    "0, self-consistency 0.7)")
+    p.add_argument("--retrieval-lengths", default="256,512,1024,2048,4096,8192", metavar="N,N,...",
+                   help="context lengths (tokens) of the passkey / needle tasks omnilm_passkey and omnilm_needle")
+    p.add_argument("--retrieval-depths", default="0,0.25,0.5,0.75,1", metavar="F,F,...",
+                   help="needle depths (fraction of the filler before it) of the retrieval tasks")
+    p.add_argument("--retrieval-samples", type=int, default=5, help="documents per (length, depth) cell")
     p.set_defaults(handler=run_eval)
 
 
@@ -83,6 +89,7 @@ def run_eval(args: argparse.Namespace) -> int:
         model_args["dtype"] = args.dtype
     with tempfile.TemporaryDirectory(prefix="omnilm-tasks-") as scratch:
         task_dir = Path(args.out) / "tasks" if args.out else Path(scratch)
+        include_path = list(args.include_path) + write_retrieval(args, tasks, model, task_dir)
         lm, chat_template = harness.MODEL_NAME, args.apply_chat_template
         if args.prompting:  # the prompts are built (and chat-formatted) here; lm-eval samples, votes and scores
             from omnilm.eval.prompted import prepare
@@ -95,7 +102,7 @@ def run_eval(args: argparse.Namespace) -> int:
                             chat=args.apply_chat_template, seed=args.seed)
             chat_template = False
         results = harness.evaluate(lm, tasks, model_args=None if args.prompting else model_args, task_dir=task_dir,
-                                   include_path=args.include_path, bios=bios, arithmetic=args.arithmetic,
+                                   include_path=include_path, bios=bios, arithmetic=args.arithmetic,
                                    num_fewshot=args.num_fewshot, limit=limit, log_samples=args.log_samples,
                                    seed=args.seed, apply_chat_template=chat_template)
     if results is None:
@@ -104,4 +111,38 @@ def run_eval(args: argparse.Namespace) -> int:
     if args.out:
         written = harness.write_results(results, args.out)
         print(f"wrote {written['json']} and {written['markdown']}", file=sys.stderr)
+        from omnilm.eval.long_context import cells_from_results, plot_heatmap
+
+        for kind, cells in cells_from_results(harness.flat_metrics(results)).items():
+            png = plot_heatmap(cells, Path(args.out) / f"{kind}_heatmap.png", title=f"{kind} retrieval")
+            print(f"wrote {png}", file=sys.stderr)
     return 0
+
+
+def write_retrieval(args: argparse.Namespace, tasks: list[str], model: Path, task_dir: Path) -> list[str]:
+    """Write the passkey / needle tasks that ``tasks`` ask for, sized with the model's tokenizer; their folders."""
+    from omnilm.eval.lm_tasks import is_retrieval
+    from omnilm.eval.long_context import RetrievalConfig, write_retrieval_tasks
+    from omnilm.tokenizer import Tokenizer
+
+    kinds = sorted({"needle" if t.startswith("omnilm_needle") else "passkey" for t in tasks if is_retrieval(t)})
+    if not kinds:
+        return []
+    try:
+        lengths = tuple(int(x) for x in args.retrieval_lengths.split(","))
+        depths = tuple(float(x) for x in args.retrieval_depths.split(","))
+    except ValueError:
+        raise UserError("--retrieval-lengths / --retrieval-depths: comma-separated numbers") from None
+    tokenizer = Tokenizer.from_dir(model)
+    folders = []
+    for kind in kinds:
+        config = RetrievalConfig(kind=kind, lengths=lengths, depths=depths, samples=args.retrieval_samples,
+                                 seed=args.seed)
+        folder = task_dir / f"retrieval_{kind}"
+        names = write_retrieval_tasks(folder, tokenizer, config)
+        missing = [t for t in tasks if is_retrieval(t) and t.startswith(f"omnilm_{kind}_") and t not in names]
+        if missing:
+            raise UserError(f"--tasks {missing}: not a cell of the written grid (lengths {list(lengths)}, depths "
+                            f"{list(depths)})")
+        folders.append(str(folder))
+    return folders

@@ -280,11 +280,11 @@ def evaluate(lm: OmniLM | str, tasks: Sequence[str], *, model_args: dict[str, An
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from omnilm.eval.lm_tasks import is_local, write_tasks
+    from omnilm.eval.lm_tasks import is_local, is_retrieval, write_tasks
 
     paths = [str(p) for p in include_path]
     local = [t for t in tasks if is_local(t)]
-    if local:
+    if any(not is_retrieval(t) for t in local):  # retrieval tasks arrive in include_path, sized for the tokenizer
         if task_dir is None:
             raise ValueError(f"tasks {local} are written from synthetic data: pass a task_dir to write them into")
         paths.insert(0, str(write_tasks(task_dir, bios=bios, arithmetic=arithmetic, seed=seed)))

@@ -41,8 +41,14 @@ VERSION = 1.0
 
 def is_local(name: str) -> bool:
     """Whether a task name (or the tag) given to lm-eval refers to these tasks (or to the arithmetic task under a
-    prompting strategy, ``omnilm.eval.prompted``, written into the same folder)."""
-    return name == TAG or name in TASK_NAMES or name.startswith("omnilm_arithmetic_")
+    prompting strategy, ``omnilm.eval.prompted``, written into the same folder, or to a retrieval task)."""
+    return name == TAG or name in TASK_NAMES or name.startswith("omnilm_arithmetic_") or is_retrieval(name)
+
+
+def is_retrieval(name: str) -> bool:
+    """Whether a task name is one of the long-context retrieval tasks (``omnilm.eval.long_context``), written for
+    a model's tokenizer by ``omnilm eval`` rather than here."""
+    return name.startswith(("omnilm_passkey", "omnilm_needle"))
 
 
 def offline_if_local(tasks: list[str]) -> None:

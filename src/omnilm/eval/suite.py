@@ -22,6 +22,11 @@ Types:
                   ``omnilm_bios_mc``; ``data``: the biographies folder for the local tasks; ``limit``;
                   ``num_fewshot``; ``include_path``); metrics ``<task>/<metric>`` and ``acc``, the mean accuracy
                   of the tasks that report one (needs the eval extra: without lm-eval it says so and returns nothing)
+  ``passkey``     passkey retrieval (``kind: passkey``) or needle in a haystack (``kind: needle``) at ``lengths``
+                  × ``depths``, ``samples`` per cell (:mod:`omnilm.eval.long_context`); ``acc``, ``acc@<length>``,
+                  ``acc@<length>_d<depth%>``
+  ``long_ppl``    perplexity against context length (``data``: a tokenised dataset's val split; ``lengths``;
+                  ``windows``): ``ppl@<length>``
   ``prompting``   the arithmetic task under a prompting strategy (``omnilm eval --prompting``; ``strategy``,
                   ``samples``, ``shots``, ``temperature``, ``data``: the arithmetic folder, ``chat`` (default true):
                   chat-formatted prompts, ``limit``); ``acc``: exact answers (after the vote for self-consistency)
@@ -203,6 +208,31 @@ def prompting_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str
     metrics = flat_metrics(results)
     return {"acc": next(v for k, v in metrics.items() if k.endswith("/exact_match_" + ("vote" if strategy.samples > 1
                                                                                      else "answer")))} | metrics
+
+
+@register_eval("passkey", "acc")
+def passkey_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    """Passkey retrieval / needle in a haystack scored by greedy decoding (``omnilm.eval.long_context``)."""
+    from omnilm.eval.long_context import RetrievalConfig, retrieval_docs, score_retrieval
+
+    keys = ("kind", "lengths", "depths", "samples", "seed")
+    config = RetrievalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k in keys})
+    return score_retrieval(model, tokenizer, retrieval_docs(tokenizer, config), int(spec.get("batch_size", 8)))
+
+
+@register_eval("long_ppl", "ppl")
+def long_ppl_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    """Perplexity against context length on the ``val`` split of a tokenised dataset (``data``; ``lengths``;
+    ``windows`` per length)."""
+    from omnilm.data.loader import TokenDataset
+    from omnilm.eval.long_context import perplexity_by_length
+
+    lengths = [int(x) for x in spec.get("lengths", [256, 512, 1024, 2048])]
+    windows = int(spec.get("windows", 4))
+    data = TokenDataset.open(spec["data"], "val")
+    needed = min(len(data), windows * (max(lengths) + 1))
+    tokens = torch.from_numpy(data.read(0, needed).astype("int64"))
+    return perplexity_by_length(model, tokens, lengths, windows)
 
 
 def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
