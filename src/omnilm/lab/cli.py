@@ -20,7 +20,8 @@ STUDIES: dict[str, tuple[str, str, str]] = {
 def register(subparsers: argparse._SubParsersAction) -> None:
     from omnilm.lab.knowledge.config import SCALES
 
-    p = subparsers.add_parser("lab", help="controlled experiments (knowledge acquisition on synthetic biographies)")
+    p = subparsers.add_parser("lab", help="controlled experiments on synthetic biographies (knowledge acquisition, "
+                                          "mixture of experts)")
     sub = p.add_subparsers(dest="lab", metavar="LAB", required=True)
     knowledge = sub.add_parser("knowledge", help="how language models learn facts, reproduced on biographies")
     knowledge.add_argument("--study", choices=list(STUDIES), default="dynamics")
@@ -33,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     knowledge.add_argument("--report-only", action="store_true",
                            help="redraw the plots and report.md from OUT/results.json without training")
     knowledge.set_defaults(handler=run_knowledge)
+    moe = sub.add_parser("moe", help="dense vs mixture of experts from scratch vs upcycled, at equal compute")
+    moe.add_argument("--config", default=None, help="YAML/JSON with MoeLabConfig keys")
+    moe.add_argument("--out", required=True)
+    moe.add_argument("--report-only", action="store_true", help="redraw plots and report.md from OUT/results.json")
+    moe.set_defaults(handler=run_moe)
 
 
 def study(name: str) -> tuple[type, Any, Any]:
@@ -76,4 +82,42 @@ def run_knowledge(args: argparse.Namespace) -> int:
         text = report.read_text(encoding="utf-8") + f"\nWall time: {results['wall_time_s']:.0f} s.\n"
         write_text_atomic(report, text)
     print(report.read_text(encoding="utf-8"))
+    return 0
+
+
+def run_moe(args: argparse.Namespace) -> int:
+    from omnilm.lab.moe import MoeLabConfig, run_moe_lab, write_outputs
+
+    return _run_lab(args, MoeLabConfig, run_moe_lab, write_outputs)
+
+
+def _run_lab(args: argparse.Namespace, config_cls: type, run: Any, write_outputs: Any) -> int:
+    """Run a lab (or, with --report-only, redraw it from results.json) and print its report with the wall time."""
+    import json
+    import time
+    from pathlib import Path
+
+    from omnilm.config import from_dict, load_config
+    from omnilm.errors import UserError
+    from omnilm.utils.atomic import write_json_atomic
+
+    out = Path(args.out)
+    if args.report_only:
+        saved = out / "results.json"
+        if not saved.is_file():
+            raise UserError(f"{saved} not found: run the lab first")
+        results = json.loads(saved.read_text(encoding="utf-8"))
+        config = from_dict(config_cls, results["config"], source=str(saved))
+    else:
+        config = load_config(config_cls, args.config) if args.config else config_cls()
+        began = time.perf_counter()
+        results = run(config, out)
+        results["wall_time_s"] = time.perf_counter() - began
+        write_json_atomic(out / "results.json", results)
+    write_outputs(results, config, out)
+    report = (out / "report.md").read_text(encoding="utf-8")
+    if "wall_time_s" in results:
+        report += f"\nWall time: {results['wall_time_s']:.0f} s.\n"
+        (out / "report.md").write_text(report, encoding="utf-8")
+    print(report)
     return 0

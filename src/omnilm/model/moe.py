@@ -170,3 +170,17 @@ def expert_load(model: nn.Module) -> list[list[int]]:
 def residual_std(config: ModelConfig) -> float:
     """Initial std of residual output projections (GPT-2's 1/sqrt(2·layers) scaling)."""
     return config.init_std / math.sqrt(2 * config.n_layer)
+
+
+def active_params(model: nn.Module, include_embeddings: bool = False) -> int:
+    """Parameters one token passes through: routed experts count k/E of theirs (the compute of a forward pass
+    is about 2 FLOPs per active parameter per token). Embedding tables are left out unless asked for."""
+    total = 0
+    for name, p in model.named_parameters():
+        if not include_embeddings and "emb" in name:
+            continue
+        total += p.numel()
+    for moe in moe_layers(model):
+        experts = sum(p.numel() for p in moe.experts.parameters())
+        total -= experts - experts * moe.top_k // moe.experts.gate_proj.shape[0]
+    return total
