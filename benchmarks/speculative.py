@@ -87,8 +87,10 @@ class Row:
 # the model pair and the prompts
 
 
-def train_pair(work: Path, steps: int, draft_steps: int) -> tuple[Path, Path]:
-    """Train target and draft on ``train.jsonl`` of synthetic biographies written to ``work / "bios"``."""
+def train_pair(work: Path, steps: int, draft_steps: int,
+               target_options: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """Train target and draft on ``train.jsonl`` of synthetic biographies written to ``work / "bios"``
+    (``target_options``: the target's pretrain options, e.g. multi-token heads)."""
     # Few people, many biographies each: the models learn them well in a few hundred steps, as a trained
     # pair would, so draft and target mostly agree.
     write_bios(BiosConfig(people=PEOPLE, bios_per_person=40), work / "bios")
@@ -99,7 +101,7 @@ def train_pair(work: Path, steps: int, draft_steps: int) -> tuple[Path, Path]:
     for name, shape, max_steps in (("target", TARGET_SHAPE, steps), ("draft", DRAFT_SHAPE, draft_steps)):
         config = StageConfig.from_mapping({
             "name": name, "type": "pretrain", "tokenizer": str(work / "tokenizer"), "model": shape,
-            "data": {"bios": str(work / "tokens")},
+            "data": {"bios": str(work / "tokens")}, "options": (target_options or {}) if name == "target" else {},
             "train": {"max_steps": max_steps, "batch_size": 8, "seq_len": 64, "lr": 3e-3, "warmup_steps": 20,
                       "log_every": 50, "eval_batches": 2, "progress": False, "device": "cpu", "precision": "fp32"},
         })

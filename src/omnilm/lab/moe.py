@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
+from omnilm.lab.compare import plot_runs, runs_table, with_flops
 from omnilm.lab.knowledge.config import KnowledgeConfig
 from omnilm.lab.knowledge.experiment import evaluator, loader, new_model, seen_probes, train, write_corpus
-from omnilm.lab.knowledge.report import table
 from omnilm.utils.atomic import write_text_atomic
 
 ARMS = ("dense", "moe", "dense-continued", "upcycled")
@@ -69,8 +69,7 @@ def run_moe_lab(config: MoeLabConfig, out: str | Path) -> dict[str, Any]:
                first: list[dict[str, float]] | None = None, first_flops: float = 0.0) -> None:
         """Log a run; a continued one starts with the rows (and FLOPs per step) of its first half."""
         flops = 6.0 * active_params(model) * tokens_per_step
-        curve = [r | {"flops": first_flops * r["step"]} for r in (first or [])]
-        curve += [r | {"step": r["step"] + offset, "flops": first_flops * offset + flops * r["step"]} for r in rows]
+        curve = with_flops(first or [], first_flops) + with_flops(rows, flops, offset, first_flops * offset)
         runs[name] = {"curve": curve, "params": sum(p.numel() for p in model.parameters()),
                       "active_params": active_params(model), "load": _load(model, load_batch, expert_load)}
 
@@ -115,20 +114,7 @@ def write_outputs(results: dict[str, Any], config: MoeLabConfig, out: Path) -> N
     import matplotlib.pyplot as plt
 
     runs = results["runs"]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for name, run in runs.items():
-        flops = [r["flops"] for r in run["curve"]]
-        axes[0].plot(flops, [r["loss"] for r in run["curve"]], marker="o", ms=3, label=name)
-        axes[1].plot(flops, [r["accuracy"] for r in run["curve"]], marker="o", ms=3, label=name)
-        axes[2].plot(flops, [r["train_templates/accuracy"] for r in run["curve"]], marker="o", ms=3, label=name)
-    for ax, title in zip(axes, ("attribute loss (held-out wordings)", "accuracy (held-out wordings)",
-                                "accuracy (training wordings)"), strict=True):
-        ax.set_xlabel("training FLOPs")
-        ax.set_title(title)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "moe.png", dpi=110)
-    plt.close(fig)
+    plot_runs(runs, out / "moe.png")
     loaded = {name: run["load"] for name, run in runs.items() if run["load"]}
     if loaded:
         layers = max(len(v) for v in loaded.values())
@@ -148,18 +134,11 @@ def write_outputs(results: dict[str, Any], config: MoeLabConfig, out: Path) -> N
 
 def moe_report(results: dict[str, Any]) -> str:
     config, runs = results["config"], results["runs"]
-    rows = []
-    for name, run in runs.items():
-        last = run["curve"][-1]
-        balance = max((max(layer) * len(layer) for layer in run["load"]), default=None)
-        rows.append([name, f"{run['params'] / 1e6:.2f}M", f"{run['active_params'] / 1e6:.2f}M",
-                     f"{last['flops']:.2e}", f"{last['loss']:.3f}", f"{last['accuracy']:.3f}",
-                     f"{last['train_templates/accuracy']:.3f}", "-" if balance is None else f"{balance:.2f}"])
+    busiest = {name: [f"{max(max(layer) * len(layer) for layer in run['load']):.2f}" if run["load"] else "-"]
+               for name, run in runs.items()}
     lines = [f"# MoE lab: N = {config['people']} people, {config['steps']} steps per run, "
              f"{config['experts']} experts, top-{config['top_k']}, granularity {config['granularity']}", ""]
-    lines += table(["run", "params", "active (non-emb.)", "FLOPs", "attr. loss (held-out)", "acc. (held-out)",
-                    "acc. (train wordings)", "max expert load / uniform"], rows)
+    lines += runs_table(runs, busiest, ["max expert load / uniform"])
     lines += ["", "Final evaluation of each run; loss and accuracy are on seen people's attributes. The last column "
               "is the busiest expert's share of assignments divided by 1/E, in the worst layer (1 = balanced)."]
     return "\n".join(lines) + "\n"
-
