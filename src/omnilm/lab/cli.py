@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from omnilm.lab.knowledge.config import SCALES
 
     p = subparsers.add_parser("lab", help="controlled experiments on synthetic biographies (knowledge acquisition, "
-                                          "mixture of experts)")
+                                          "mixture of experts, multi-token prediction, selective LM)")
     sub = p.add_subparsers(dest="lab", metavar="LAB", required=True)
     knowledge = sub.add_parser("knowledge", help="how language models learn facts, reproduced on biographies")
     knowledge.add_argument("--study", choices=list(STUDIES), default="dynamics")
@@ -39,6 +39,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     moe.add_argument("--out", required=True)
     moe.add_argument("--report-only", action="store_true", help="redraw plots and report.md from OUT/results.json")
     moe.set_defaults(handler=run_moe)
+    for name, what, handler in (("mtp", "next-token vs multi-token prediction at equal compute", run_mtp),
+                                ("selective", "standard vs selective language modelling on biographies mixed "
+                                              "with noise", run_selective)):
+        lab = sub.add_parser(name, help=what)
+        lab.add_argument("--config", default=None, help="YAML/JSON with the lab config's keys")
+        lab.add_argument("--out", required=True)
+        lab.add_argument("--report-only", action="store_true",
+                         help="redraw plots and report.md from OUT/results.json")
+        lab.set_defaults(handler=handler)
 
 
 def study(name: str) -> tuple[type, Any, Any]:
@@ -89,6 +98,18 @@ def run_moe(args: argparse.Namespace) -> int:
     from omnilm.lab.moe import MoeLabConfig, run_moe_lab, write_outputs
 
     return _run_lab(args, MoeLabConfig, run_moe_lab, write_outputs)
+
+
+def run_mtp(args: argparse.Namespace) -> int:
+    from omnilm.lab.mtp import MtpLabConfig, run_mtp_lab, write_outputs
+
+    return _run_lab(args, MtpLabConfig, run_mtp_lab, write_outputs)
+
+
+def run_selective(args: argparse.Namespace) -> int:
+    from omnilm.lab.selective import SelectiveLabConfig, run_selective_lab, write_outputs
+
+    return _run_lab(args, SelectiveLabConfig, run_selective_lab, write_outputs)
 
 
 def _run_lab(args: argparse.Namespace, config_cls: type, run: Any, write_outputs: Any) -> int:

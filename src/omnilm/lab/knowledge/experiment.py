@@ -149,11 +149,12 @@ def loader(datasets: Mapping[str, Path], config: KnowledgeConfig, seed: int,
 
 def train(config: KnowledgeConfig, model: nn.Module, batches: Any, evaluate: Callable[[nn.Module], Row],
           seed: int, out: Path, steps: int | None = None, lr: float | None = None, eval_every: int | None = None,
-          schedule_steps: int | None = None) -> list[Row]:
+          schedule_steps: int | None = None, objective: Callable[..., Any] | None = None) -> list[Row]:
     """Train ``model`` in place with the study's optimiser settings; returns the evaluation rows.
 
     ``steps``, ``lr`` and ``eval_every`` default to the config's; ``schedule_steps`` is the cosine horizon
-    (default: ``steps``), longer when runs of different lengths should share one schedule.
+    (default: ``steps``), longer when runs of different lengths should share one schedule; ``objective``
+    replaces the causal-LM loss (multi-token or selective training).
     """
     from omnilm.objectives.lm import causal_lm_loss
     from omnilm.train.config import TrainConfig
@@ -164,7 +165,7 @@ def train(config: KnowledgeConfig, model: nn.Module, batches: Any, evaluate: Cal
                            eval_every=eval_every or config.eval_every, log_every=eval_every or config.eval_every,
                            checkpoint_every=0, keep_checkpoints=1, progress=False,
                            device="cpu", seed=seed)
-    Trainer(model, causal_lm_loss, batches, settings, out, evaluate=evaluate).fit()
+    Trainer(model, objective or causal_lm_loss, batches, settings, out, evaluate=evaluate).fit()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     return [r for r in rows if "accuracy" in r]
 
