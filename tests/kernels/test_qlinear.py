@@ -38,6 +38,21 @@ def test_int8_integer_accumulation_is_exact(rows: int, in_features: int, out_fea
     assert torch.equal(kernels.int8_linear(x, codes, scales).double(), expected)
 
 
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 9), blocks=st.integers(1, 5), out_features=st.integers(1, 70), seed=st.integers(0, 2**16))
+def test_int8_with_int8_activations_accumulates_exactly(rows: int, blocks: int, out_features: int, seed: int) -> None:
+    """Integer activations whose blocks each reach 127 are their own int8 codes (scale 1): the result is exact."""
+    generator = torch.Generator().manual_seed(seed)
+    in_features = blocks * quantize.Q8_BLOCK
+    codes = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
+    scales = 2.0 ** torch.randint(-3, 3, (out_features,), generator=generator).float()
+    x = torch.randint(-127, 128, (rows, blocks, quantize.Q8_BLOCK), generator=generator).float()
+    x[:, :, 0] = -127.0
+    x = x.view(rows, in_features)
+    expected = (x.double() @ codes.double().T) * scales.double()
+    assert torch.equal(kernels.int8_q8_linear(x, codes, scales).double(), expected)
+
+
 @pytest.mark.parametrize("kernel", ["int4_linear", "int4_q8_linear"])
 @settings(max_examples=60, deadline=None)
 @given(rows=st.integers(1, 9), groups=st.integers(1, 5), group_size=st.sampled_from([2, 8, 32, 64, 128, 256]),
@@ -64,14 +79,18 @@ def test_int4_integer_accumulation_is_exact(kernel: str, rows: int, groups: int,
        group_size=st.sampled_from([32, 64, 128]), out_features=st.integers(1, 96), seed=st.integers(0, 2**16))
 def test_quantized_linear_matches_the_reference_path(bits: int, rows: int, groups: int, group_size: int,
                                                      out_features: int, seed: int) -> None:
-    layer = _layer(groups * group_size + (3 if bits == 8 else 0), out_features, bits, group_size, seed)
+    # An int8 layer of odd width takes the float-activation kernel, a multiple of 64 the int8-activation one.
+    odd = bits == 8 and seed % 2 == 0
+    layer = _layer(groups * group_size + (3 if odd else 0), out_features, bits, group_size, seed)
     x = torch.randn(1, rows, layer.in_features, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         fast, reference = layer(x), layer.reference_forward(x)
     assert fast.shape == reference.shape == (1, rows, out_features)
-    if bits == 4 and quantize.INT4_INT8_ACTIVATIONS and kernels.integer_dot_products():
-        # activations rounded to int8 per weight group first
-        reference = layer.reference_forward(_quantize_groups(x[0], group_size))[None]
+    if quantize.INT8_ACTIVATIONS and kernels.integer_dot_products():
+        # activations rounded to int8 per weight group (int4) or per block of 64 features (int8) first
+        block = group_size if bits == 4 else quantize.Q8_BLOCK
+        if layer.in_features % block == 0:
+            reference = layer.reference_forward(_quantize_groups(x[0], block))[None]
     torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * reference.abs().max().item() + 1e-7)
 
 
@@ -101,6 +120,8 @@ def test_bad_inputs_are_refused() -> None:
         kernels.int8_linear(torch.zeros(2, 9), codes, scales)
     with pytest.raises(RuntimeError, match="float32"):
         kernels.int8_linear(torch.zeros(2, 8, dtype=torch.float64), codes, scales)
+    with pytest.raises(RuntimeError, match="divisible by 64"):
+        kernels.int8_q8_linear(torch.zeros(2, 8), codes, scales)
 
 
 def _quantize_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -114,10 +135,13 @@ def _quantize_groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 @settings(max_examples=30, deadline=None)
 @given(rows=st.integers(1, 9), groups=st.integers(1, 4), group_size=st.sampled_from([32, 64, 128]),
        out_features=st.integers(1, 96), seed=st.integers(0, 2**16))
-def test_int4_with_int8_activations_equals_quantizing_x_first(rows: int, groups: int, group_size: int,
-                                                              out_features: int, seed: int) -> None:
-    layer = _layer(groups * group_size, out_features, 4, group_size, seed)
-    x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(seed))
-    fast = kernels.int4_q8_linear(x, layer.qweight, layer.scales)
-    reference = _quantize_groups(x, group_size) @ layer.dequantized_weight().T
-    torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * reference.abs().max().item() + 1e-7)
+def test_int8_activation_kernels_equal_quantizing_x_first(rows: int, groups: int, group_size: int,
+                                                          out_features: int, seed: int) -> None:
+    for bits, kernel, block in ((4, kernels.int4_q8_linear, group_size), (8, kernels.int8_q8_linear, 64)):
+        if (groups * group_size) % block:
+            continue
+        layer = _layer(groups * group_size, out_features, bits, group_size, seed)
+        x = torch.randn(rows, layer.in_features, generator=torch.Generator().manual_seed(seed))
+        fast = kernel(x, layer.qweight, layer.scales)
+        reference = _quantize_groups(x, block) @ layer.dequantized_weight().T
+        torch.testing.assert_close(fast, reference, rtol=0, atol=1e-5 * reference.abs().max().item() + 1e-7)

@@ -9,13 +9,14 @@ Two schemes, both symmetric (no zero point) and both round-to-nearest:
   uint8 byte (even column in the low nibble), so the weights take 4 bits each plus one scale per group.
 
 Scales are kept in float32: at group size 128 that is 0.25 extra bits per weight, and it avoids float16
-underflow for near-zero groups. Only the weights are quantized; activations stay in their own dtype.
+underflow for near-zero groups. Only the weights are stored quantized; the CPU decoding kernels round the
+activations to int8 on the fly where the processor has integer dot products (see ``INT8_ACTIVATIONS``).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 
 import torch
@@ -32,11 +33,13 @@ _QMAX = {8: 127, 4: 7}
 #: (``omnilm.kernels``), which read each weight byte once; beyond it the work is compute-bound and dequantising
 #: once for a BLAS matmul is faster.
 KERNEL_MAX_ROWS = 16
-#: In the int4 kernel, quantize each weight group's activations to int8 too and take integer dot products (as
-#: llama.cpp pairs q4 weights with q8 activations): ~1.5x faster than widening nibbles to float, at about 0.6 %
-#: relative error on a layer's output. Only where the kernels have integer dot products (AVX512-VNNI);
-#: ``OMNILM_INT4_ACTIVATIONS=float`` keeps float activations everywhere.
-INT4_INT8_ACTIVATIONS = os.environ.get("OMNILM_INT4_ACTIVATIONS", "int8") != "float"
+#: In the kernels, quantize the activations to int8 too (per int4 weight group; per block of 64 features for int8
+#: weights) and take integer dot products, as llama.cpp pairs q4/q8 weights with q8 activations: faster than
+#: widening the codes to float, at under 1 % relative error on a layer's output. Only where the kernels have integer
+#: dot products (AVX512-VNNI); ``OMNILM_KERNEL_ACTIVATIONS=float`` keeps float activations everywhere.
+INT8_ACTIVATIONS = os.environ.get("OMNILM_KERNEL_ACTIVATIONS", "int8") != "float"
+#: Features per activation block of the int8 x int8 kernel (``int8_q8_linear`` in qlinear.cpp).
+Q8_BLOCK = 64
 
 
 def _check_bits(bits: int) -> None:
@@ -143,12 +146,16 @@ class QuantizedLinear(nn.Module):
         return dequantize_weight(self.qweight, self.scales, self.bits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features if self.in_features else 0
-        if 0 < rows <= KERNEL_MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu" \
-                and not (torch.is_grad_enabled() and x.requires_grad):
-            kernels = qlinear_kernels()
-            if kernels is not None:
-                return self._kernel_forward(kernels, x)
+        # Decoding calls this dozens of times a token: the checks are ordered cheapest first, and the kernel is
+        # chosen once per layer (``_kernel``), since a tiny product costs only a few microseconds.
+        if x.dtype == torch.float32 and x.device.type == "cpu" and not (x.requires_grad and torch.is_grad_enabled()):
+            rows = x.numel() // self.in_features if self.in_features else 0
+            kernel = self._kernel()
+            if kernel is not None and 0 < rows <= KERNEL_MAX_ROWS:
+                y = kernel(x.reshape(rows, self.in_features), self.qweight, self.scales)
+                if self.bias is not None:
+                    y += self.bias
+                return y.view(*x.shape[:-1], self.out_features)
         return self.reference_forward(x)
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,21 +164,28 @@ class QuantizedLinear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, weight, bias)
 
-    def _kernel_forward(self, kernels: ModuleType, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)  # (rows, in)
-        if self.bits == 8:
-            y = kernels.int8_linear(flat, self.qweight, self.scales)
-        elif INT4_INT8_ACTIVATIONS and kernels.integer_dot_products():  # without VNNI it would be scalar code
-            y = kernels.int4_q8_linear(flat, self.qweight, self.scales)
-        else:
-            y = kernels.int4_linear(flat, self.qweight, self.scales)
-        if self.bias is not None:
-            y += self.bias
-        return y.view(*x.shape[:-1], self.out_features)
-
     def extra_repr(self) -> str:
         group = f", group_size={self.group_size}" if self.bits == 4 else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
+
+    def _kernel(self) -> Callable[..., torch.Tensor] | None:
+        """The native kernel for this layer's codes (None without kernels), resolved on first use."""
+        if not hasattr(self, "_kernel_fn"):
+            self._kernel_fn = select_kernel(qlinear_kernels(), self.bits, self.in_features)
+        return self._kernel_fn
+
+
+def select_kernel(kernels: ModuleType | None, bits: int, in_features: int) -> Callable[..., torch.Tensor] | None:
+    """The kernel for ``bits``-bit codes: integer dot products with int8 activations where the build has them
+    (VNNI; int8 codes also need rows of whole 64-feature blocks), else float activations."""
+    if kernels is None:
+        return None
+    integer_dots = INT8_ACTIVATIONS and kernels.integer_dot_products()  # without VNNI it would be scalar code
+    if bits == 8:
+        return kernels.int8_q8_linear if integer_dots and in_features % Q8_BLOCK == 0 else kernels.int8_linear
+    return kernels.int4_q8_linear if integer_dots else kernels.int4_linear
+
+
 
 
 def quantizable_linears(model: nn.Module, skip: Sequence[str] = ("lm_head",)) -> list[str]:

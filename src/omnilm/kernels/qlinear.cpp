@@ -6,7 +6,7 @@
 // kernels that are slower than fp32 on x86. Here each weight byte is read once, widened to float in registers and
 // multiplied into every row of x while it is there; rows of W are split over threads.
 //
-// Numerics: activations stay float32 (no activation quantization). For int8, a row's dot product is accumulated
+// Numerics of int8_linear / int4_linear: activations stay float32 (the *_q8 kernels below quantize them). For int8, a row's dot product is accumulated
 // over the integer codes and multiplied by the row scale once; for int4, each group's partial sum is multiplied by
 // its scale. The reference (dequantise, then matmul) rounds q*s first: results agree to float32 rounding
 // (relative 1e-5), not bit for bit, because the summation order differs.
@@ -165,11 +165,16 @@ void int4_rows(const float* xe, const float* xo, const float* xsum, int64_t half
   }
 }
 
-// Calls kernel<NB>(tile of up to MAX_TILE rows) for every tile of x's rows, over threads splitting W's rows.
+// Bytes of W below which one thread does a whole chunk: waking the others costs more than it saves.
+constexpr int64_t MIN_CHUNK_BYTES = 64 * 1024;
+
+// Calls kernel<NB>(tile of up to MAX_TILE rows) for every tile of x's rows, over threads splitting W's rows
+// (each ``row_bytes`` long).
 template <typename Kernel>
-void for_tiles(int64_t rows, int64_t out, Kernel kernel) {
+void for_tiles(int64_t rows, int64_t out, int64_t row_bytes, Kernel kernel) {
   // Small grains give both threads work on narrow layers; each grain is one pass over grain rows of W.
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(64, out / (4 * at::get_num_threads())));
+  const int64_t grain = std::max({int64_t{1}, std::min<int64_t>(64, out / (4 * at::get_num_threads())),
+                                  MIN_CHUNK_BYTES / std::max<int64_t>(row_bytes, 1)});
   at::parallel_for(0, out, grain, [&](int64_t o_begin, int64_t o_end) {
     for (int64_t r = 0; r < rows; r += MAX_TILE) {
       switch (std::min<int64_t>(MAX_TILE, rows - r)) {
@@ -218,7 +223,7 @@ torch::Tensor int8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   const int8_t* qp = qweight.data_ptr<int8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_tiles(rows, out, [&](auto nb, int64_t r, int64_t o_begin, int64_t o_end) {
+  for_tiles(rows, out, in, [&](auto nb, int64_t r, int64_t o_begin, int64_t o_end) {
     int8_rows<decltype(nb)::value>(xp + r * in, in, qp, sp, yp + r * out, out, o_begin, o_end);
   });
   return y;
@@ -236,7 +241,7 @@ torch::Tensor int4_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor 
   const uint8_t* qp = qweight.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_tiles(rows, out, [&](auto nb, int64_t r, int64_t o_begin, int64_t o_end) {
+  for_tiles(rows, out, half, [&](auto nb, int64_t r, int64_t o_begin, int64_t o_end) {
     int4_rows<decltype(nb)::value>(ep + r * half, op + r * half, gp + r * groups, half, groups, qp, sp,
                                    yp + r * out, out, o_begin, o_end);
   });
@@ -260,26 +265,35 @@ void int4_q8_rows(const int8_t* xe, const int8_t* xo, const float* sx, const int
     const float* row_scales = scales + o * groups;
     float total[NB];
     for (int b = 0; b < NB; ++b) total[b] = 0.0f;
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    // Each group's integer lanes are scaled into float lanes; one horizontal sum per row, not one per group.
+    __m512 scaled[NB];
+    for (int b = 0; b < NB; ++b) scaled[b] = _mm512_setzero_ps();
+    const __m512i mask = _mm512_set1_epi8(0x0F);
+#endif
     for (int64_t g = 0; g < groups; ++g) {
       const int64_t begin = g * group_bytes, end = begin + group_bytes;
       int32_t dot[NB];
+      for (int b = 0; b < NB; ++b) dot[b] = 0;
       int64_t j = begin;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      __m512i acc[NB];
-      for (int b = 0; b < NB; ++b) acc[b] = _mm512_setzero_si512();
-      const __m512i mask = _mm512_set1_epi8(0x0F);
-      for (; j + 64 <= end; j += 64) {
-        const __m512i bytes = _mm512_loadu_si512(row + j);
-        const __m512i low = _mm512_and_si512(bytes, mask);
-        const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
-        for (int b = 0; b < NB; ++b) {
-          acc[b] = _mm512_dpbusd_epi32(acc[b], low, _mm512_loadu_si512(xe + b * half + j));
-          acc[b] = _mm512_dpbusd_epi32(acc[b], high, _mm512_loadu_si512(xo + b * half + j));
+      if (j + 64 <= end) {
+        // Low and high nibbles accumulate apart: two independent dependency chains instead of one.
+        __m512i acc_low[NB], acc_high[NB];
+        for (int b = 0; b < NB; ++b) acc_low[b] = acc_high[b] = _mm512_setzero_si512();
+        for (; j + 64 <= end; j += 64) {
+          const __m512i bytes = _mm512_loadu_si512(row + j);
+          const __m512i low = _mm512_and_si512(bytes, mask);
+          const __m512i high = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), mask);
+          for (int b = 0; b < NB; ++b) {
+            acc_low[b] = _mm512_dpbusd_epi32(acc_low[b], low, _mm512_loadu_si512(xe + b * half + j));
+            acc_high[b] = _mm512_dpbusd_epi32(acc_high[b], high, _mm512_loadu_si512(xo + b * half + j));
+          }
         }
+        for (int b = 0; b < NB; ++b)
+          scaled[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(acc_low[b], acc_high[b])),
+                                      _mm512_set1_ps(row_scales[g] * sx[b * groups + g]), scaled[b]);
       }
-      for (int b = 0; b < NB; ++b) dot[b] = _mm512_reduce_add_epi32(acc[b]);
-#else
-      for (int b = 0; b < NB; ++b) dot[b] = 0;
 #endif
       for (; j < end; ++j)
         for (int b = 0; b < NB; ++b)
@@ -288,6 +302,9 @@ void int4_q8_rows(const int8_t* xe, const int8_t* xo, const float* sx, const int
       for (int b = 0; b < NB; ++b)
         total[b] += row_scales[g] * sx[b * groups + g] * static_cast<float>(dot[b] - 8 * qsum[b * groups + g]);
     }
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    for (int b = 0; b < NB; ++b) total[b] += _mm512_reduce_add_ps(scaled[b]);
+#endif
     for (int b = 0; b < NB; ++b) y[b * out + o] = total[b];
   }
 }
@@ -322,9 +339,97 @@ torch::Tensor int4_q8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tens
   const uint8_t* wp = qweight.data_ptr<uint8_t>();
   const float* wsp = scales.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  for_tiles(rows, out, [&](auto nb, int64_t r, int64_t o_begin, int64_t o_end) {
+  for_tiles(rows, out, half, [&](auto nb, int64_t r, int64_t o_begin, int64_t o_end) {
     int4_q8_rows<decltype(nb)::value>(ep + r * half, op + r * half, sp + r * groups, qp + r * groups, half, groups,
                                       wp, wsp, yp + r * out, out, o_begin, o_end);
+  });
+  return y;
+}
+
+// ----------------------------------------------------------------------------------------------------------------
+// int8 weights × int8 activations: x is quantized in blocks of Q8_BLOCK features, each with its own scale sx (absmax
+// / 127). VNNI multiplies unsigned by signed bytes, so each weight byte is read as w + 128 (flipping its top bit)
+// and the excess 128 * sum(x codes) of a block, which does not depend on the output row, is taken off once:
+//   y[b, o] = scale[o] * sum_k sx[b, k] * (sum_{i in k} (q[o, i] + 128) * xq[b, i] - 128 * qsum[b, k])
+
+constexpr int64_t Q8_BLOCK = 64;
+
+template <int NB>
+void int8_q8_rows(const int8_t* xq, const float* sx, const float* excess, int64_t in, const int8_t* q,
+                  const float* scales, float* y, int64_t out, int64_t o_begin, int64_t o_end) {
+  const int64_t blocks = in / Q8_BLOCK;
+  for (int64_t o = o_begin; o < o_end; ++o) {
+    const int8_t* row = q + o * in;
+    float total[NB];
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+    __m512 scaled[NB];
+    for (int b = 0; b < NB; ++b) scaled[b] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < blocks; ++k) {
+      const __m512i w = _mm512_xor_si512(_mm512_loadu_si512(row + k * Q8_BLOCK), flip);
+      for (int b = 0; b < NB; ++b) {
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w,
+                                                _mm512_loadu_si512(xq + b * in + k * Q8_BLOCK));
+        scaled[b] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(sx[b * blocks + k]), scaled[b]);
+      }
+    }
+    for (int b = 0; b < NB; ++b) total[b] = _mm512_reduce_add_ps(scaled[b]);
+#else
+    for (int b = 0; b < NB; ++b) {
+      total[b] = 0.0f;
+      for (int64_t k = 0; k < blocks; ++k) {
+        int32_t dot = 0;
+        for (int64_t i = k * Q8_BLOCK; i < (k + 1) * Q8_BLOCK; ++i)
+          dot += (static_cast<int32_t>(row[i]) + 128) * xq[b * in + i];
+        total[b] += sx[b * blocks + k] * static_cast<float>(dot);
+      }
+    }
+#endif
+    for (int b = 0; b < NB; ++b) y[b * out + o] = scales[o] * (total[b] - excess[b]);
+  }
+}
+
+torch::Tensor int8_q8_linear(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales) {
+  TORCH_CHECK(qweight.scalar_type() == torch::kInt8 && qweight.dim() == 2, "qweight must be int8 (out, in)");
+  TORCH_CHECK(scales.scalar_type() == torch::kFloat32 && scales.numel() == qweight.size(0), "scales: (out,) f32");
+  const int64_t out = qweight.size(0), in = qweight.size(1);
+  check_input(x, in);
+  TORCH_CHECK(in % Q8_BLOCK == 0, "int8_q8_linear needs in_features divisible by ", Q8_BLOCK, ", got ", in);
+  x = x.contiguous();
+  qweight = qweight.contiguous();
+  scales = scales.contiguous();
+  const int64_t rows = x.size(0), blocks = in / Q8_BLOCK;
+  auto xq = torch::empty({rows, in}, torch::kInt8);
+  auto sx = torch::empty({rows, blocks}, torch::kFloat32);
+  auto excess = torch::empty({rows}, torch::kFloat32);
+  const float* xp = x.data_ptr<float>();
+  int8_t* qp = xq.data_ptr<int8_t>();
+  float *sp = sx.data_ptr<float>(), *ep = excess.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) {
+    float row_excess = 0.0f;
+    for (int64_t k = 0; k < blocks; ++k) {
+      const float* v = xp + r * in + k * Q8_BLOCK;
+      float amax = 0.0f;
+      for (int64_t i = 0; i < Q8_BLOCK; ++i) amax = std::max(amax, std::fabs(v[i]));
+      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      int32_t sum = 0;
+      for (int64_t i = 0; i < Q8_BLOCK; ++i) {
+        const int32_t code = static_cast<int32_t>(std::nearbyint(v[i] / scale));
+        qp[r * in + k * Q8_BLOCK + i] = static_cast<int8_t>(code);
+        sum += code;
+      }
+      sp[r * blocks + k] = scale;
+      row_excess += scale * static_cast<float>(128 * sum);
+    }
+    ep[r] = row_excess;
+  }
+  auto y = torch::empty({rows, out}, x.options());
+  const int8_t* wp = qweight.data_ptr<int8_t>();
+  const float* wsp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for_tiles(rows, out, in, [&](auto nb, int64_t r, int64_t o_begin, int64_t o_end) {
+    int8_q8_rows<decltype(nb)::value>(qp + r * in, sp + r * blocks, ep + r, in, wp, wsp, yp + r * out, out, o_begin,
+                                      o_end);
   });
   return y;
 }
@@ -351,6 +456,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "x (rows, in) f32 @ int8 (out, in) * scales (out) -> (rows, out)");
   m.def("int4_linear", &int4_linear, "x (rows, in) f32 @ packed int4 (out, in/2) * scales (out, groups)");
   m.def("int4_q8_linear", &int4_q8_linear, "int4_linear with x quantized to int8 per weight group (integer dots)");
-  m.def("integer_dot_products", &integer_dot_products, "whether int4_q8_linear has a vector path (else scalar)");
+  m.def("int8_q8_linear", &int8_q8_linear, "int8_linear with x quantized to int8 per block of 64 (integer dots)");
+  m.def("integer_dot_products", &integer_dot_products, "whether the *_q8 kernels have a vector path (else scalar)");
   m.def("vector_isa", &vector_isa, "the vector instruction set the kernels were compiled for");
 }
