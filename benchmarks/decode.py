@@ -1,4 +1,4 @@
-"""Decode throughput of omnilm versus Hugging Face transformers ``generate``, on CPU, identical weights.
+"""Decode throughput of omnilm versus Hugging Face transformers ``generate``, identical weights (CPU or CUDA).
 
 What is measured
     For each case (model shape x dtype x batch size) a model with random weights is built with omnilm
@@ -19,6 +19,7 @@ How to run
     .venv/bin/python benchmarks/decode.py                       # full run: both shapes, batch 1 and 8, fp32 + bf16
     .venv/bin/python benchmarks/decode.py --quick --shapes gpt2-124m --batch-sizes 1 --dtypes float32
     .venv/bin/python benchmarks/decode.py --markdown-out decode.md
+    .venv/bin/python benchmarks/decode.py --device cuda --dtypes bfloat16 --batch-sizes 1 8 32
 
 ``--quick`` keeps the shapes' widths and vocabularies but uses 2 layers and 8 new tokens (a smoke run,
 not a meaningful number).
@@ -98,15 +99,15 @@ def build_reference(config: ModelConfig, folder: Path, seed: int) -> Transformer
     return model
 
 
-def omnilm_in_dtype(reference: Transformer, dtype: torch.dtype) -> Transformer:
-    """``reference`` cast to ``dtype`` and laid out for decoding, as ``omnilm generate`` does (a copy, so the
-    float32 original stays intact for later dtypes)."""
-    return prepare_for_decoding(copy.deepcopy(reference).to(dtype))
+def omnilm_in_dtype(reference: Transformer, dtype: torch.dtype, device: str = "cpu") -> Transformer:
+    """``reference`` cast to ``dtype`` on ``device`` and laid out for decoding, as ``omnilm generate`` does (a copy,
+    so the float32 original stays intact for later dtypes)."""
+    return prepare_for_decoding(copy.deepcopy(reference).to(device=device, dtype=dtype))
 
 
-def load_hf(folder: Path, dtype: torch.dtype) -> torch.nn.Module:
+def load_hf(folder: Path, dtype: torch.dtype, device: str = "cpu") -> torch.nn.Module:
     """The same weights through transformers."""
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,9 +137,12 @@ def hf_generate(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int) 
 
 
 def timed(fn: Callable[[], torch.Tensor]) -> tuple[float, torch.Tensor]:
-    """Wall time of one call and its result."""
+    """Wall time of one call and its result (waiting for queued GPU work to finish)."""
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     result = fn()
+    synchronize()
     return time.perf_counter() - start, result
 
 
@@ -168,7 +172,7 @@ def run_case(omni: Transformer, hf: torch.nn.Module, prompts: torch.Tensor,
 
 
 def bench_shape(shape: str, dtypes: Sequence[str], batch_sizes: Sequence[int], work: Workload,
-                quick: bool, seed: int) -> list[Result]:
+                quick: bool, seed: int, device: str = "cpu") -> list[Result]:
     """All dtype x batch cases of one shape, sharing one set of random weights."""
     config = model_config(shape, quick)
     if config.family == "gpt2" and work.prompt_len + work.new_tokens > config.max_seq_len:
@@ -178,9 +182,9 @@ def bench_shape(shape: str, dtypes: Sequence[str], batch_sizes: Sequence[int], w
         reference = build_reference(config, Path(tmp), seed)
         for dtype_name in dtypes:
             dtype = DTYPES[dtype_name]
-            omni, hf = omnilm_in_dtype(reference, dtype), load_hf(Path(tmp), dtype)
+            omni, hf = omnilm_in_dtype(reference, dtype, device), load_hf(Path(tmp), dtype, device)
             for batch in batch_sizes:
-                prompts = random_prompts(config.vocab_size, batch, work.prompt_len, seed + batch)
+                prompts = random_prompts(config.vocab_size, batch, work.prompt_len, seed + batch).to(device)
                 omni_tps, hf_tps, same = run_case(omni, hf, prompts, work)
                 results.append(Result(shape, dtype_name, batch, statistics.median(omni_tps), statistics.median(hf_tps),
                                       same, (min(omni_tps), max(omni_tps)), (min(hf_tps), max(hf_tps))))
@@ -195,7 +199,7 @@ def bench_shape(shape: str, dtypes: Sequence[str], batch_sizes: Sequence[int], w
 
 def header(work: Workload, quick: bool) -> str:
     lines = [
-        "# Decode throughput on CPU: omnilm vs transformers (same weights, greedy)",
+        "# Decode throughput: omnilm vs transformers (same weights, greedy)",
         "",
         f"prompt {work.prompt_len} tokens, {work.new_tokens} new tokens; median (min-max) of {work.repeats} "
         "interleaved runs after 1 warm-up"
@@ -219,8 +223,9 @@ def table(results: Sequence[Result]) -> str:
 
 
 def environment() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return (f"torch {torch.__version__}, transformers {transformers.__version__}, "
-            f"torch.get_num_threads() = {torch.get_num_threads()}")
+            f"torch.get_num_threads() = {torch.get_num_threads()}, {device}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,6 +245,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke run: {QUICK_LAYERS} layers and {QUICK_NEW_TOKENS} new tokens")
     parser.add_argument("--markdown-out", type=Path, default=None, help="also write the report to this file")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     args = parser.parse_args(argv)
     if args.new_tokens is None:
         args.new_tokens = QUICK_NEW_TOKENS if args.quick else 64
@@ -258,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     work = Workload(args.prompt_len, args.new_tokens, args.repeats)
     results: list[Result] = []
     for shape in args.shapes:
-        results += bench_shape(shape, args.dtypes, args.batch_sizes, work, args.quick, args.seed)
+        results += bench_shape(shape, args.dtypes, args.batch_sizes, work, args.quick, args.seed, args.device)
     report = "\n\n".join([header(work, args.quick), table(results), environment()]) + "\n"
     print()
     print(report, end="")
