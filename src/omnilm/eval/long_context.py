@@ -158,7 +158,8 @@ def score_retrieval(model: Any, tokenizer: Any, docs: list[dict[str, Any]], batc
 def perplexity_by_length(model: Any, tokens: torch.Tensor, lengths: list[int], windows: int = 4,
                          ) -> dict[str, float]:
     """Perplexity (exp of the mean loss over every position) of ``windows`` consecutive windows of each length of
-    the 1-D token stream ``tokens`` (``ppl@<length>``), the measure of the position-interpolation papers."""
+    the 1-D token stream ``tokens`` (``ppl@<length>``; ``ppl``: at the longest), the measure of the
+    position-interpolation papers."""
     import math
 
     import torch.nn.functional as F
@@ -174,6 +175,7 @@ def perplexity_by_length(model: Any, tokens: torch.Tensor, lengths: list[int], w
             logits = model(row[None, :-1])
             nats += float(F.cross_entropy(logits[0].float(), row[1:], reduction="sum"))
         out[f"ppl@{length}"] = math.exp(nats / (windows * length))
+    out["ppl"] = out[f"ppl@{max(lengths)}"]  # the headline: the longest context
     return out
 
 

@@ -24,9 +24,10 @@ Types:
                   of the tasks that report one (needs the eval extra: without lm-eval it says so and returns nothing)
   ``passkey``     passkey retrieval (``kind: passkey``) or needle in a haystack (``kind: needle``) at ``lengths``
                   × ``depths``, ``samples`` per cell (:mod:`omnilm.eval.long_context`); ``acc``, ``acc@<length>``,
-                  ``acc@<length>_d<depth%>``
+                  ``acc@<length>_d<depth%>``; ``context``: context settings applied to the model first
+                  (``omnilm.model.context``), e.g. a RoPE scaling without fine-tuning
   ``long_ppl``    perplexity against context length (``data``: a tokenised dataset's val split; ``lengths``;
-                  ``windows``): ``ppl@<length>``
+                  ``windows``; ``context`` as for passkey): ``ppl@<length>``
   ``prompting``   the arithmetic task under a prompting strategy (``omnilm eval --prompting``; ``strategy``,
                   ``samples``, ``shots``, ``temperature``, ``data``: the arithmetic folder, ``chat`` (default true):
                   chat-formatted prompts, ``limit``); ``acc``: exact answers (after the vote for self-consistency)
@@ -217,7 +218,18 @@ def passkey_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, 
 
     keys = ("kind", "lengths", "depths", "samples", "seed")
     config = RetrievalConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in spec.items() if k in keys})
+    model = _in_context(model, spec)
     return score_retrieval(model, tokenizer, retrieval_docs(tokenizer, config), int(spec.get("batch_size", 8)))
+
+
+def _in_context(model: Any, spec: dict[str, Any]) -> Any:
+    """The model under the eval's ``context`` settings (e.g. ``{rope_scaling: {rope_type: dynamic, factor: 8}}``:
+    a context-extension method applied without fine-tuning), sharing its weights."""
+    if not spec.get("context"):
+        return model
+    from omnilm.model.context import with_context
+
+    return with_context(model, dict(spec["context"]), share=True)
 
 
 @register_eval("long_ppl", "ppl")
@@ -232,7 +244,7 @@ def long_ppl_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str,
     data = TokenDataset.open(spec["data"], "val")
     needed = min(len(data), windows * (max(lengths) + 1))
     tokens = torch.from_numpy(data.read(0, needed).astype("int64"))
-    return perplexity_by_length(model, tokens, lengths, windows)
+    return perplexity_by_length(_in_context(model, spec), tokens, lengths, windows)
 
 
 def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:

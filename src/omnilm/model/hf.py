@@ -1,5 +1,6 @@
 """Checkpoints in the Hugging Face layout (GPT2LMHeadModel, BloomForCausalLM for ALiBi models, LlamaForCausalLM,
-MistralForCausalLM for sliding-window Llamas, Qwen2ForCausalLM, and for mixture-of-experts models MixtralForCausalLM / Qwen2MoeForCausalLM, whose experts are stored one tensor each).
+MistralForCausalLM for sliding-window Llamas, Qwen2ForCausalLM, and for mixture-of-experts models
+MixtralForCausalLM / Qwen2MoeForCausalLM, whose experts are stored one tensor each).
 
 A model folder holds ``config.json``, ``model.safetensors`` (or shards plus
 ``model.safetensors.index.json``), ``generation_config.json`` and, when given a tokenizer,

@@ -74,6 +74,15 @@ def synth_calculator(spec: dict[str, Any], out: Path, root: Path) -> dict[str, A
     return write_calculator(from_dict(CalculatorConfig, spec, source="synth_calculator job"), out)
 
 
+@job("synth_passkey")
+def synth_passkey(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """Passkey training documents (:mod:`omnilm.data.synth.passkey`)."""
+    from omnilm.config import from_dict
+    from omnilm.data.synth.passkey import PasskeyConfig, write_passkey
+
+    return write_passkey(from_dict(PasskeyConfig, spec, source="synth_passkey job"), out)
+
+
 @job("synth_omni")
 def synth_omni(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     """Spoken, image and video QA (``omnilm data synth omni``): ``scale`` names a size, the other settings are

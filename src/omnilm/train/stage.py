@@ -54,7 +54,9 @@ class StageConfig:
     #: Objective: pretrain / midtrain (causal LM); post-training types arrive with their objectives.
     type: str = "pretrain"
     #: A fresh model: a ModelConfig mapping (``preset:`` plus overrides); vocab size and special ids come
-    #: from the tokenizer. Ignored when ``init_from`` is set.
+    #: from the tokenizer. With ``init_from`` it may only change the context settings of the loaded model
+    #: (``omnilm.model.context.CONTEXT_FIELDS``: max_seq_len, rope_theta, rope_scaling, sliding_window, ...),
+    #: e.g. to extend its context with position interpolation, NTK or YaRN before fine-tuning at a new length.
     model: dict[str, Any] | None = None
     #: Start from this model folder (in a recipe: the previous stage's final model, filled in automatically).
     init_from: str | None = None
@@ -199,7 +201,15 @@ def build_model(config: StageConfig, tokenizer: Any, resume_from: Path | None, s
     if resume_from is not None:
         return load_pretrained(resume_from, dtype=torch.float32)
     if config.init_from:
-        return load_pretrained(config.init_from, dtype=torch.float32)
+        model = load_pretrained(config.init_from, dtype=torch.float32)
+        if config.model:
+            from omnilm.model.context import with_context
+
+            try:
+                model = with_context(model, dict(config.model))
+            except ConfigError as err:
+                raise ConfigError(f"stage {config.name!r}: model (with init_from): {err}") from None
+        return model
     if not config.model:
         raise ConfigError(f"stage {config.name!r}: set either model (a fresh model) or init_from (a model folder)")
     overrides = {"vocab_size": tokenizer.vocab_size, "eos_token_id": tokenizer.eos_id,
