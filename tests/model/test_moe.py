@@ -193,3 +193,12 @@ def test_missing_expert_is_named(tmp_path):
     assert config["model_type"] == "mixtral" and config["num_local_experts"] == 4
     with pytest.raises(CheckpointError, match=r"missing tensor\(s\) \['blocks.1.mlp.experts.down_proj'\]"):
         load_pretrained(tmp_path)
+
+
+def test_training_flops_count_the_active_experts_only():
+    from omnilm.train.trainer import _flops_per_token
+
+    moe = small_model("llama", n_experts=4, n_experts_per_tok=1, d_ff=64)
+    dense = small_model("llama", d_ff=64)
+    # One active expert of the dense MLP's width per token: the dense model's FLOPs plus the routers' (2 layers).
+    assert _flops_per_token(moe, 32) == _flops_per_token(dense, 32) + 6 * 2 * 4 * 64

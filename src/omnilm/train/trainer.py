@@ -423,11 +423,13 @@ class Trainer:
 
 def _flops_per_token(model: nn.Module, seq_len: int) -> float:
     """Training FLOPs per token: 6·(non-embedding parameters) + attention scores (12·layers·d·T), as in the
-    scaling-law literature's estimate."""
+    scaling-law literature's estimate; a mixture of experts counts the k/E of its routed experts a token uses."""
+    from omnilm.model.moe import active_params
+
     if hasattr(model, "flops_per_token"):  # a model that is more than a decoder counts its own
         return model.flops_per_token(seq_len)
     config = getattr(model, "config", None)
-    params = sum(p.numel() for name, p in model.named_parameters() if "emb" not in name)
+    params = active_params(model)
     if config is None:
         return 6.0 * params
     return 6.0 * params + 12.0 * config.n_layer * config.n_head * config.dim_per_head * seq_len
