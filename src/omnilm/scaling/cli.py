@@ -113,7 +113,7 @@ def format_fit(report: dict) -> str:
 
 def run_plan_cli(args: argparse.Namespace) -> int:
     from omnilm.errors import UserError
-    from omnilm.scaling.laws import ChinchillaLaw, flops_from_gpu_hours
+    from omnilm.scaling.laws import TOKENS_PER_PARAM, ChinchillaLaw, flops_from_gpu_hours, rule_of_thumb_allocation
     from omnilm.scaling.report import plan_budget, plan_tokens, read_fit
 
     law, samples = (ChinchillaLaw(), []) if args.fit is None else read_fit(args.fit)[:2]
@@ -133,5 +133,9 @@ def run_plan_cli(args: argparse.Namespace) -> int:
         if "N_opt_interval" in plan:
             (nl, nh), (dl, dh) = plan["N_opt_interval"], plan["D_opt_interval"]
             text += f"\n95% intervals: N_opt [{nl:.4g}, {nh:.4g}], D_opt [{dl:.4g}, {dh:.4g}]"
+        n20, d20 = rule_of_thumb_allocation(flops)
+        plan["rule_of_thumb"] = {"N": n20, "D": d20}
+        text += (f"\nrule of thumb ({TOKENS_PER_PARAM:.0f} tokens/parameter, Chinchilla's approaches 1-2): "
+                 f"N = {n20:.4g}, D = {d20:.4g}")
     print(json.dumps(plan) if args.json else text)
     return 0
