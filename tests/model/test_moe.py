@@ -202,3 +202,13 @@ def test_training_flops_count_the_active_experts_only():
     dense = small_model("llama", d_ff=64)
     # One active expert of the dense MLP's width per token: the dense model's FLOPs plus the routers' (2 layers).
     assert _flops_per_token(moe, 32) == _flops_per_token(dense, 32) + 6 * 2 * 4 * 64
+
+
+def test_left_padded_batches_generate_what_each_prompt_generates_alone():
+    from helpers import solo_tokens
+
+    model = small_model("qwen2", **QWEN2_MOE)
+    prompts = [[5, 9, 11, 40, 2, 7, 8], [3, 4]]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    batched = [[int(t[row]) for t in generate_ids(model, prompts, params)] for row in range(2)]
+    assert batched == [solo_tokens(model, p, params, set()) for p in prompts]
