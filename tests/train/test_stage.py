@@ -213,3 +213,19 @@ def test_schedule_horizon_longer_than_the_budget(tmp_path: Path, lm_data: dict[s
     lrs = [r["lr"] for r in logged if "lr" in r]
     assert lrs == pytest.approx([1e-3 * lr_multiplier(step, 20, config) for step in range(6)])
     assert lrs[-1] > 0.8e-3  # far from the end of the 20-step cosine (a 6-step one would end at 1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_training_gives_the_eager_losses(tmp_path: Path, lm_data: dict[str, Path]) -> None:
+    """``train.compile: true`` (inductor on CPU here) trains to the eager model's losses."""
+    runs = {}
+    for compiled in (False, True):
+        config = write_config(tmp_path / f"stage-{compiled}.yaml", lm_data, max_steps=8, checkpoint_every=8,
+                              compile=compiled)
+        result = omnilm("train", "--config", str(config), "--out", str(tmp_path / f"run-{compiled}"), timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[compiled] = losses(tmp_path / f"run-{compiled}")
+    assert runs[True].keys() == runs[False].keys() and len(runs[True]) == 8
+    for step, loss in runs[False].items():
+        # Fused kernels sum in another order: equal to float32 rounding, compounded over a few steps.
+        assert runs[True][step] == pytest.approx(loss, rel=1e-4), step
