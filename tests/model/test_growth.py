@@ -108,6 +108,8 @@ def test_upcycle_and_grow_commands_and_the_recipe_job(tmp_path, capsys):
     assert main(["upcycle", "--model", str(tmp_path / "dense"), "--experts", "4", "--top-k", "2",
                  "--granularity", "2", "--out", str(tmp_path / "moe")]) == 0
     assert "experts 4" in capsys.readouterr().out
+    assert main(["info", "--model", str(tmp_path / "moe")]) == 0
+    assert "4 experts (top-2)" in capsys.readouterr().out
     moe = load_pretrained(tmp_path / "moe")
     assert moe.config.n_experts == 4 and moe.config.expert_dim == 48
     torch.testing.assert_close(logits(moe), logits(dense), atol=1e-5, rtol=1e-5)

@@ -79,14 +79,22 @@ def run_info(args: argparse.Namespace) -> int:
 
     from omnilm.model import PRESETS, Transformer
     from omnilm.model.hf import read_config
+    from omnilm.model.moe import active_params
 
     configs = dict(PRESETS) if args.presets else {args.model: read_config(args.model)}
     for name, config in configs.items():
         with torch.device("meta"):
             n = Transformer(config).num_params()
+        experts = ""
+        if config.n_experts:
+            with torch.device("meta"):
+                active = active_params(Transformer(config), include_embeddings=True)
+            experts = (f", {config.n_experts} experts (top-{config.n_experts_per_tok}"
+                       f"{f', {config.n_shared_experts} shared' if config.n_shared_experts else ''}), "
+                       f"{active / 1e6:.2f}M active")
         print(f"{name}: {config.family}, {n / 1e6:.2f}M params, {config.n_layer} layers, d_model {config.d_model}, "
               f"{config.n_head} heads / {config.kv_heads} KV heads, vocab {config.vocab_size}, "
-              f"context {config.max_seq_len}, tied={config.tie_embeddings}")
+              f"context {config.max_seq_len}, tied={config.tie_embeddings}{experts}")
     return 0
 
 
