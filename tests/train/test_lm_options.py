@@ -84,3 +84,23 @@ def test_pretrain_with_selective_tokens(tmp_path, lm_data):
         run_stage(stage(lm_data, mtp={"n_heads": 1}, selective={"reference": "x"}), tmp_path / "bad")
     with pytest.raises(ConfigError, match="unknown option"):
         run_stage(stage(lm_data, heads=2), tmp_path / "bad2")
+
+
+def test_pretrain_an_moe_logs_router_losses_and_saves_a_mixtral(tmp_path, lm_data):
+    from transformers import AutoModelForCausalLM
+
+    from omnilm.model.hf import load_pretrained
+
+    config = stage(lm_data)
+    config.model = dict(config.model) | {"n_experts": 4, "n_experts_per_tok": 2, "router_z_loss_coef": 0.01}
+    run_stage(config, tmp_path / "run")
+    rows = [r for r in metrics(tmp_path / "run") if "moe_load_balance" in r]
+    assert len(rows) == 12 and all(0 < r["moe_load_balance"] <= 4 for r in rows)  # E·Σ f·P ≤ E
+    assert all(r["loss"] > r["lm_loss"] for r in rows)
+    final = tmp_path / "run" / "final"
+    ours = load_pretrained(final)
+    hf = AutoModelForCausalLM.from_pretrained(final).eval()
+    assert type(hf).__name__ == "MixtralForCausalLM"
+    ids = torch.randint(0, ours.config.vocab_size, (1, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=1e-4, rtol=0)
