@@ -23,6 +23,7 @@ from omnilm.errors import UserError
 from omnilm.scaling.laws import ChinchillaLaw, PowerLaw
 
 HUBER_DELTA = 1e-3
+EXPONENT_FLOOR = 1e-4
 ALPHA_GRID = BETA_GRID = np.arange(0.0, 2.01, 0.5)
 E_GRID = np.arange(-1.0, 1.01, 0.5)
 A_GRID = B_GRID = np.arange(0.0, 25.01, 5.0)
@@ -72,7 +73,10 @@ class ChinchillaFit:
 
 
 def _minimise(start: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
-    result = minimize(_objective, start, args=args, jac=True, method="L-BFGS-B",
+    # Exponents stay positive (a law whose loss grows with N or D has no compute-optimal allocation).
+    bounds = [(None, None)] * 3 + [(EXPONENT_FLOOR, None)] * 2
+    start = np.maximum(start, [-np.inf] * 3 + [EXPONENT_FLOOR] * 2)
+    result = minimize(_objective, start, args=args, jac=True, method="L-BFGS-B", bounds=bounds,
                       options={"maxiter": 2000, "ftol": 1e-15, "gtol": 1e-12})
     return result.x, float(result.fun)
 
@@ -132,7 +136,7 @@ def bootstrap_chinchilla(n: np.ndarray, d: np.ndarray, loss: np.ndarray, samples
 def percentile_interval(values: list[float] | np.ndarray, level: float = 0.95) -> tuple[float, float]:
     """The central ``level`` percentile interval of bootstrap ``values``."""
     tail = 100 * (1 - level) / 2
-    low, high = np.percentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])
+    low, high = np.nanpercentile(np.asarray(values, dtype=np.float64), [tail, 100 - tail])
     return float(low), float(high)
 
 
