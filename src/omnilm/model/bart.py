@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +162,20 @@ class Bart(nn.Module):
         if decoder_input_ids is None:
             raise ValueError("BART needs decoder_input_ids (the targets shifted right)")
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+    def save_pretrained(self, folder: str | Path, tokenizer: object = None,
+                        state: dict[str, torch.Tensor] | None = None) -> Path:
+        from omnilm.model.hf_bart import save_bart
+
+        return save_bart(self, folder, tokenizer, state)
+
+    def read_state(self, folder: str | Path) -> dict[str, torch.Tensor]:
+        from omnilm.model.hf_bart import read_bart_state
+
+        return read_bart_state(folder, self)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.num_flops_per_token()
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> EncDecCache:
         p, c = self.tok_emb.weight, self.config

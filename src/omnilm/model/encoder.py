@@ -148,7 +148,29 @@ class MLMHead(nn.Module):
         return F.linear(self.norm(F.gelu(self.dense(h))), embedding, self.bias)
 
 
-class EncoderForMaskedLM(nn.Module):
+class EncoderTask(nn.Module):
+    """What every encoder-with-a-head shares: Hugging Face folders (``hf_encoder``) and the FLOPs estimate that
+    the trainer reads. Subclasses set ``config`` and ``encoder`` and add their head."""
+
+    config: EncoderConfig
+    encoder: Encoder
+
+    def save_pretrained(self, folder: str | Path, tokenizer: object = None,
+                        state: dict[str, torch.Tensor] | None = None) -> Path:
+        from omnilm.model.hf_encoder import save_encoder
+
+        return save_encoder(self, folder, tokenizer, state)  # type: ignore[arg-type]
+
+    def read_state(self, folder: str | Path) -> dict[str, torch.Tensor]:
+        from omnilm.model.hf_encoder import read_encoder_state
+
+        return read_encoder_state(folder, self)  # type: ignore[arg-type]
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return num_flops_per_token(self.config, seq_len)
+
+
+class EncoderForMaskedLM(EncoderTask):
     """Masked-LM logits (B, T, vocab) for every position (BertForMaskedLM, ElectraForMaskedLM)."""
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -163,7 +185,7 @@ class EncoderForMaskedLM(nn.Module):
         return self.head(self.encoder(input_ids, attention_mask, token_type_ids), self.encoder.tok_emb.weight)
 
 
-class EncoderForSequenceClassification(nn.Module):
+class EncoderForSequenceClassification(EncoderTask):
     """Class logits (B, num_labels) from the tanh-pooled first token (BertForSequenceClassification)."""
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -184,7 +206,7 @@ class EncoderForSequenceClassification(nn.Module):
         return self.classifier(self.drop(pooled))
 
 
-class EncoderForTokenDetection(nn.Module):
+class EncoderForTokenDetection(EncoderTask):
     """ELECTRA's discriminator: one logit per token (B, T), positive = replaced (ElectraForPreTraining)."""
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -250,6 +272,6 @@ def electra_generator_config(discriminator: EncoderConfig, size_divisor: int = 4
                    d_ff=max(discriminator.ff_dim // size_divisor, 1), embedding_size=discriminator.emb_dim)
 
 
-__all__ = ["Encoder", "EncoderConfig", "EncoderForMaskedLM", "EncoderForSequenceClassification",
+__all__ = ["Encoder", "EncoderConfig", "EncoderTask", "EncoderForMaskedLM", "EncoderForSequenceClassification",
            "EncoderForTokenDetection", "PRESETS", "electra_generator_config", "load_encoder_config",
            "num_flops_per_token"]

@@ -13,7 +13,7 @@ import torch
 
 from omnilm.model.bart import Bart, BartConfig
 from omnilm.model.hf import CheckpointError, read_config_json, read_hf_tensors
-from omnilm.model.hf_table import KeyTable, distinct_state, load_into, save_folder
+from omnilm.model.hf_table import KeyTable, distinct_state, load_into, read_state, save_folder
 
 ALIASES = ("model.encoder.embed_tokens.weight", "model.decoder.embed_tokens.weight", "lm_head.weight")
 
@@ -72,14 +72,29 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> BartConfi
         decoder_start_token_id=hf.get("decoder_start_token_id", 2))
 
 
-def save_bart(model: Bart, folder: str | Path, tokenizer: Any = None) -> Path:
-    """Write ``model`` as a BartForConditionalGeneration folder (and its tokenizer when given)."""
+def save_bart(model: Bart, folder: str | Path, tokenizer: Any = None,
+              state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (or its weights ``state``) as a BartForConditionalGeneration folder (and its tokenizer)."""
     c = model.config
-    tensors = key_table().to_hf(distinct_state(model))
+    tensors = key_table().to_hf(distinct_state(model, state))
     tensors["final_logits_bias"] = tensors["final_logits_bias"][None]  # (vocab,) -> (1, vocab)
     generation = {"bos_token_id": c.bos_token_id, "decoder_start_token_id": c.decoder_start_token_id,
                   "eos_token_id": c.eos_token_id, "pad_token_id": c.pad_token_id}
     return save_folder(folder, tensors, config_to_hf(c), generation, tokenizer)
+
+
+def _read_tensors(folder: Path | str, config: BartConfig) -> dict[str, torch.Tensor]:
+    tensors = read_hf_tensors(folder)
+    if "final_logits_bias" in tensors:
+        tensors["final_logits_bias"] = tensors["final_logits_bias"].reshape(-1)
+    else:  # transformers lists it as optional
+        tensors["final_logits_bias"] = torch.zeros(config.vocab_size)
+    return tensors
+
+
+def read_bart_state(folder: str | Path, model: Bart) -> dict[str, torch.Tensor]:
+    """A folder's weights under ``model``'s names."""
+    return read_state(folder, model, key_table(), ALIASES, _read_tensors(folder, model.config))
 
 
 def load_bart(folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Bart:
@@ -89,9 +104,5 @@ def load_bart(folder: str | Path, dtype: torch.dtype | None = None, device: torc
         raise CheckpointError(f"model folder not found: {folder}")
     hf, source = read_config_json(folder)
     config = config_from_hf(hf, source)
-    tensors = read_hf_tensors(folder)
-    if "final_logits_bias" in tensors:
-        tensors["final_logits_bias"] = tensors["final_logits_bias"].reshape(-1)
-    else:  # transformers lists it as optional
-        tensors["final_logits_bias"] = torch.zeros(config.vocab_size)
+    tensors = _read_tensors(folder, config)
     return load_into(folder, lambda: Bart(config), key_table(), ALIASES, dtype, device, tensors)

@@ -20,7 +20,7 @@ from omnilm.model.encoder import (
     EncoderForTokenDetection,
 )
 from omnilm.model.hf import CheckpointError, read_config_json
-from omnilm.model.hf_table import KeyTable, distinct_state, load_into, save_folder
+from omnilm.model.hf_table import KeyTable, distinct_state, load_into, read_state, save_folder
 
 EncoderModel = EncoderForMaskedLM | EncoderForSequenceClassification | EncoderForTokenDetection
 
@@ -130,10 +130,12 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> tuple[Enc
     return config, head
 
 
-def save_encoder(model: EncoderModel, folder: str | Path, tokenizer: Any = None) -> Path:
-    """Write ``model`` as a Hugging Face folder of its head's class (and its tokenizer when given)."""
+def save_encoder(model: EncoderModel, folder: str | Path, tokenizer: Any = None,
+                 state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (or its weights ``state``) as a Hugging Face folder of its head's class (and its tokenizer
+    when given)."""
     head, config = head_of(model), model.config
-    tensors = key_table(head, config.family).to_hf(distinct_state(model))
+    tensors = key_table(head, config.family).to_hf(distinct_state(model, state))
     return save_folder(folder, tensors, config_to_hf(config, head), {"pad_token_id": config.pad_token_id},
                        tokenizer)
 
@@ -159,3 +161,9 @@ def load_encoder(folder: str | Path, head: str | None = None, dtype: torch.dtype
     fresh = HEADS[head or stored][0](new_config).to(device)
     fresh.encoder.load_state_dict(model.encoder.state_dict())
     return fresh.to(dtype or next(model.parameters()).dtype)
+
+
+def read_encoder_state(folder: str | Path, model: EncoderModel) -> dict[str, torch.Tensor]:
+    """A folder's weights under ``model``'s names (the model's head must be the folder's)."""
+    key = (head_of(model), model.config.family)
+    return read_state(folder, model, key_table(*key), ALIASES[key])

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from omnilm.model.hf import CheckpointError, read_config_json, read_hf_tensors
-from omnilm.model.hf_table import KeyTable, distinct_state, load_into, save_folder
+from omnilm.model.hf_table import KeyTable, distinct_state, load_into, read_state, save_folder
 from omnilm.model.t5 import T5, T5Config
 
 ALIASES = ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight")
@@ -77,10 +77,11 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> T5Config:
         decoder_start_token_id=hf.get("decoder_start_token_id") or 0)
 
 
-def save_t5(model: T5, folder: str | Path, tokenizer: Any = None) -> Path:
-    """Write ``model`` as a T5ForConditionalGeneration folder (and its tokenizer when given)."""
+def save_t5(model: T5, folder: str | Path, tokenizer: Any = None,
+            state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``model`` (or its weights ``state``) as a T5ForConditionalGeneration folder (and its tokenizer)."""
     c = model.config
-    tensors = key_table(c).to_hf(distinct_state(model))
+    tensors = key_table(c).to_hf(distinct_state(model, state))
     generation = {"decoder_start_token_id": c.decoder_start_token_id, "eos_token_id": c.eos_token_id,
                   "pad_token_id": c.pad_token_id}
     return save_folder(folder, tensors, config_to_hf(c), generation, tokenizer)
@@ -100,3 +101,8 @@ def load_t5(folder: str | Path, dtype: torch.dtype | None = None, device: torch.
     if tied:
         tensors.pop("lm_head.weight", None)
     return load_into(folder, lambda: T5(config), key_table(config), ALIASES, dtype, device, tensors)
+
+
+def read_t5_state(folder: str | Path, model: T5) -> dict[str, torch.Tensor]:
+    """A folder's weights under ``model``'s names."""
+    return read_state(folder, model, key_table(model.config), ALIASES)

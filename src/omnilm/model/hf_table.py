@@ -94,14 +94,29 @@ def load_into(folder: str | Path, build: Callable[[], nn.Module], table: KeyTabl
     return model.to(device).eval()
 
 
-def distinct_state(model: nn.Module) -> dict[str, torch.Tensor]:
+def distinct_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's parameters, each tied tensor under its first name only, and its persistent buffers (what a
-    checkpoint stores)."""
-    out: dict[str, torch.Tensor] = {k: v for k, v in model.state_dict().items()
-                                    if k in dict(model.named_buffers())}
+    checkpoint stores); values from ``state`` (a full state dict gathered by the trainer) when given."""
+    buffers = dict(model.named_buffers())
+    out: dict[str, torch.Tensor] = {k: v for k, v in model.state_dict().items() if k in buffers}
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) not in seen:
             seen.add(id(param))
             out[name] = param
+    if state is not None:
+        out = {k: state[k] for k in out}
     return out
+
+
+def read_state(folder: str | Path, model: nn.Module, table: KeyTable, aliases: Sequence[str] = (),
+               tensors: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The weights of ``folder`` under ``model``'s own names, tied copies filled in (resuming a checkpoint)."""
+    tensors = read_hf_tensors(folder) if tensors is None else tensors
+    state = table.from_hf({k: v for k, v in tensors.items() if k not in set(aliases)})
+    first: dict[int, str] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) in first and first[id(param)] in state:
+            state[name] = state[first[id(param)]]
+        first.setdefault(id(param), name)
+    return state

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -248,6 +249,20 @@ class T5(nn.Module):
         if decoder_input_ids is None:
             raise ValueError("T5 needs decoder_input_ids (the targets shifted right)")
         return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+    def save_pretrained(self, folder: str | Path, tokenizer: object = None,
+                        state: dict[str, torch.Tensor] | None = None) -> Path:
+        from omnilm.model.hf_t5 import save_t5
+
+        return save_t5(self, folder, tokenizer, state)
+
+    def read_state(self, folder: str | Path) -> dict[str, torch.Tensor]:
+        from omnilm.model.hf_t5 import read_t5_state
+
+        return read_t5_state(folder, self)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.num_flops_per_token()
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> EncDecCache:
         p = self.tok_emb.weight

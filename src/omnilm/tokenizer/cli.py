@@ -22,6 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="output folder")
     t.add_argument("--text-field", default="text", help="field holding the text in .jsonl/.parquet (default: text)")
     t.add_argument("--min-frequency", type=int, default=2, help="least count for a merge (default: 2)")
+    t.add_argument("--family", default=None, choices=("bert", "electra", "t5", "bart"),
+                   help="also add this model family's special tokens ([CLS] [SEP] [MASK] [PAD]; T5's 100 "
+                        "sentinels <extra_id_N>; BART's <mask>)")
     t.set_defaults(handler=run_train)
 
     e = sub.add_parser("eval", help="measure a tokenizer on raw documents",
@@ -48,21 +51,24 @@ def run_train(args: argparse.Namespace) -> int:
     from omnilm.data.sources import ReadReport, iter_documents
     from omnilm.errors import UserError
     from omnilm.tokenizer import SPECIAL_TOKENS, train_bpe
+    from omnilm.tokenizer.families import family_special_tokens
 
-    smallest = BYTE_ALPHABET + len(SPECIAL_TOKENS) + 1
+    specials = SPECIAL_TOKENS + family_special_tokens(args.family or "")
+    smallest = BYTE_ALPHABET + len(specials) + 1
     if args.vocab_size < smallest:
         raise UserError(f"--vocab-size {args.vocab_size} is too small: at least {smallest} (256 bytes, "
-                        f"{len(SPECIAL_TOKENS)} special tokens and one merge)")
+                        f"{len(specials)} special tokens and one merge)")
     if args.min_frequency < 1:
         raise UserError(f"--min-frequency must be at least 1, got {args.min_frequency}")
     report = ReadReport()
     texts = (doc.text for doc in iter_documents(args.data, text_field=args.text_field, report=report))
-    tokenizer = train_bpe(texts, vocab_size=args.vocab_size, min_frequency=args.min_frequency)
+    tokenizer = train_bpe(texts, vocab_size=args.vocab_size, special_tokens=specials,
+                          min_frequency=args.min_frequency)
     if report.documents == 0:
         raise UserError(f"no documents with a {args.text_field!r} field in {' '.join(args.data)}")
     tokenizer.save(args.out)
     print(f"wrote {args.out}: vocab size {tokenizer.vocab_size} "
-          f"({len(SPECIAL_TOKENS)} special tokens), trained on {report.documents} documents, "
+          f"({len(specials)} special tokens), trained on {report.documents} documents, "
           f"{report.bytes:,} bytes from {report.files} files")
     if args.vocab_size > tokenizer.vocab_size:
         print(f"note: the corpus supports only {tokenizer.vocab_size} of the {args.vocab_size} tokens asked for "

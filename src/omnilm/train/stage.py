@@ -30,7 +30,8 @@ CONFIG_RECORD = "stage_config.json"
 LM_STAGE_TYPES = ("pretrain", "midtrain")
 NO_LORA_STAGE_TYPES = ("reward", "ppo")
 KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill", "omni_sft",
-                                     "talker", "token2wav")
+                                     "talker", "token2wav", "mlm", "electra", "classify", "span_corruption",
+                                     "denoise", "seq2seq_sft")
 
 
 @dataclass
@@ -168,11 +169,13 @@ def _load_builders() -> None:
     """Import the modules that register stage types (kept lazy: they pull in heavy dependencies)."""
     import omnilm.train.distill  # noqa: F401
     import omnilm.train.dpo  # noqa: F401
+    import omnilm.train.encoder_stages  # noqa: F401
     import omnilm.train.grpo  # noqa: F401
     import omnilm.train.omni_sft  # noqa: F401
     import omnilm.train.ppo  # noqa: F401
     import omnilm.train.pretrain  # noqa: F401
     import omnilm.train.reward  # noqa: F401
+    import omnilm.train.seq2seq_stages  # noqa: F401
     import omnilm.train.sft  # noqa: F401
     import omnilm.train.talker  # noqa: F401
     import omnilm.train.token2wav  # noqa: F401
