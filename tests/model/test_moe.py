@@ -169,13 +169,26 @@ def test_transformers_moe_checkpoint_loads_in_omnilm(tmp_path, model_type):
     assert _ours_greedy(ours, prompt, 20) == _hf_greedy(hf_model, prompt, 20)
 
 
-def test_unrepresentable_moe_checkpoints_are_refused(tmp_path):
-    with pytest.raises(CheckpointError, match="sigmoid-gated MoE has no transformers equivalent"):
-        save_pretrained(small_model("llama", **MIXTRAL, router_gate="sigmoid"), tmp_path)
-    with pytest.raises(CheckpointError, match="Mixtral has no shared experts"):
-        save_pretrained(small_model("llama", **MIXTRAL, n_shared_experts=1), tmp_path)
-    with pytest.raises(CheckpointError, match="exactly one shared expert"):
-        save_pretrained(small_model("qwen2", **MIXTRAL), tmp_path / "q")
+@pytest.mark.parametrize("family, overrides", [
+    ("llama", MIXTRAL | {"router_gate": "sigmoid", "norm_topk_prob": False}),
+    ("llama", MIXTRAL | {"n_shared_experts": 1, "moe_every": 2}),
+    ("qwen2", MIXTRAL | {"dense_layers": (0,)}),
+])
+def test_moe_without_a_transformers_class_round_trips_as_omnilm_moe(tmp_path, family, overrides):
+    model = small_model(family, **overrides)
+    save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "omnilm_moe" and "not a transformers model" in config["omnilm_note"]
+    again = load_pretrained(tmp_path)
+    assert again.config == model.config
+    ids = torch.randint(0, 320, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids), model(ids), atol=0, rtol=0)
+    with pytest.raises((ValueError, KeyError)):  # transformers has no such model type: refused, not misread
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def test_bad_moe_configs_are_refused():
     with pytest.raises(ConfigError, match="n_experts_per_tok=5"):
         ModelConfig(n_experts=4, n_experts_per_tok=5)
     with pytest.raises(ConfigError, match="SwiGLU family"):

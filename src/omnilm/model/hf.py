@@ -11,6 +11,7 @@ here. Only safetensors are read: pickle-based ``pytorch_model.bin`` files are re
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ HF_ARCHITECTURES = {"gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM", "qwe
 #: A mixture-of-experts model of each family is the Hugging Face MoE model type of that family.
 MOE_MODEL_TYPES = {"llama": "mixtral", "qwen2": "qwen2_moe"}
 MOE_ARCHITECTURES = {"mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM"}
+#: The model type of an MoE that no transformers class computes (omnilm only; see _moe_config_to_hf).
+OMNILM_MOE = "omnilm_moe"
 #: Per MoE model type: the feed-forward's module name, and each stacked expert tensor's per-expert name.
 MOE_LAYOUTS = {
     "mixtral": ("block_sparse_moe", {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}),
@@ -113,31 +116,41 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 def _moe_config_to_hf(config: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
-    """A llama MoE as Mixtral, a qwen2 MoE as Qwen2-MoE; what neither can express is refused."""
+    """A llama MoE as Mixtral, a qwen2 MoE as Qwen2-MoE. An MoE that neither can express (sigmoid router, shared
+    experts on llama, ...) gets omnilm's own model type ``omnilm_moe``, with the whole ModelConfig in the file:
+    omnilm reads it back, transformers refuses it (rather than running another function)."""
     model_type = MOE_MODEL_TYPES[config.family]
-    if config.router_gate != "softmax":
-        raise CheckpointError(f"{model_type} routes with softmax; a {config.router_gate}-gated MoE has no "
-                              "transformers equivalent")
+    problem = _moe_problem(config, model_type)
+    if problem is not None:
+        return hf | {"architectures": ["OmnilmMoeForCausalLM"], "model_type": OMNILM_MOE,
+                     "omnilm_note": f"not a transformers model: {problem}", "omnilm_config": dataclasses.asdict(config)}
     common = {"architectures": [MOE_ARCHITECTURES[model_type]], "model_type": model_type,
               "num_experts_per_tok": config.n_experts_per_tok, "router_aux_loss_coef": config.router_aux_loss_coef,
               "router_z_loss_coef": config.router_z_loss_coef, "output_router_logits": False}
     if model_type == "mixtral":
-        if config.n_shared_experts or not config.norm_topk_prob or config.moe_every != 1 or config.dense_layers:
-            raise CheckpointError("Mixtral has no shared experts or dense layers and renormalises the top-k "
-                                  "scores; use family 'qwen2' (Qwen2-MoE) for those")
         hf = {k: v for k, v in hf.items() if k not in ("attention_bias", "mlp_bias")}
         return hf | common | {"num_local_experts": config.n_experts, "intermediate_size": config.expert_dim,
                               "sliding_window": config.sliding_window, "router_jitter_noise": 0.0}
-    if config.sliding_window is not None:
-        raise CheckpointError("a qwen2 MoE with sliding-window attention is not supported (Mixtral's is: use "
-                              "family 'llama')")
-    if config.n_shared_experts != 1 or not config.shared_expert_gate:
-        raise CheckpointError("Qwen2-MoE has exactly one shared expert with a sigmoid gate (n_shared_experts=1, "
-                              "shared_expert_gate=true)")
     return hf | common | {
         "num_experts": config.n_experts, "moe_intermediate_size": config.expert_dim,
         "shared_expert_intermediate_size": config.shared_dim, "norm_topk_prob": config.norm_topk_prob,
         "decoder_sparse_step": config.moe_every, "mlp_only_layers": list(config.dense_layers), "qkv_bias": True}
+
+
+def _moe_problem(config: ModelConfig, model_type: str) -> str | None:
+    """Why ``config`` is no ``model_type`` model (None when it is one)."""
+    if config.router_gate != "softmax":
+        return f"{model_type} routes with softmax, this model with {config.router_gate} scores"
+    if model_type == "mixtral":
+        if config.n_shared_experts or not config.norm_topk_prob or config.moe_every != 1 or config.dense_layers:
+            return ("Mixtral has no shared experts or dense layers and renormalises the top-k scores (family "
+                    "'qwen2', Qwen2-MoE, has those)")
+        return None
+    if config.sliding_window is not None:
+        return "omnilm reads no qwen2_moe sliding window (Mixtral's, family 'llama', is supported)"
+    if config.n_shared_experts != 1 or not config.shared_expert_gate:
+        return "Qwen2-MoE has exactly one shared expert with a sigmoid gate"
+    return None
 
 
 def _moe_config_from_hf(hf: dict[str, Any], model_type: str, source: str) -> dict[str, Any]:
@@ -249,6 +262,10 @@ def config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ModelConf
     model_type = hf.get("model_type")
     ids = {k: hf.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     ids = {k: (v[0] if isinstance(v, list) and v else v) for k, v in ids.items()}
+    if model_type == OMNILM_MOE:
+        from omnilm.config import from_dict
+
+        return from_dict(ModelConfig, _require(hf, "omnilm_config", source), source=source)
     if model_type == "bloom":
         return _bloom_config_from_hf(hf, ids, source)
     if model_type == "gpt2":
