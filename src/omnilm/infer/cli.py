@@ -46,7 +46,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from omnilm.errors import UserError
     from omnilm.infer import SamplingParams, TextGenerator
+    from omnilm.model.families import SEQ2SEQ_TYPES, model_type
 
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -54,6 +56,18 @@ def run_generate(args: argparse.Namespace) -> int:
         length_penalty=args.length_penalty, stop=tuple(args.stop), seed=args.seed,
         attention_sinks=args.attention_sinks, sink_window=args.sink_window)
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    if model_type(args.model) in SEQ2SEQ_TYPES:  # an encoder-decoder: --prompt is the encoder input
+        from omnilm.infer.seq2seq import generate_text
+
+        if args.draft_model:
+            raise UserError("--draft-model works with decoder-only models")
+        out = sys.stdout.buffer
+        for piece in generate_text(args.model, args.prompt, params, args.device, dtype):
+            out.write(piece.encode("utf-8"))
+            out.flush()
+        if sys.stdout.isatty():
+            out.write(b"\n")
+        return 0
     generator = TextGenerator.from_pretrained(args.model, dtype=dtype, device=args.device, draft=args.draft_model,
                                               speculative_k=args.speculative_k, mtp=args.mtp)
     out = sys.stdout.buffer

@@ -71,3 +71,41 @@ def seq2seq_beam_search(model: Any, prompt: Sequence[int], num_beams: int, max_n
         return model.decode(feed[:, None], state["memory"], state["mask"], cache)[:, -1]
 
     return beam_loop(logits, step, reorder, num_beams, max_new_tokens, eos_ids, length_penalty)
+
+
+def generate_text(folder: str, prompt: str, params: SamplingParams, device: str = "cpu",
+                  dtype: torch.dtype | None = None) -> Iterator[str]:
+    """``omnilm generate`` for an encoder–decoder folder: ``prompt`` is the encoder input (ending with EOS, and
+    opening with BOS where the model has its own); yields the output text piece by piece (special tokens left
+    out; stop strings end it before they are printed)."""
+    from omnilm.model.families import load_any
+    from omnilm.tokenizer import Tokenizer
+
+    model = load_any(folder, dtype=dtype, device=device)
+    tokenizer = Tokenizer.from_dir(folder)
+    config = model.config
+    bos = getattr(config, "bos_token_id", config.eos_token_id)
+    ids = ([bos] if bos != config.eos_token_id else []) + tokenizer.encode(prompt, special=False) + [
+        config.eos_token_id]
+    eos = [config.eos_token_id]
+    if params.num_beams > 1:
+        steps = iter([torch.tensor([t]) for t in seq2seq_beam_search(model, ids, params.num_beams,
+                                                                     params.max_new_tokens, eos,
+                                                                     params.length_penalty, config.pad_token_id)])
+    else:
+        steps = seq2seq_generate_ids(model, [ids], params, eos, config.pad_token_id)
+    tokens: list[int] = []
+    printed = ""
+    for step in steps:
+        token = int(step[0])
+        if token < 0 or token in eos:
+            break
+        tokens.append(token)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = min((text.find(s) for s in params.stop if s and s in text), default=-1)
+        if cut >= 0:
+            yield text[len(printed):cut]
+            return
+        if not text.endswith("\ufffd"):  # a partial UTF-8 character waits for its next token
+            yield text[len(printed):]
+            printed = text

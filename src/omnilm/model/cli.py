@@ -78,9 +78,20 @@ def run_info(args: argparse.Namespace) -> int:
     import torch
 
     from omnilm.model import PRESETS, Transformer
+    from omnilm.model.families import ENCODER_TYPES, SEQ2SEQ_TYPES, family_presets, fresh_model, load_any, model_type
     from omnilm.model.hf import read_config
     from omnilm.model.moe import active_params
 
+    if args.model and model_type(args.model) in ENCODER_TYPES + SEQ2SEQ_TYPES:
+        model = load_any(args.model)
+        _print_family_model(args.model, model.config, sum(p.numel() for p in model.parameters()))
+        return 0
+    if args.presets:  # the encoder and encoder-decoder families first
+        for family, presets in family_presets().items():
+            for name, config in presets.items():
+                with torch.device("meta"):
+                    model = fresh_model({"family": family, "preset": name})
+                _print_family_model(f"{name} [{family}]", config, sum(p.numel() for p in model.parameters()))
     configs = dict(PRESETS) if args.presets else {args.model: read_config(args.model)}
     for name, config in configs.items():
         with torch.device("meta"):
@@ -96,6 +107,16 @@ def run_info(args: argparse.Namespace) -> int:
               f"{config.n_head} heads / {config.kv_heads} KV heads, vocab {config.vocab_size}, "
               f"context {config.max_seq_len}, tied={config.tie_embeddings}{experts}")
     return 0
+
+
+def _print_family_model(name: str, config: object, params: int) -> None:
+    """One line for an encoder or encoder-decoder config (their fields differ from the decoder's)."""
+    c = config
+    layers = f"{c.n_layer} layers" if not hasattr(c, "decoder_layers") else \
+        f"{c.n_layer}+{c.decoder_layers} encoder+decoder layers"
+    extra = f", ff {c.ff_kind}, tied={c.tie_embeddings}" if hasattr(c, "ff_kind") else ""
+    print(f"{name}: {params / 1e6:.2f}M params, {layers}, d_model {c.d_model}, {c.n_head} heads, "
+          f"vocab {c.vocab_size}, context {c.max_seq_len}{extra}")
 
 
 def run_upcycle(args: argparse.Namespace) -> int:
