@@ -33,7 +33,8 @@ def test_whole_words_share_selection_and_specials_are_never_selected(seed, rows,
     word_start = torch.rand(rows, width, generator=g) < 0.4
     maskable = torch.rand(rows, width, generator=g) < 0.9
     config = MaskingConfig(mask_prob=0.5, whole_word=True)
-    inputs, labels = mask_tokens(tokens, config, MASK, VOCAB, maskable, g, word_start)
+    mask_id = VOCAB  # outside the random-replacement range, so a random token never looks like a mask
+    inputs, labels = mask_tokens(tokens, config, mask_id, VOCAB, maskable, g, word_start)
     ids = word_ids(word_start)
     selected = labels != IGNORE_INDEX
     assert not bool((selected & ~maskable).any())
@@ -41,7 +42,7 @@ def test_whole_words_share_selection_and_specials_are_never_selected(seed, rows,
         for w in ids[r].unique():
             inside = (ids[r] == w) & maskable[r]
             assert selected[r][inside].all() or not selected[r][inside].any()
-            assert len(set((inputs[r][inside & selected[r]] == MASK).tolist())) <= 1
+            assert len(set((inputs[r][inside & selected[r]] == mask_id).tolist())) <= 1
 
 
 def test_mlm_loss_counts_selected_positions_only():
