@@ -253,6 +253,8 @@ def run_evals(model_dir: str | Path, specs: dict[str, dict[str, Any]]) -> dict[s
     from omnilm.omni.thinker import is_thinker_folder
     from omnilm.tokenizer import Tokenizer
 
+    if not specs:  # nothing to evaluate: the folder need not be a model these evals can load (an encoder's)
+        return {}
     if is_thinker_folder(model_dir):
         from omnilm.omni.thinker import load_thinker
 

@@ -32,7 +32,7 @@ STAGE_DONE = "stage.json"
 STAGE_STARTED = "stage-spec.json"
 STALE_SUFFIX = ".stale"
 PATH_KEYS = ("init_from", "tokenizer")
-OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data", "codec")  # stage options that name folders
+OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data", "codec", "eval_data")  # options that name paths
 
 
 def _resolve(path: str, root: Path) -> str:
