@@ -18,15 +18,14 @@ def test_weight_decay_only_on_matrices(family):
 
 
 def test_adamw_step_matches_torch_reference():
-    """Our grouping + torch's fused AdamW equals a hand-built two-group AdamW (the default multi-tensor kernel) on a
-    copy of the model, to float32 rounding."""
+    """Our grouping + torch AdamW equals a hand-built two-group AdamW on a copy of the model."""
     torch.manual_seed(0)
     model = small_model("llama", vocab_size=64)
     reference = small_model("llama", vocab_size=64)
     reference.load_state_dict(model.state_dict())
     config = TrainConfig(max_steps=1, lr=1e-2, weight_decay=0.5)
     ours = build_optimizer(model, config)
-    assert all(group["fused"] for group in ours.param_groups)
+    assert not any(group["fused"] for group in ours.param_groups)  # CPU: the default kernel (see can_fuse)
     decay = [p for n, p in reference.named_parameters() if p.dim() >= 2 and "emb" not in n]
     other = [p for n, p in reference.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     theirs = torch.optim.AdamW([{"params": decay, "weight_decay": 0.5}, {"params": other, "weight_decay": 0.0}],
@@ -38,7 +37,7 @@ def test_adamw_step_matches_torch_reference():
             opt.step()
             opt.zero_grad()
     for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(a, b), name
 
 
 def test_lr_scale_and_frozen_modules_in_a_real_training_run(tmp_path):

@@ -55,7 +55,10 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def can_fuse(params: list[torch.Tensor]) -> bool:
-    """Whether PyTorch's fused AdamW kernel takes these parameters: plain (not sharded DTensor) float tensors on CPU
-    or CUDA. On CPU it is ~5x faster than the default multi-tensor step (4 ms vs 23 ms for 8.6M parameters)."""
-    return all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type in ("cpu", "cuda")
+    """Whether to use PyTorch's fused AdamW kernel: plain (not sharded DTensor) float tensors on CUDA.
+
+    Not on CPU, although it is ~5x faster there (4 ms instead of 23 ms a step for 8.6M parameters): with it a PPO
+    run resumed from a checkpoint no longer ends bit-identical to the uninterrupted run (weights differ by ~1e-3),
+    while plain resumes stay identical; until that is understood the CPU keeps the default multi-tensor kernel."""
+    return all(type(p) in (torch.Tensor, torch.nn.Parameter) and p.device.type == "cuda"
                and p.dtype in (torch.float32, torch.float16, torch.bfloat16) for p in params)
