@@ -141,17 +141,27 @@ def thinker_config_to_hf(config: ThinkerConfig) -> dict[str, Any]:
     return out
 
 
+def text_config_from_hf(text_hf: dict[str, Any], source: str) -> ModelConfig:
+    """The language model of a Thinker or Talker ``config.json``, as a qwen2 ModelConfig.
+
+    Sliding windows are refused: these models attend through their own 4-D masks (time-interleaved media, left
+    padding), which a window configured on the decoder would not reach."""
+    from omnilm.model.hf import CheckpointError, config_from_hf
+
+    if text_hf.get("use_sliding_window"):
+        raise CheckpointError(f"{source}: sliding-window attention is not supported in the omni models")
+    return config_from_hf(text_hf, source=source)
+
+
 def thinker_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> ThinkerConfig:
     """A ThinkerConfig from a transformers thinker ``config.json`` (or the ``thinker_config`` of a full one)."""
-    from omnilm.model.hf import config_from_hf
-
     if hf.get("model_type") == "qwen2_5_omni":
         hf = hf["thinker_config"]
     if hf.get("model_type") != "qwen2_5_omni_thinker":
         raise ConfigError(f"{source}: model_type {hf.get('model_type')!r} is not a Qwen2.5-Omni thinker")
     text_hf = dict(hf["text_config"]) | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}
     text_hf["tie_word_embeddings"] = hf.get("tie_word_embeddings", False)
-    text = config_from_hf(text_hf, source=f"{source}: text_config")
+    text = text_config_from_hf(text_hf, source=f"{source}: text_config")
     audio_hf = hf.get("audio_config") or {}
     vision_hf = dict(hf.get("vision_config") or {})
     for key, expected in (("activation_function", "gelu"), ("scale_embedding", False)):

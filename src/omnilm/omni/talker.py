@@ -43,7 +43,6 @@ from omnilm.model.attention import KVCache
 from omnilm.model.config import ModelConfig
 from omnilm.model.hf import (
     check_tensors,
-    config_from_hf,
     config_to_hf,
     read_config_json,
     read_hf_tensors,
@@ -52,7 +51,7 @@ from omnilm.model.hf import (
     write_weights,
 )
 from omnilm.model.transformer import Transformer
-from omnilm.omni.config import ThinkerConfig, VisionEncoderConfig
+from omnilm.omni.config import ThinkerConfig, VisionEncoderConfig, text_config_from_hf
 from omnilm.omni.positions import decode_positions, rope_index
 from omnilm.omni.thinker import Thinker
 from omnilm.utils.atomic import write_json_atomic
@@ -145,7 +144,7 @@ def talker_config_from_hf(hf: dict[str, Any], source: str = "config.json") -> Ta
     text_hf = dict(hf) | {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "rope_parameters": rope,
                           "tie_word_embeddings": hf.get("tie_word_embeddings", False)}
     text_hf.pop("rope_scaling", None)
-    text = config_from_hf(text_hf, source=source)
+    text = text_config_from_hf(text_hf, source=source)
     ids = {name: hf[_HF_NAMES.get(name, name)] for name in _HF_FIELDS if _HF_NAMES.get(name, name) in hf}
     return TalkerConfig(text=text, embedding_size=hf.get("embedding_size", text.d_model), **ids)
 
