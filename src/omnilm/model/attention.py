@@ -22,7 +22,9 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (config.n_layer, batch_size, config.kv_heads, max_len, config.dim_per_head)
+        self._allocate((config.n_layer, batch_size, config.kv_heads, max_len, config.dim_per_head), device, dtype)
+
+    def _allocate(self, shape: tuple[int, ...], device: torch.device | str, dtype: torch.dtype) -> None:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.length = 0

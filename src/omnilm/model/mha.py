@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omnilm.model.attention import KVCache
+
 
 def padding_bias(attention_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     """Additive score bias (B, 1, 1, S): 0 for real keys, the dtype's lowest value for padding (mask 0).
@@ -44,42 +46,23 @@ def add_biases(*biases: torch.Tensor | None) -> torch.Tensor | None:
     return total.clamp(min=torch.finfo(total.dtype).min)
 
 
-class EncDecCache:
+class EncDecCache(KVCache):
     """Keys/values of an encoder–decoder's decoder during incremental decoding.
 
-    Self-attention buffers are preallocated, (layers, B, H, max_len, D), filled up to ``length`` and advanced by
-    the model after each forward pass (as ``KVCache`` is). Cross-attention keys/values depend only on the encoder
-    output, so each layer computes them once, on the first step, and stores them in ``cross[layer]`` (B, H, S, D).
+    Self-attention keys/values live in ``KVCache``'s preallocated buffers, (layers, B, H, max_len, D), filled up to
+    ``length`` and advanced by the model after each forward pass. Cross-attention keys/values depend only on the
+    encoder output, so each layer computes them once, on the first step, and stores them in ``cross[layer]``
+    (B, H, S, D).
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
-        shape = (n_layer, batch_size, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self._allocate((n_layer, batch_size, n_head, max_len, head_dim), device, dtype)
         self.cross: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * n_layer
-        self.length = 0
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's self-attention keys/values of ``layer``; return all of them so far."""
-        start, end = self.length, self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"decoder cache is full: {end} positions needed, {self.max_len} allocated")
-        self.k[layer, :, :, start:end] = k
-        self.v[layer, :, :, start:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
-
-    def advance(self, n: int) -> None:
-        self.length += n
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep/duplicate batch rows by ``index`` (beam search), cross-attention entries included."""
-        self.k = self.k.index_select(1, index)
-        self.v = self.v.index_select(1, index)
+        super().reorder(index)
         self.cross = [None if kv is None else (kv[0].index_select(0, index), kv[1].index_select(0, index))
                       for kv in self.cross]
 
