@@ -584,6 +584,8 @@ def read_hf_tensors(folder: str | Path) -> dict[str, torch.Tensor]:
 def read_config_json(folder: str | Path) -> tuple[dict[str, Any], str]:
     """A model folder's ``config.json`` as a mapping, and its path (for error messages)."""
     path = Path(folder) / "config.json"
+    if not Path(folder).is_dir():
+        raise CheckpointError(f"model folder not found: {folder}")
     if not path.is_file():
         raise CheckpointError(f"{folder}: missing file config.json")
     return json.loads(path.read_text(encoding="utf-8")), str(path)
