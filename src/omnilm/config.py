@@ -52,6 +52,23 @@ def load_config(cls: type[T], path: str | Path) -> T:
     return from_dict(cls, read_mapping(path), source=str(path))
 
 
+def from_preset_or_dict(cls: type[T], presets: dict[str, T], source: str | Path | dict[str, Any],
+                        kind: str) -> T:
+    """Dataclass ``cls`` from a mapping or a YAML/JSON file; a ``preset`` key starts from ``presets[preset]`` and
+    the other keys replace its fields (unknown keys and presets are errors naming ``kind``)."""
+    values = dict(source) if isinstance(source, dict) else read_mapping(source)
+    name = f"{kind} config" if isinstance(source, dict) else str(source)
+    preset = values.pop("preset", None)
+    if preset is None:
+        return from_dict(cls, values, source=name)
+    if preset not in presets:
+        raise ConfigError(f"unknown {kind} preset {preset!r}; available: {sorted(presets)}")
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {unknown} for {cls.__name__}")
+    return dataclasses.replace(presets[preset], **values)  # type: ignore[type-var]
+
+
 def to_dict(config: Any) -> dict[str, Any]:
     """A dataclass config as a plain dict (for saving next to a run)."""
     return dataclasses.asdict(config)

@@ -9,15 +9,15 @@ to the embedding and adds ``final_logits_bias``. Same generation interface as ``
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnilm.config import ConfigError, from_dict
-from omnilm.model.mha import EncDecCache, MultiHeadAttention, causal_bias, padding_bias
+from omnilm.config import ConfigError, from_preset_or_dict
+from omnilm.model.mha import EncDecCache, EncoderDecoderLM, MultiHeadAttention, causal_bias, padding_bias
 
 POSITION_OFFSET = 2
 
@@ -113,12 +113,13 @@ class BartStack(nn.Module):
         return x
 
 
-class Bart(nn.Module):
+class Bart(EncoderDecoderLM):
     """BART for conditional generation: ``forward(input_ids, attention_mask, decoder_input_ids)`` → logits."""
 
     def __init__(self, config: BartConfig) -> None:
         super().__init__()
         self.config = config
+        self.cache_head_dim = config.d_model // config.n_head
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = BartStack(config, decoder=False)
         self.decoder = BartStack(config, decoder=True)
@@ -156,13 +157,6 @@ class Bart(nn.Module):
             cache.advance(T)
         return F.linear(h, self.tok_emb.weight, self.final_logits_bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, T, vocab) for ``decoder_input_ids`` (the targets shifted right)."""
-        if decoder_input_ids is None:
-            raise ValueError("BART needs decoder_input_ids (the targets shifted right)")
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
-
     def save_pretrained(self, folder: str | Path, tokenizer: object = None,
                         state: dict[str, torch.Tensor] | None = None) -> Path:
         from omnilm.model.hf_bart import save_bart
@@ -173,14 +167,6 @@ class Bart(nn.Module):
         from omnilm.model.hf_bart import read_bart_state
 
         return read_bart_state(folder, self)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        return self.num_flops_per_token()
-
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> EncDecCache:
-        p, c = self.tok_emb.weight, self.config
-        return EncDecCache(c.decoder_layers, batch_size, c.n_head, c.d_model // c.n_head, max_len or c.max_seq_len,
-                           p.device, p.dtype)
 
     def num_flops_per_token(self) -> float:
         """Training FLOPs per (encoder + decoder) token, as ``T5.num_flops_per_token`` counts them."""
@@ -200,15 +186,6 @@ PRESETS: dict[str, BartConfig] = {
 }
 
 
-def load_bart_config(values: dict) -> BartConfig:
-    """A BartConfig from a mapping; a ``preset`` key starts from that preset."""
-    values = dict(values)
-    preset = values.pop("preset", None)
-    if preset is None:
-        return from_dict(BartConfig, values, source="bart config")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown bart preset {preset!r}; available: {sorted(PRESETS)}")
-    unknown = sorted(set(values) - {f.name for f in fields(BartConfig)})
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} for BartConfig")
-    return replace(PRESETS[preset], **values)
+def load_bart_config(values: dict | str | Path) -> BartConfig:
+    """A BartConfig from a mapping or YAML/JSON file; a ``preset`` key starts from that preset."""
+    return from_preset_or_dict(BartConfig, PRESETS, values, "bart")

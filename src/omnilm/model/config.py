@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from omnilm.config import ConfigError, from_dict, read_mapping
+from omnilm.config import ConfigError, from_preset_or_dict
 
 Family = Literal["gpt2", "llama", "qwen2"]
 
@@ -228,13 +228,4 @@ def get_preset(name: str, **overrides: object) -> ModelConfig:
 
 def load_model_config(source: str | Path | dict) -> ModelConfig:
     """A ModelConfig from a YAML/JSON file or a mapping; a ``preset`` key starts from that preset."""
-    values = dict(source) if isinstance(source, dict) else read_mapping(source)
-    name = "model config" if isinstance(source, dict) else str(source)
-    preset = values.pop("preset", None)
-    if preset is not None:
-        known = {f.name for f in fields(ModelConfig)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"{name}: unknown key(s) {unknown} for ModelConfig")
-        return get_preset(preset, **values)
-    return from_dict(ModelConfig, values, source=name)
+    return from_preset_or_dict(ModelConfig, PRESETS, source, "model")

@@ -13,7 +13,7 @@ Heads (each composed with an ``Encoder``, never a subclass of it):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnilm.config import ConfigError, from_dict, read_mapping
+from omnilm.config import ConfigError, from_preset_or_dict
 from omnilm.model.mha import MultiHeadAttention, padding_bias
 
 EncoderFamily = Literal["bert", "electra"]
@@ -250,17 +250,8 @@ PRESETS: dict[str, EncoderConfig] = {
 
 
 def load_encoder_config(values: dict | str | Path) -> EncoderConfig:
-    """An EncoderConfig from a mapping or YAML/JSON file; a ``preset`` key starts from that preset."""
-    values = dict(values) if isinstance(values, dict) else read_mapping(values)
-    preset = values.pop("preset", None)
-    if preset is None:
-        return from_dict(EncoderConfig, values, source="encoder config")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown encoder preset {preset!r}; available: {sorted(PRESETS)}")
-    unknown = sorted(set(values) - {f.name for f in fields(EncoderConfig)})
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} for EncoderConfig")
-    return replace(PRESETS[preset], **values)
+    """A EncoderConfig from a mapping or YAML/JSON file; a ``preset`` key starts from that preset."""
+    return from_preset_or_dict(EncoderConfig, PRESETS, values, "encoder")
 
 
 def electra_generator_config(discriminator: EncoderConfig, size_divisor: int = 4) -> EncoderConfig:

@@ -67,6 +67,28 @@ class EncDecCache(KVCache):
                       for kv in self.cross]
 
 
+class EncoderDecoderLM(nn.Module):
+    """What T5 and BART share around their own ``encode`` / ``decode``: teacher forcing, the decoder cache, and the
+    trainer's FLOPs hook. A subclass sets ``cache_head_dim`` and defines ``num_flops_per_token``."""
+
+    cache_head_dim: int
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher-forced logits (B, T, vocab) for ``decoder_input_ids`` (the targets shifted right)."""
+        if decoder_input_ids is None:
+            raise ValueError(f"{type(self).__name__} needs decoder_input_ids (the targets shifted right)")
+        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
+
+    def flops_per_token(self, seq_len: int) -> float:
+        return self.num_flops_per_token()
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> EncDecCache:
+        p, c = self.tok_emb.weight, self.config
+        return EncDecCache(c.decoder_layers, batch_size, c.n_head, self.cache_head_dim, max_len or c.max_seq_len,
+                           p.device, p.dtype)
+
+
 class MultiHeadAttention(nn.Module):
     """Self- or cross-attention: softmax(scale · q kᵀ + bias) v over H heads of width D.
 

@@ -16,7 +16,7 @@ Interface shared with BART (``omnilm.infer.seq2seq`` relies on it): ``encode``, 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omnilm.config import ConfigError, from_dict
-from omnilm.model.mha import EncDecCache, MultiHeadAttention, add_biases, causal_bias, padding_bias
+from omnilm.config import ConfigError, from_preset_or_dict
+from omnilm.model.mha import EncDecCache, EncoderDecoderLM, MultiHeadAttention, add_biases, causal_bias, padding_bias
 from omnilm.model.transformer import RMSNorm
 
 
@@ -184,12 +184,13 @@ class T5Stack(nn.Module):
         return self.drop(self.norm_f(x))
 
 
-class T5(nn.Module):
+class T5(EncoderDecoderLM):
     """T5 for conditional generation: ``forward(input_ids, attention_mask, decoder_input_ids)`` → logits."""
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         self.config = config
+        self.cache_head_dim = config.head_dim
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
         self.encoder = T5Stack(config, decoder=False)
         self.decoder = T5Stack(config, decoder=True)
@@ -243,13 +244,6 @@ class T5(nn.Module):
             h = h * self.config.d_model ** -0.5
         return self.lm_head(h)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                decoder_input_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher-forced logits (B, T, vocab) for ``decoder_input_ids`` (the targets shifted right)."""
-        if decoder_input_ids is None:
-            raise ValueError("T5 needs decoder_input_ids (the targets shifted right)")
-        return self.decode(decoder_input_ids, self.encode(input_ids, attention_mask), attention_mask)
-
     def save_pretrained(self, folder: str | Path, tokenizer: object = None,
                         state: dict[str, torch.Tensor] | None = None) -> Path:
         from omnilm.model.hf_t5 import save_t5
@@ -260,15 +254,6 @@ class T5(nn.Module):
         from omnilm.model.hf_t5 import read_t5_state
 
         return read_t5_state(folder, self)
-
-    def flops_per_token(self, seq_len: int) -> float:
-        return self.num_flops_per_token()
-
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> EncDecCache:
-        p = self.tok_emb.weight
-        c = self.config
-        return EncDecCache(c.decoder_layers, batch_size, c.n_head, c.head_dim, max_len or c.max_seq_len,
-                           p.device, p.dtype)
 
     def num_flops_per_token(self) -> float:
         """Training FLOPs per (encoder + decoder) token ≈ 6 × the weights a token passes through (half the
@@ -294,15 +279,6 @@ PRESETS: dict[str, T5Config] = {
 }
 
 
-def load_t5_config(values: dict) -> T5Config:
-    """A T5Config from a mapping; a ``preset`` key starts from that preset."""
-    values = dict(values)
-    preset = values.pop("preset", None)
-    if preset is None:
-        return from_dict(T5Config, values, source="t5 config")
-    if preset not in PRESETS:
-        raise ConfigError(f"unknown t5 preset {preset!r}; available: {sorted(PRESETS)}")
-    unknown = sorted(set(values) - {f.name for f in fields(T5Config)})
-    if unknown:
-        raise ConfigError(f"unknown key(s) {unknown} for T5Config")
-    return replace(PRESETS[preset], **values)
+def load_t5_config(values: dict | str | Path) -> T5Config:
+    """A T5Config from a mapping or YAML/JSON file; a ``preset`` key starts from that preset."""
+    return from_preset_or_dict(T5Config, PRESETS, values, "t5")
