@@ -33,9 +33,16 @@ class SpanCorruptionConfig:
             raise ValueError(f"invalid span corruption settings {self}")
 
 
+def _noise_and_spans(length: int, config: SpanCorruptionConfig) -> tuple[int, int]:
+    """Dropped tokens and noise spans in a window of ``length``: at least one of each, and a kept span per noise
+    span (the lengths computed for a window and the mask drawn for it must agree)."""
+    noise = min(max(int(round(length * config.noise_density)), 1), length - 1)
+    spans = max(int(round(noise / config.mean_noise_span_length)), 1)
+    return noise, min(spans, noise, length - noise)
+
+
 def _lengths(tokens_length: int, config: SpanCorruptionConfig) -> tuple[int, int]:
-    noise = int(round(tokens_length * config.noise_density))
-    spans = int(round(noise / config.mean_noise_span_length))
+    noise, spans = _noise_and_spans(tokens_length, config)
     # inputs: the kept tokens, a sentinel per span, EOS; targets: the dropped tokens, a sentinel per span, EOS
     return tokens_length - noise + spans + 1, noise + spans + 1
 
@@ -69,9 +76,7 @@ def _random_segmentation(num_items: int, num_segments: int, rng: np.random.Gener
 
 def random_spans_noise_mask(length: int, config: SpanCorruptionConfig, rng: np.random.Generator) -> np.ndarray:
     """Boolean (length,) noise mask: alternating kept / dropped spans, starting with a kept one."""
-    noise = min(max(int(round(length * config.noise_density)), 1), length - 1)
-    spans = max(int(round(noise / config.mean_noise_span_length)), 1)
-    spans = min(spans, noise, length - noise)
+    noise, spans = _noise_and_spans(length, config)
     noise_lengths = _random_segmentation(noise, spans, rng)
     kept_lengths = _random_segmentation(length - noise, spans, rng)
     pieces = np.stack([kept_lengths, noise_lengths], axis=1).reshape(-1)  # kept₁, noise₁, kept₂, noise₂, …
