@@ -222,3 +222,33 @@ def test_unfinished_stage_with_the_same_config_resumes(tiny_run: Path, tmp_path:
     assert not (run / "a.stale").exists()
     a, b = read_hf_tensors(tiny_run / "a" / "final"), read_hf_tensors(run / "a" / "final")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def evaluated(lines: list[str]) -> dict[str, str]:
+    """Per stage, what its evaluation line said (how many were computed, how many read back)."""
+    return {line.split("]")[0][1:]: line.split("] ")[1] for line in lines if "] evaluating " in line}
+
+
+def test_rerun_reads_back_current_evaluations_and_recomputes_stale_ones(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path)
+    val = {"type": "val_loss", "data": "tokens", "seq_len": 16, "batch_size": 2, "batches": 2}
+    with_evals = {"a": {"evals": {"val": val}}}
+    lines = run_logged(tiny_recipe(stages=with_evals), run)
+    assert trained(lines) == []  # declaring evaluations does not change what a stage trains
+    assert set(evaluated(lines).values()) == {"evaluating 1 eval set(s)"}
+    first = json.loads((run / "evals.json").read_text())
+
+    lines = run_logged(tiny_recipe(stages=with_evals), run)
+    assert set(evaluated(lines).values()) == {"evaluating 0 eval set(s), 1 unchanged ones read back"}
+    assert json.loads((run / "evals.json").read_text()) == first
+
+    # A changed spec is recomputed everywhere; a retrained stage recomputes its own and its successors' results.
+    more = {"a": {"evals": {"val": val | {"batches": 3}, "more": val | {"seed": 7}}}}
+    assert set(evaluated(run_logged(tiny_recipe(stages=more), run)).values()) == {"evaluating 2 eval set(s)"}
+    lines = run_logged(tiny_recipe(stages=more | {"b": {"train": {"max_steps": 3}}}), run)
+    assert evaluated(lines) == {"a": "evaluating 0 eval set(s), 2 unchanged ones read back",
+                                "b": "evaluating 2 eval set(s)", "c": "evaluating 2 eval set(s)"}
+    # What was read back equals what computing afresh gives.
+    fresh = tmp_path / "fresh"
+    run_logged(tiny_recipe(stages=more | {"b": {"train": {"max_steps": 3}}}), fresh)
+    assert json.loads((fresh / "evals.json").read_text()) == json.loads((run / "evals.json").read_text())

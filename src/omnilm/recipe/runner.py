@@ -9,7 +9,9 @@ or continues from its latest checkpoint (unfinished); a stage whose fingerprint 
 is moved to ``<stage>.stale/`` (so no stale checkpoint is resumed) and it trains afresh; the stages after it
 that read it then change fingerprint too. After each stage, the evaluations declared by that stage and by
 every earlier stage run on its final model, so the retention table shows what each stage kept of earlier
-skills; they are computed on every run, never read back.
+skills. Each result is kept in ``<stage>/evals.json`` under a hash of the stage's fingerprint, the evaluation's
+resolved spec and the fingerprints of the jobs it reads; a rerun reads back the results whose hash is
+unchanged and computes only the others (delete that file to recompute them all).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
 
 STAGE_DONE = "stage.json"
 STAGE_STARTED = "stage-spec.json"
+STAGE_EVALS = "evals.json"
 STALE_SUFFIX = ".stale"
 PATH_KEYS = ("init_from", "tokenizer")
 OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data", "codec", "eval_data")  # options that name paths
@@ -127,6 +130,25 @@ def check_stage(name: str, stage_dir: Path, current: dict[str, Any], log: Any) -
     return None
 
 
+def eval_keys(evals: dict[str, dict[str, Any]], stage_fingerprint: str, root: Path,
+              producers: dict[str, tuple[Path, str]]) -> dict[str, str]:
+    """Per evaluation, the hash that decides whether a stored result of it is current: the evaluated stage's
+    fingerprint, the spec (paths relative to ``root``) and the fingerprints of the jobs and stages it reads."""
+    return {name: fingerprint({"stage": stage_fingerprint, "spec": relative_paths(spec, root),
+                               "upstream": upstream_of(_absolute_strings(spec), producers)})
+            for name, spec in evals.items()}
+
+
+def stored_evals(stage_dir: Path, keys: dict[str, str]) -> dict[str, dict[str, float]]:
+    """The results in ``<stage>/evals.json`` that are still current for ``keys``."""
+    path = stage_dir / STAGE_EVALS
+    if not path.is_file():
+        return {}
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    return {name: entry["result"] for name, entry in stored.items()
+            if isinstance(entry, dict) and keys.get(name) == entry.get("key")}
+
+
 def resolve_evals(evals: dict[str, dict[str, Any]], root: Path) -> dict[str, dict[str, Any]]:
     out = {}
     for name, spec in (evals or {}).items():
@@ -203,8 +225,15 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, log: Any = print) -> dict[st
             write_json_atomic(stage_dir / STAGE_DONE, record)
         producers[f"stage {name}"] = (stage_dir.resolve(), record["fingerprint"])
         previous_final = root / record["final"]
-        log(f"[{name}] evaluating {len(all_evals)} eval set(s)")
-        results[name] = run_evals(previous_final, all_evals)
+        keys = eval_keys(all_evals, record["fingerprint"], root, producers)
+        current_results = stored_evals(stage_dir, keys)
+        todo = {n: spec for n, spec in all_evals.items() if n not in current_results}
+        reused = f", {len(current_results)} unchanged ones read back" if current_results else ""
+        log(f"[{name}] evaluating {len(todo)} eval set(s){reused}")
+        current_results |= run_evals(previous_final, todo)
+        results[name] = {n: current_results[n] for n in all_evals}
+        write_json_atomic(stage_dir / STAGE_EVALS, {n: {"key": keys[n], "result": results[name][n]}
+                                                    for n in all_evals})
         summary["stages"][name] = record | {"evals": results[name]}
         write_json_atomic(root / "evals.json", results)
         write_text_atomic(root / "retention.md", retention_table(results, all_evals))
