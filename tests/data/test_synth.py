@@ -186,3 +186,34 @@ def test_arithmetic_direct_and_worked_answers(tmp_path: Path) -> None:
     write_arithmetic(ArithmeticConfig(problems=200), plain)
     assert test == [json.loads(line) for line in (plain / "test.jsonl").read_text().splitlines()]
     assert all(r["messages"][0]["content"] == r["question"] and r["style"] == "worked" for r in test)
+
+
+def person_named(biography: str) -> str:
+    """The full name every sentence of a biography carries."""
+    sentences = biography.rstrip(".").split(". ")
+    pairs = set(re.findall(r"(?=\b([A-Z][a-z]+ [A-Z][a-z]+))", sentences[0]))
+    (name,) = [pair for pair in pairs if all(pair in sentence for sentence in sentences)]
+    return name
+
+
+def test_reading_documents_are_answerable_from_their_passages_only(tmp_path: Path) -> None:
+    plain, reading = tmp_path / "plain", tmp_path / "reading"
+    write_bios(BiosConfig(people=20, bios_per_person=6, seed=4), plain)
+    write_bios(BiosConfig(people=20, bios_per_person=6, seed=4, reading_in_pretraining=0.25), reading)
+    for name in ("eval.jsonl", "qa.jsonl", "people.jsonl", "passages.jsonl"):  # only train.jsonl gains documents
+        assert (plain / name).read_bytes() == (reading / name).read_bytes(), name
+    bios = read(plain / "train.jsonl")
+    records = read(reading / "train.jsonl")
+    docs = [r["text"] for r in records if r["person_id"] is None]
+    assert len(records) == 160 and len(docs) == 40  # a quarter of the documents
+    assert sorted(r["text"] for r in records if r["person_id"] is not None) == sorted(r["text"] for r in bios)
+    known = {p["name"] for p in read(plain / "people.jsonl")}
+    for doc in docs:
+        match = re.fullmatch(r"Passages:\n\[1\] (.+)\n\[2\] (.+)\nQuestion: (.+)\nAnswer: (.+)", doc)
+        assert match, doc
+        first, second, question, answer = match.groups()
+        names = [person_named(first), person_named(second)]
+        assert len(set(names)) == 2 and not set(names) & known  # two fresh people, nobody the evaluations know
+        gold = first if names[0] in question else second
+        assert (names[1] in question) == (gold is second)
+        assert answer in gold  # the answer is stated in the asked person's passage

@@ -6,7 +6,8 @@ in random order, always naming the person in full (so every sentence carries its
 ``train.jsonl``     biographies ``{"text", "person_id"}``; person ``i`` (1-based) is drawn with weight
                     ``i^-alpha``; with ``alpha = 0`` every seen person gets exactly ``bios_per_person``;
                     with ``qa_in_pretraining`` also QA documents (questions and answers in plain text) of
-                    the people whose QA is for training
+                    the people whose QA is for training; with ``reading_in_pretraining`` also reading
+                    documents (fresh people's biographies as retrieved passages, a question, its answer)
 ``eval.jsonl``      one held-out-template sentence per seen person and attribute, value span marked
                     (``value_start``, ``value_end``), for completion probes
 ``eval_train_templates.jsonl`` the same probes in training templates (new sentences, known wording)
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,10 @@ class BiosConfig:
     #: QA text mixed into train.jsonl: this fraction of its documents are question/answer lists of people whose
     #: QA is for training (``qa_split`` train), never of the held-out half (0: biographies only)
     qa_in_pretraining: float = 0.0
+    #: Reading documents mixed into train.jsonl: this fraction of its documents are two biographies of fresh
+    #: people (drawn for that document alone, in no other file) in the retrieval template, a question about one of
+    #: them and its answer, so that pre-training itself teaches reading an answer out of the context (0: none)
+    reading_in_pretraining: float = 0.0
     #: The first person's ``person_id``: a second set of people (other seed) can sit beside the first one
     first_id: int = 0
 
@@ -175,6 +181,30 @@ def mix_qa_documents(bios: list[tuple[Person, str]], people: list[Person], fract
     return mixed
 
 
+def reading_document(pair: Sequence[Person], rng: random.Random) -> str:
+    """The retrieval template (:func:`omnilm.rag.prompt.render_context`) holding both people's biographies, a
+    question about the first, and its answer: text whose answer can only be read, never recalled."""
+    from omnilm.rag.prompt import render_context
+
+    asked = pair[0]
+    attribute = rng.choice(ATTRIBUTES)
+    passages = [biography(p, rng) for p in pair]
+    rng.shuffle(passages)
+    question = rng.choice(QUESTIONS[attribute]).format(name=asked.name)
+    return f"{render_context(question, passages)}\nAnswer: {asked.attributes[attribute]}"
+
+
+def reading_documents(count: int, config: BiosConfig) -> list[str]:
+    """``count`` reading documents about ``2 · count`` fresh people (their names, cities, employers and universities
+    drawn with another seed than ``config``'s people)."""
+    if count == 0:
+        return []
+    fresh = make_people(BiosConfig(people=2 * count, cities=config.cities, companies=config.companies,
+                                   universities=config.universities, seed=config.seed + 7919))
+    rng = random.Random(config.seed + 6)
+    return [reading_document(fresh[2 * i:2 * i + 2], rng) for i in range(count)]
+
+
 def answer_matches(response: str, value: str) -> bool:
     """Whether a QA response states ``value`` (exactly, ignoring case, surrounding space and a final period)."""
     def norm(text: str) -> str:
@@ -198,7 +228,15 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
     # Own generator: without QA text every file is as before.
     documents = mix_qa_documents(bios, [p for p in seen if qa_split[p.person_id] == "train"],
                                  config.qa_in_pretraining, random.Random(config.seed + 4))
-    write_jsonl(out / "train.jsonl", ({"text": text, "person_id": p.person_id} for p, text in documents))
+    records = [{"text": text, "person_id": p.person_id} for p, text in documents]
+    if not 0 <= config.reading_in_pretraining < 1:
+        raise UserError(f"reading_in_pretraining must be in [0, 1), got {config.reading_in_pretraining}")
+    reading = reading_documents(round(len(records) * config.reading_in_pretraining
+                                      / (1 - config.reading_in_pretraining)), config)
+    if reading:  # no person_id: these people are nobody the evaluations ask about
+        records += [{"text": text, "person_id": None} for text in reading]
+        random.Random(config.seed + 6).shuffle(records)
+    write_jsonl(out / "train.jsonl", records)
 
     marginals = {a: Counter() for a in ATTRIBUTES}
     for person, n in zip(seen, counts, strict=True):
