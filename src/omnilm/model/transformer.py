@@ -8,14 +8,17 @@ the MLP, and how positions enter.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from omnilm.model.attention import Attention, KVCache, RollingKVCache, layer_masks, rope_cos_sin
 from omnilm.model.config import ModelConfig
 from omnilm.model.moe import MoE, residual_std
+from omnilm.objectives.chunked_ce import IGNORE_INDEX, linear_cross_entropy
 
 
 class RMSNorm(nn.Module):
@@ -90,6 +93,11 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        #: Training-time memory options (set from TrainConfig by the trainer, see ``set_memory_options``):
+        #: tokens per chunk of the loss's head matmul and softmax when ``forward`` gets targets (0 = all at once),
+        #: and whether blocks recompute their activations in backward instead of keeping them.
+        self.loss_chunk_tokens = 0
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -154,20 +162,39 @@ class Transformer(nn.Module):
             x = self.emb_norm(x)
         x = self.drop(x)
         masks = layer_masks(self.config, attention_mask, position_ids, past, T, cache, x.dtype)
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for block, mask in zip(self.blocks, masks, strict=True):
-            x = block(x, rope, mask, cache)
+            if recompute:
+                x = checkpoint(block, x, rope, mask, cache, use_reentrant=False)
+            else:
+                x = block(x, rope, mask, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm_f(x)
 
     def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab); with ``last_only`` just the last position's (B, 1, vocab)."""
+                last_only: bool = False, inputs_embeds: torch.Tensor | None = None,
+                targets: torch.Tensor | None = None, reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+        """Logits (B, T, vocab); with ``last_only`` just the last position's (B, 1, vocab).
+
+        With ``targets`` (B, T: the token each position should predict, ``IGNORE_INDEX`` where none) the fp32
+        cross-entropy (mean over the scored targets, or their sum) is returned instead of the logits; with
+        ``loss_chunk_tokens`` set it is computed chunk by chunk and the full logits never exist. Going through
+        ``forward`` keeps DDP, FSDP and torch.compile wrappers in the loop."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache, inputs_embeds)
+        if targets is not None and self.loss_chunk_tokens > 0:
+            return linear_cross_entropy(h, self.lm_head.weight, targets, self.loss_chunk_tokens, reduction)
+        if targets is not None:
+            return F.cross_entropy(self.lm_head(h).float().flatten(0, 1), targets.flatten(),
+                                   ignore_index=IGNORE_INDEX, reduction=reduction)
         if last_only:
             h = h[:, -1:]
         return self.lm_head(h)
+
+    def set_memory_options(self, loss_chunk_tokens: int, activation_checkpointing: bool) -> None:
+        """Trade compute for memory in training (see the attributes set in ``__init__``); results are unchanged."""
+        self.loss_chunk_tokens, self.activation_checkpointing = loss_chunk_tokens, activation_checkpointing
 
     def new_cache(self, batch_size: int, max_len: int | None = None, sinks: int | None = None,
                   window: int | None = None, rolling: bool = False) -> KVCache | RollingKVCache:

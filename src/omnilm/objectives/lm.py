@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.model.moe import router_aux_loss
-
-IGNORE_INDEX = -100
+from omnilm.model.transformer import Transformer
+from omnilm.objectives.chunked_ce import IGNORE_INDEX
+from omnilm.train.distributed import unwrap
 
 
 def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, reduction: Literal["mean", "sum"] = "mean",
@@ -19,10 +20,20 @@ def causal_lm_loss(model: nn.Module, tokens: torch.Tensor, reduction: Literal["m
     """Mean (or summed) next-token loss over a (B, T+1) token batch: inputs = tokens[:, :-1], targets =
     tokens[:, 1:]. A mixture-of-experts model's router losses (load balancing, z-loss, weighted by its config)
     are added to the mean loss and logged."""
-    logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+    loss = next_token_loss(model, tokens[:, :-1], tokens[:, 1:], reduction)
     return with_router_loss(model, loss, reduction)
+
+
+def next_token_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                    reduction: Literal["mean", "sum"] = "mean") -> torch.Tensor:
+    """fp32 cross-entropy of ``model``'s logits on ``inputs`` (B, T) against ``targets`` (B, T, IGNORE_INDEX
+    where unscored). omnilm's decoder computes it itself, so that its ``loss_chunk_tokens`` can keep the full
+    logits from ever existing; any other model's logits are scored here."""
+    if isinstance(unwrap(model), Transformer):
+        return model(inputs, targets=targets, reduction=reduction)
+    logits = model(inputs)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 def with_router_loss(model: nn.Module, loss: torch.Tensor, reduction: Literal["mean", "sum"] = "mean",
@@ -55,9 +66,7 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: 
     """
     tokens, mask = batch["tokens"], batch["loss_mask"]
     targets = masked_targets(tokens, mask)
-    logits = model(tokens[:, :-1])
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction=reduction)
+    loss = next_token_loss(model, tokens[:, :-1], targets, reduction)
     return loss, {"loss_tokens": float(loss_token_count(batch))}
 
 

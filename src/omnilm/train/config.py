@@ -11,7 +11,7 @@ from omnilm.config import ConfigError
 #: run is resumed, and changing them leaves a finished recipe stage current.
 OPERATIONAL_FIELDS = frozenset({"log_every", "eval_every", "eval_batches", "sample_every", "sample_prompt",
                                 "sample_tokens", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
-                                "peak_flops", "progress"})
+                                "peak_flops", "progress", "loss_chunk_tokens", "activation_checkpointing"})
 
 
 @dataclass
@@ -63,6 +63,13 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     #: Wrap the model with torch.compile.
     compile: bool = False
+    #: Tokens per chunk of the decoder's loss (head matmul, log-softmax, NLL and their gradients, one chunk at a
+    #: time), so the fp32 (tokens × vocab) logits never exist whole: peak memory O(chunk × vocab), same loss.
+    #: 0 = off (all logits at once). Worth it for large vocabularies; applies to the pretrain and sft losses.
+    loss_chunk_tokens: int = 0
+    #: Recompute each decoder block's activations in backward instead of keeping them (torch.utils.checkpoint,
+    #: non-reentrant): activation memory of one block instead of all, at the cost of a second forward pass.
+    activation_checkpointing: bool = False
     #: Strategy when launched by torchrun with several processes.
     distributed: Literal["ddp", "fsdp"] = "ddp"
     #: Seeds model init (when not loaded), dropout and the data order.
@@ -95,6 +102,8 @@ class TrainConfig:
         for name in ("batch_size", "seq_len", "log_every"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive")
+        if self.loss_chunk_tokens < 0:
+            raise ConfigError("train.loss_chunk_tokens must be 0 (off) or positive")
         if self.schedule not in ("cosine", "linear", "wsd", "constant"):
             raise ConfigError(f"train.schedule: unknown schedule {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:

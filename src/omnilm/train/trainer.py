@@ -151,6 +151,7 @@ class Trainer:
         self.evaluate_fn, self.sample_fn = evaluate, sample
         self.model = model
         freeze_modules(unwrap(model), config)
+        set_memory_options(unwrap(model), config)
         self.optimizer = build_optimizer(model, config)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
         self.accumulation = config.accumulation(self.info.world_size)
@@ -419,6 +420,15 @@ class Trainer:
         shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(STATE_FILE, TENSORS_FILE))
         shutil.rmtree(self.final_dir, ignore_errors=True)
         tmp.rename(self.final_dir)
+
+
+def set_memory_options(model: nn.Module, config: TrainConfig) -> None:
+    """Pass ``loss_chunk_tokens`` and ``activation_checkpointing`` to every omnilm decoder in ``model``."""
+    from omnilm.model.transformer import Transformer
+
+    for module in model.modules():
+        if isinstance(module, Transformer):
+            module.set_memory_options(config.loss_chunk_tokens, config.activation_checkpointing)
 
 
 def _flops_per_token(model: nn.Module, seq_len: int) -> float:

@@ -1,0 +1,128 @@
+"""Chunked linear cross-entropy against the plain path (full logits + F.cross_entropy), and the decoder's memory
+options (chunked loss, activation checkpointing) against its plain forward."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import small_model
+from omnilm.objectives.chunked_ce import IGNORE_INDEX, linear_cross_entropy
+from omnilm.objectives.lm import causal_lm_loss, masked_lm_loss
+
+REL = 1e-6
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach().double(), expected.detach().double()
+    return float((actual - expected).norm() / expected.norm().clamp(min=1e-300))
+
+
+def assert_close_rel(actual: torch.Tensor, expected: torch.Tensor, rel: float = REL) -> None:
+    """Relative error ‖actual − expected‖ / ‖expected‖ within ``rel`` (float32 rounding, summed in another
+    order, is ~1e-7 of it)."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    error = relative_error(actual, expected)
+    assert error <= rel, f"relative error {error:.3g}"
+
+
+@settings(max_examples=60, deadline=None)
+@given(tokens=st.integers(1, 48), d=st.integers(1, 24), vocab=st.integers(2, 70), chunk=st.integers(1, 60),
+       ignored=st.floats(0.0, 0.9), reduction=st.sampled_from(["mean", "sum"]), seed=st.integers(0, 2**16))
+def test_chunked_loss_and_gradients_equal_the_plain_path(tokens, d, vocab, chunk, ignored, reduction, seed):
+    generator = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(tokens, d, generator=generator, requires_grad=True)
+    weight = torch.randn(vocab, d, generator=generator, requires_grad=True)
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    targets[torch.rand(tokens, generator=generator) < ignored] = IGNORE_INDEX
+    targets[0] = 0  # one scored target at least: with none the mean is NaN on both paths
+    upstream = 0.37  # a loss scaled afterwards (accumulation, weights) scales the gradients
+    ours = linear_cross_entropy(hidden, weight, targets, chunk, reduction)
+    ours_grads = torch.autograd.grad(ours * upstream, (hidden, weight))
+    plain = F.cross_entropy(hidden @ weight.T, targets, ignore_index=IGNORE_INDEX, reduction=reduction)
+    plain_grads = torch.autograd.grad(plain * upstream, (hidden, weight))
+    exact_inputs = (hidden.double(), weight.double())
+    exact = F.cross_entropy(exact_inputs[0] @ exact_inputs[1].T, targets, ignore_index=IGNORE_INDEX,
+                            reduction=reduction)
+    exact_grads = torch.autograd.grad(exact * upstream, exact_inputs)
+    # 1e-6 of the plain path, plus the plain path's own rounding error where cancellation makes that larger
+    # (a 1-wide hidden state: gradients are differences of near-equal sums).
+    for a, b, c in zip((ours, *ours_grads), (plain, *plain_grads), (exact, *exact_grads), strict=True):
+        assert a.dtype == b.dtype == torch.float32
+        assert relative_error(a, b) <= REL + relative_error(b, c), (relative_error(a, b), relative_error(b, c))
+
+
+def test_batched_hidden_states_and_no_grad():
+    """(B, T, d) hidden states are flattened; under no_grad the loss is the same and no graph is built."""
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 5, 8, requires_grad=True), torch.randn(11, 8, requires_grad=True)
+    targets = torch.randint(0, 11, (3, 5))
+    targets[1, 2:] = IGNORE_INDEX
+    plain = F.cross_entropy((hidden @ weight.T).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    with torch.no_grad():
+        loss = linear_cross_entropy(hidden, weight, targets, 4)
+    assert loss.grad_fn is None
+    assert_close_rel(loss, plain.detach())
+    all_ignored = torch.full((3, 5), IGNORE_INDEX)
+    assert linear_cross_entropy(hidden, weight, all_ignored, 4).isnan()  # as F.cross_entropy's mean
+    with pytest.raises(ValueError, match="chunk_tokens"):
+        linear_cross_entropy(hidden, weight, targets, 0)
+    with pytest.raises(ValueError, match="reduction"):
+        linear_cross_entropy(hidden, weight, targets, 4, "none")  # type: ignore[arg-type]
+
+
+def test_second_backward_is_refused():
+    hidden, weight = torch.randn(4, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    loss = linear_cross_entropy(hidden, weight, torch.tensor([0, 1, 2, 3]), 2)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass"):
+        loss.backward()
+
+
+def grads_of(model: torch.nn.Module, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    names, params = zip(*[(n, p) for n, p in model.named_parameters()], strict=True)
+    return dict(zip(names, torch.autograd.grad(loss, params), strict=True))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # llama: untied head; qwen2: tied to the embeddings
+def test_decoder_loss_options_give_the_plain_loss_and_gradients(family):
+    """Through the decoder and the pretraining/SFT objectives: the loss chunked over tokens and the blocks
+    recomputed in backward give the loss and every parameter's gradient of the plain logits path."""
+    model = small_model(family, dropout=0.0).train()
+    torch.manual_seed(1)
+    tokens = torch.randint(0, model.config.vocab_size, (3, 13))
+    mask = torch.ones_like(tokens)
+    mask[0, :6] = 0
+    mask[2, 9:] = 0
+    targets = tokens[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+    logits = model(tokens[:, :-1])
+    plain = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+    expected = grads_of(model, plain)
+    for chunk, recompute in ((0, False), (5, False), (7, True), (0, True)):
+        model.set_memory_options(chunk, recompute)
+        loss, _ = masked_lm_loss(model, {"tokens": tokens, "loss_mask": mask})
+        assert_close_rel(loss.detach(), plain.detach())
+        # Deep in the network the rounding of the head's gradient compounds: 1e-5 there, 1e-6 at the head.
+        for name, grad in grads_of(model, loss).items():
+            assert_close_rel(grad, expected[name], REL if name == "lm_head.weight" else 1e-5)
+    summed, _ = causal_lm_loss(model, tokens, reduction="sum")
+    full = F.cross_entropy(model(tokens[:, :-1]).flatten(0, 1), tokens[:, 1:].flatten(), reduction="sum")
+    assert_close_rel(summed.detach(), full.detach())
+
+
+def test_activation_checkpointing_keeps_dropout_and_router_losses():
+    """Recomputed blocks replay the same dropout masks (RNG state restored) and an MoE's router losses."""
+    model = small_model("llama", dropout=0.2, n_experts=4, n_experts_per_tok=2, d_ff=48).train()
+    tokens = torch.randint(0, model.config.vocab_size, (2, 10), generator=torch.Generator().manual_seed(0))
+    results = []
+    for recompute in (False, True):
+        model.set_memory_options(0, recompute)
+        torch.manual_seed(5)
+        loss, logs = causal_lm_loss(model, tokens)
+        results.append((loss.detach(), logs, grads_of(model, loss)))
+    (loss_a, logs_a, grads_a), (loss_b, logs_b, grads_b) = results
+    assert "moe_z_loss" in logs_a and logs_a == pytest.approx(logs_b, rel=1e-6)
+    assert_close_rel(loss_b, loss_a)
+    for name, grad in grads_a.items():
+        assert_close_rel(grads_b[name], grad, 1e-5)
