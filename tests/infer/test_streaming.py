@@ -44,3 +44,9 @@ def test_learned_positions_stream_past_their_table_only_with_sinks():
     assert len(out) == 100
     with pytest.raises(ValueError, match="must fit"):
         greedy(model, [1, 2, 3], 5, attention_sinks=2, sink_window=40)
+
+
+def test_a_prompt_shorter_than_the_sinks_streams():
+    model = small_model("llama")
+    assert greedy(model, [5], 12, attention_sinks=4, sink_window=40) == greedy(model, [5], 12)
+    assert len(greedy(model, [5], 200, attention_sinks=4, sink_window=8)) == 200

@@ -93,12 +93,7 @@ class RollingKVCache:
         self.valid = torch.ones(batch_size, 0, dtype=torch.bool, device=device)  # (B, kept): real token or pad
         self._new_valid: torch.Tensor | None = None
         self.length = 0
-        self.inv_freq = None
-        if sinks and config.uses_rope:
-            # Plain (or statically scaled) frequencies: re-rotation must turn keys exactly as writing them did.
-            scaling = config.rope_scaling if (config.rope_scaling or {}).get("rope_type") != "dynamic" else None
-            self.inv_freq = rope_inv_freq(config.dim_per_head, config.rope_theta, scaling, config.max_seq_len,
-                                          device=device)[0]
+        self.inv_freq = sink_rotation_freq(config, device) if sinks else None
 
     @property
     def kept(self) -> int:
@@ -149,8 +144,8 @@ class RollingKVCache:
         total = self.kept
         if self.sinks:
             evict = max(0, total - self.sinks - self.window)
-            keep = torch.cat([torch.arange(min(self.sinks, total), device=device),
-                              torch.arange(self.sinks + evict, total, device=device)])
+            head = min(self.sinks, total)  # a stream shorter than its sinks keeps everything
+            keep = torch.cat([torch.arange(head, device=device), torch.arange(head + evict, total, device=device)])
             self.length = total - evict
         else:
             evict = max(0, total - self.window)
@@ -166,11 +161,8 @@ class RollingKVCache:
         """Sink mode: the window keys move ``evict`` slots down; rotate them back by as many positions."""
         if not self.sinks or self.inv_freq is None:
             return k
-        angle = -evict * self.inv_freq
-        emb = torch.cat((angle, angle))
-        cos, sin = emb.cos().to(k.dtype), emb.sin().to(k.dtype)
         head = min(self.sinks, k.shape[2])
-        return torch.cat([k[:, :, :head], apply_rope(k[:, :, head:], cos, sin)], dim=2)
+        return torch.cat([k[:, :, :head], rotate_keys(k[:, :, head:], -evict, self.inv_freq)], dim=2)
 
     def truncate(self, length: int) -> None:
         raise ValueError("a rolling KV cache cannot be truncated (speculative decoding needs a full KVCache)")
@@ -180,6 +172,24 @@ class RollingKVCache:
         self.k = [k.index_select(0, index) for k in self.k]
         self.v = [v.index_select(0, index) for v in self.v]
         self.valid = self.valid.index_select(0, index)
+
+
+def sink_rotation_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor | None:
+    """The RoPE inverse frequencies (head_dim/2,) that move stored keys when attention sinks evict tokens (None
+    for a model without RoPE). Plain or statically scaled ones: re-rotation must turn keys exactly as writing them
+    did, and dynamic NTK's depend on the sequence length."""
+    if not config.uses_rope:
+        return None
+    scaling = config.rope_scaling if (config.rope_scaling or {}).get("rope_type") != "dynamic" else None
+    return rope_inv_freq(config.dim_per_head, config.rope_theta, scaling, config.max_seq_len, device=device)[0]
+
+
+def rotate_keys(k: torch.Tensor, shift: int, inv_freq: torch.Tensor) -> torch.Tensor:
+    """RoPE keys (..., head_dim) turned by ``shift`` positions (negative: back); rotations compose, so a key
+    written at position p becomes the key of position p + shift."""
+    angle = shift * inv_freq
+    emb = torch.cat((angle, angle))
+    return apply_rope(k, emb.cos().to(k.dtype), emb.sin().to(k.dtype))
 
 
 def layer_masks(config: ModelConfig, attention_mask: torch.Tensor | None, position_ids: torch.Tensor,

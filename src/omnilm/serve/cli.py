@@ -45,6 +45,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "user turn")
     p.add_argument("--top-k", dest="rag_top_k", type=int, default=defaults.rag_top_k,
                    help="passages retrieved per chat request with --rag")
+    p.add_argument("--attention-sinks", type=int, default=defaults.attention_sinks, metavar="K",
+                   help="stream every request with constant memory: keep its first K tokens plus --sink-window "
+                        "recent ones, so replies may run past the context (requests may set attention_sinks)")
+    p.add_argument("--sink-window", type=int, default=defaults.sink_window, metavar="W",
+                   help="recent tokens kept with --attention-sinks (default: the rest of the context)")
     p.set_defaults(handler=run_serve)
 
 
@@ -61,7 +66,8 @@ def run_serve(args: argparse.Namespace) -> int:
                          prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                          request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
                          draft_model=args.draft_model, mtp=args.mtp, speculative_k=args.speculative_k, rag=args.rag,
-                         rag_top_k=args.rag_top_k,
+                         rag_top_k=args.rag_top_k, attention_sinks=args.attention_sinks,
+                         sink_window=args.sink_window,
                          engine_process=not args.engine_thread)
     service = Service(args.model, model_name=args.name, config=config)
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None

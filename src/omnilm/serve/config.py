@@ -39,3 +39,8 @@ class ServeConfig:
     rag: str | None = None
     #: Passages retrieved per chat request with ``rag``.
     rag_top_k: int = 3
+    #: Attention sinks of every request that does not set its own ``attention_sinks`` (0: none): requests then
+    #: stream past the context with constant memory (:mod:`omnilm.serve.engine`).
+    attention_sinks: int = 0
+    #: Recent tokens kept with attention sinks (0: the rest of the context); a request may set its own.
+    sink_window: int = 0

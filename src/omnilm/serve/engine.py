@@ -25,6 +25,15 @@ those of its prompt tokens from the prefill passes (the logits of every prompt p
 every scored row of the pass at once). Such a request reuses no cached prefix (cached positions have no logits),
 but its blocks are offered to the cache like any other's. A ``prompt_only`` request ends once its prompt is read
 (finish reason "length"): scoring without generation.
+
+Attention sinks (StreamingLLM, ``SamplingParams(attention_sinks=K, sink_window=W)``): such a request streams past
+the context with constant memory and computes what ``generate`` computes with the same settings. It reads its
+prompt like any other (positions 0, 1, …, each query seeing the first K tokens and the W before itself), then keeps
+only the first K positions and the W most recent ones: after every pass the kept window moves down to the slots
+after the sinks, its keys rotated back by as many RoPE positions, and the blocks past K + W + 1 positions go back
+to the pool, so a request holds at most max(prompt, K + W + 1) positions whatever its length. Positions are slots
+of that bounded cache, as in ``generate``. Its blocks are rewritten in place, so it neither reuses nor offers
+cached prefixes.
 """
 
 from __future__ import annotations
@@ -42,6 +51,7 @@ import torch
 from omnilm.infer.detokenize import StreamingDecoder
 from omnilm.infer.generate import make_generator
 from omnilm.infer.sampling import SamplingParams, next_token
+from omnilm.model.attention import rotate_keys, sink_rotation_freq
 from omnilm.model.transformer import Transformer
 from omnilm.serve.blocks import NULL_BLOCK, BlockPool, block_digests
 from omnilm.serve.logprobs import TokenLogprob, logprob_records
@@ -99,6 +109,40 @@ class Request:
                 self.on_text(piece)
 
 
+def sink_window(params: SamplingParams, max_len: int) -> int:
+    """The recent-token window of a request streaming with attention sinks (0: it has none); its default is the
+    rest of the context. ValueError when the sinks, the window and the new token do not fit ``max_len``."""
+    sinks = params.attention_sinks
+    if not sinks:
+        return 0
+    window = params.sink_window or max_len - sinks - 1
+    if window < 1 or sinks + window + 1 > max_len:
+        raise ValueError(f"attention_sinks ({sinks}) + sink_window ({params.sink_window or window}) + 1 must fit "
+                         f"the context of {max_len}")
+    return window
+
+
+def check_context(prompt_len: int, params: SamplingParams, max_len: int) -> None:
+    """Raise ValueError when a prompt of ``prompt_len`` tokens and its generation do not fit a context of
+    ``max_len``: the prompt plus ``max_new_tokens``, or with attention sinks the prompt and the sinks + window
+    (the output is then unbounded)."""
+    if not params.attention_sinks:
+        if prompt_len + params.max_new_tokens > max_len:
+            raise ValueError(f"prompt ({prompt_len} tokens) plus max_new_tokens ({params.max_new_tokens}) exceeds "
+                             f"the context of {max_len}")
+        return
+    sink_window(params, max_len)
+    if prompt_len > max_len:
+        raise ValueError(f"the prompt ({prompt_len} tokens) exceeds the context of {max_len}")
+
+
+def kv_positions(prompt_len: int, params: SamplingParams, max_len: int) -> int:
+    """The most positions a request ever holds in the KV cache (the last sampled token is never fed back)."""
+    full = prompt_len + params.max_new_tokens - 1
+    window = sink_window(params, max_len)
+    return min(full, max(prompt_len, params.attention_sinks + window + 1)) if window else full
+
+
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound; the request was not taken (retry later)."""
 
@@ -117,6 +161,8 @@ class RequestQueue:
     """
 
     max_len: int
+    #: Whether this engine streams requests with attention sinks (the others refuse them).
+    serves_sinks = False
 
     def __init__(self, max_queue: int | None = None) -> None:
         self.waiting: deque[Request] = deque()
@@ -129,9 +175,10 @@ class RequestQueue:
         """Raise ValueError for a request this engine can never serve."""
         if not request.prompt_ids:
             raise ValueError("a request needs at least one prompt token")
-        if len(request.prompt_ids) + request.params.max_new_tokens > self.max_len:
-            raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
-                             f"({request.params.max_new_tokens}) exceeds the context of {self.max_len}")
+        if request.params.attention_sinks and not self.serves_sinks:
+            raise ValueError("attention sinks are served by the batching engine only (not speculative decoding "
+                             "or a Thinker)")
+        check_context(len(request.prompt_ids), request.params, self.max_len)
 
     def submit(self, request: Request) -> Request:
         return self.submit_all([request])[0]
@@ -221,6 +268,9 @@ class _Sequence:
     registered: int  # leading blocks that are in the prefix cache (hits, or registered once written)
     computed: int  # positions whose keys/values are in the cache
     seen: torch.Tensor | None  # (1, vocab) tokens seen, for the repetition penalty
+    sinks: int = 0  # attention sinks kept (0: a full cache)
+    window: int = 0  # recent positions kept after the sinks
+    evicted: int = 0  # positions dropped so far: the cache holds slots 0 … computed − evicted − 1
 
     @property
     def prompt_done(self) -> bool:
@@ -234,6 +284,8 @@ class Engine(RequestQueue):
     block; at most ``max_batch`` requests run at once; ``prefill_chunk`` prompt tokens are prefilled per step;
     ``max_queue`` bounds the waiting queue.
     """
+
+    serves_sinks = True
 
     def __init__(self, model: Transformer, tokenizer: Any, max_len: int | None = None,
                  kv_budget_bytes: int = 256 * 2**20, block_size: int = 16, max_batch: int = 64,
@@ -254,6 +306,7 @@ class Engine(RequestQueue):
         self.pool = BlockPool(num_blocks, block_size)
         self.cache = PagedKVCache(model.config, num_blocks, block_size, weight.device, weight.dtype)
         self.device = weight.device
+        self.sink_freq = sink_rotation_freq(model.config, self.device)  # turns kept keys back after evictions
         self.running: list[_Sequence] = []
         eos = {tokenizer.eos_id, model.config.eos_token_id}
         self.eos_ids = {i for i in eos if i is not None}
@@ -264,7 +317,10 @@ class Engine(RequestQueue):
 
     def check(self, request: Request) -> None:
         super().check(request)
-        needed = self.pool.blocks_for(len(request.prompt_ids) + request.params.max_new_tokens - 1)
+        if request.params.attention_sinks and self.model.config.sliding_window is not None:
+            raise ValueError("attention sinks are not served for a sliding-window model (its window already "
+                             "bounds what each token sees)")
+        needed = self.pool.blocks_for(kv_positions(len(request.prompt_ids), request.params, self.max_len))
         if needed > self.pool.capacity:
             raise ValueError(f"the request needs {needed} KV blocks of {self.block_size} positions; the KV budget "
                              f"holds {self.pool.capacity}")
@@ -310,10 +366,12 @@ class Engine(RequestQueue):
                 request = self.waiting[0]
                 prompt, params = request.prompt_ids, request.params
                 digests = block_digests(prompt, size)
-                # The last prompt token is always computed; a scored prompt computes every position.
-                reusable = digests[: (len(prompt) - 1) // size] if request.prompt_logprobs is None else []
+                # The last prompt token is always computed; a scored prompt computes every position; a sink
+                # request rewrites its blocks, so it shares none.
+                shares = request.prompt_logprobs is None and not params.attention_sinks
+                reusable = digests[: (len(prompt) - 1) // size] if shares else []
                 cached = self.pool.cached_prefix(reusable)
-                total = self.pool.blocks_for(len(prompt) + params.max_new_tokens - 1)
+                total = self.pool.blocks_for(kv_positions(len(prompt), params, self.max_len))
                 blocks = self.pool.allocate(cached, total - len(cached))
                 if blocks is None:
                     return  # waits for blocks to be freed; nothing behind it overtakes
@@ -321,7 +379,7 @@ class Engine(RequestQueue):
             touched[:] = [request]
             seq = _Sequence(request, StreamingDecoder(self.tokenizer, params.stop),
                             make_generator(params.seed, self.device), list(prompt), blocks, digests, len(cached),
-                            len(cached) * size, None)
+                            len(cached) * size, None, params.attention_sinks, sink_window(params, self.max_len))
             self.running.append(seq)  # from here on a failure releases its blocks
             self.pool.record_lookup(len(reusable), len(cached))
             self.cache.clear(blocks[len(cached):])
@@ -357,24 +415,29 @@ class Engine(RequestQueue):
         """Feed each row's new tokens after its cached positions; logits at each row's last new token (B, V)."""
         size, device = self.block_size, self.device
         batch, width = len(rows), max(len(tokens) for _, tokens in rows)
-        starts = [seq.computed for seq, _ in rows]
+        starts = [seq.computed for seq, _ in rows]  # tokens read so far
+        slots = [seq.computed - seq.evicted for seq, _ in rows]  # cache positions in use (fewer with sinks)
         counts = [len(tokens) for _, tokens in rows]
-        n_blocks = self.pool.blocks_for(max(s + c for s, c in zip(starts, counts, strict=True)))
+        n_blocks = self.pool.blocks_for(max(s + c for s, c in zip(slots, counts, strict=True)))
         # Built as Python lists and turned into tensors once (per-row tensor writes cost more than the model here).
         ids = torch.tensor([tokens + [0] * (width - len(tokens)) for _, tokens in rows])
         tables = torch.tensor([seq.blocks[:n_blocks] + [NULL_BLOCK] * (n_blocks - len(seq.blocks[:n_blocks]))
                                for seq, _ in rows])
         write_rows, write_cols, write_slots = [], [], []
-        for b, ((seq, tokens), start) in enumerate(zip(rows, starts, strict=True)):
+        for b, ((seq, tokens), start) in enumerate(zip(rows, slots, strict=True)):
             write_rows += [b] * len(tokens)
             write_cols += range(len(tokens))
             write_slots += [seq.blocks[p // size] * size + p % size for p in range(start, start + len(tokens))]
-        start_t = torch.tensor(starts)[:, None]
+        start_t = torch.tensor(slots)[:, None]
         positions = start_t + torch.arange(width)[None, :]  # (B, T)
         keys = torch.arange(n_blocks * size)
         real = torch.arange(width)[None, :] < torch.tensor(counts)[:, None]  # (B, T)
         # A query sees its own request's positions up to itself; a padding query sees key 0 only (no NaN).
         mask = (keys[None, None, :] <= positions[:, :, None]) & real[:, :, None]
+        if any(seq.sinks for seq, _ in rows):  # a sink request's query sees its sinks and the window before it
+            sinks = torch.tensor([seq.sinks for seq, _ in rows])[:, None, None]
+            window = torch.tensor([seq.window if seq.sinks else n_blocks * size for seq, _ in rows])[:, None, None]
+            mask &= (keys[None, None, :] < sinks) | (positions[:, :, None] - keys[None, None, :] <= window)
         mask[:, :, 0] |= ~real
         view = PagedBatch(self.cache, tables.to(device), torch.tensor(write_rows, device=device),
                           torch.tensor(write_cols, device=device), torch.tensor(write_slots, device=device))
@@ -382,7 +445,9 @@ class Engine(RequestQueue):
         last = hidden[torch.arange(batch, device=device), torch.tensor(counts, device=device) - 1]  # (B, d)
         for seq, count in zip((s for s, _ in rows), counts, strict=True):
             seq.computed += count
-            self._register_full_blocks(seq)
+            if not seq.sinks:
+                self._register_full_blocks(seq)
+        self._evict([seq for seq, _ in rows if seq.sinks and seq.prompt_done])
         self._fail_locked(self._score_prompts(rows, starts, hidden), "the model produced non-finite logits")
         return self.model.lm_head(last)
 
@@ -411,6 +476,32 @@ class Engine(RequestQueue):
             if id(seq) not in bad:
                 seq.request.prompt_token_logprobs.append(record)
         return list(bad.values())
+
+    def _evict(self, seqs: list[_Sequence]) -> None:
+        """Attention sinks: keep each sequence's first ``sinks`` positions and its ``window`` most recent ones,
+        the window moved down to the slots after the sinks with its keys rotated back as far (one gather per
+        distance for all layers), then hand back the blocks that no longer hold anything."""
+        size, moves = self.block_size, {}
+        for seq in seqs:
+            held = seq.computed - seq.evicted
+            evict = held - seq.sinks - seq.window
+            if evict <= 0:
+                continue
+            src, dst = moves.setdefault(evict, ([], []))
+            src += [seq.blocks[p // size] * size + p % size for p in range(seq.sinks + evict, held)]
+            dst += [seq.blocks[p // size] * size + p % size for p in range(seq.sinks, held - evict)]
+            seq.evicted += evict
+            keep = self.pool.blocks_for(seq.sinks + seq.window + 1)  # the next token's slot included
+            if len(seq.blocks) > keep:
+                self.pool.release(seq.blocks[keep:])
+                del seq.blocks[keep:]
+        for evict, (src, dst) in moves.items():
+            src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
+            keys = self.cache.k[:, src_t]  # (layers, n, kv_heads, head_dim), a copy: sources and targets overlap
+            if self.sink_freq is not None:
+                keys = rotate_keys(keys, -evict, self.sink_freq)
+            self.cache.k[:, dst_t] = keys
+            self.cache.v[:, dst_t] = self.cache.v[:, src_t]
 
     def _register_full_blocks(self, seq: _Sequence) -> None:
         """Offer every newly completed block of ``seq`` to the prefix cache."""

@@ -32,7 +32,7 @@ from typing import Any
 
 from omnilm.errors import UserError
 from omnilm.serve.config import ServeConfig
-from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue
+from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue, check_context
 from omnilm.serve.logprobs import TokenLogprob
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,7 @@ def check_request(request: Request, max_len: int) -> None:
         return
     if not request.prompt_ids:
         raise ValueError("a request needs at least one prompt token")
-    if len(request.prompt_ids) + request.params.max_new_tokens > max_len:
-        raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) plus max_new_tokens "
-                         f"({request.params.max_new_tokens}) exceeds the context of {max_len}")
+    check_context(len(request.prompt_ids), request.params, max_len)
 
 
 def build_engine(model_dir: str | Path, config: ServeConfig) -> RequestQueue:

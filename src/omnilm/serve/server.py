@@ -34,6 +34,12 @@ that calls tools as ``message.tool_calls`` with ``finish_reason`` ``"tool_calls"
 conversations may hold assistant ``tool_calls`` and ``tool`` results. A reply whose call is malformed is ordinary
 text (:mod:`omnilm.serve.tools`).
 
+Both endpoints take ``attention_sinks`` and ``sink_window`` (an extension; defaults ``omnilm serve
+--attention-sinks K --sink-window W``): the request then streams with constant memory, keeping its first K tokens
+and the W most recent ones (StreamingLLM, :mod:`omnilm.serve.engine`), so ``max_tokens`` may exceed what is left of
+the context; sinks + window + 1 must fit the context (400 otherwise; also from a speculative, Thinker or
+sliding-window server, which do not stream so).
+
 Content may also be a list of OpenAI content parts. A text model takes ``{"type": "text", "text": ...}`` parts
 (joined) and refuses any other part with a 400 naming its type. A Thinker (a thinker folder, served by
 :mod:`omnilm.serve.thinker_engine`) also takes media, inline only (there is no network to fetch from):
@@ -102,7 +108,7 @@ from omnilm.errors import UserError
 from omnilm.infer.sampling import SamplingParams
 from omnilm.serve.audio_out import CHAT_AUDIO_FORMATS, SPEECH_FORMATS, Transcripts, pcm16, wav, wav_header
 from omnilm.serve.config import ServeConfig
-from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue
+from omnilm.serve.engine import EngineUnavailable, QueueFull, Request, RequestQueue, sink_window
 from omnilm.serve.logprobs import MAX_TOP_LOGPROBS, Offsets, TokenLogprob, TokenText, completion_logprobs
 from omnilm.serve.tools import ToolRequest, ToolRequestError, ToolStream, assistant_turn, reply_message, tool_request
 from omnilm.tokenizer.chat import CHAT_ROLES, encode_chat, validate_messages
@@ -508,6 +514,7 @@ class Service:
             self.rag = RagIndex.load(self.config.rag)
         #: The Thinker's conversation encoder when the model reads media (a thinker folder), else None.
         self.processor: Any = None
+        self.sliding_window: int | None = None  # the served text model's, which rules out attention sinks
         if is_thinker_folder(model_dir):
             from omnilm.omni.processor import OmniProcessor
             from omnilm.omni.thinker import read_thinker_config
@@ -528,10 +535,12 @@ class Service:
                             Tokenizer.from_dir(self.config.draft_model))
             if self.config.mtp and not has_heads(model_dir):
                 raise UserError(f"{model_dir} has no multi-token-prediction heads (mtp.json) for --mtp")
+            self.sliding_window = model_config.sliding_window
         #: Why this server cannot report log-probabilities (None: it can; the batching engine records them).
         self.no_scores = ("a Thinker's engine records no log-probabilities" if self.processor is not None else
                           "the speculative engine (--draft-model, --mtp) records no log-probabilities"
                           if self.config.draft_model is not None or self.config.mtp else None)
+        self._check_sinks()
         self.token_text = TokenText(self.tokenizer)
         self.dirty: set[Channel] = set()
         self.dirty_lock = threading.Lock()
@@ -544,6 +553,48 @@ class Service:
         #: The engine's voice (``name``, ``sample_rate``; see :func:`omnilm.serve.runner.voice_info`), or None.
         self.voice: dict[str, Any] | None = self.runner.voice
         self.transcripts = Transcripts()
+
+    @property
+    def no_sinks(self) -> str | None:
+        """Why this server cannot stream with attention sinks (None: it can; the batching engine does)."""
+        if self.processor is not None:
+            return "a Thinker's engine does not stream with attention sinks"
+        if self.config.draft_model is not None or self.config.mtp:
+            return "the speculative engine (--draft-model, --mtp) does not stream with attention sinks"
+        if self.sliding_window is not None:
+            return "a sliding-window model is not served with attention sinks"
+        return None
+
+    def _check_sinks(self) -> None:
+        """Refuse server-wide sinks settings that no request could use."""
+        sinks, window = self.config.attention_sinks, self.config.sink_window
+        if sinks < 0 or window < 0:
+            raise UserError("--attention-sinks and --sink-window must be ≥ 0")
+        if window and not sinks:
+            raise UserError("--sink-window needs --attention-sinks")
+        if sinks and self.no_sinks is not None:
+            raise UserError(f"--attention-sinks: {self.no_sinks}")
+        try:
+            sink_window(SamplingParams(attention_sinks=sinks, sink_window=window), self.context)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+
+    def _sinks(self, body: dict[str, Any]) -> tuple[int, int]:
+        """A request's ``attention_sinks`` and ``sink_window`` (the server's by default), checked (400)."""
+        sinks = _integer(body, "attention_sinks", self.config.attention_sinks, 0)
+        window = _integer(body, "sink_window", self.config.sink_window, 0)
+        if not sinks:
+            if "sink_window" in body and window:
+                raise APIError(400, "sink_window needs attention_sinks", param="sink_window")
+            return 0, 0
+        if self.no_sinks is not None:
+            raise APIError(400, f"attention_sinks is not available from this server: {self.no_sinks}",
+                           param="attention_sinks")
+        try:
+            sink_window(SamplingParams(attention_sinks=sinks, sink_window=window), self.context)
+        except ValueError as err:
+            raise APIError(400, str(err), param="sink_window") from None
+        return sinks, window
 
     @property
     def scores(self) -> bool:
@@ -641,9 +692,10 @@ class Service:
                                param=param, code="context_length_exceeded")
         longest = max(len(prompt_ids) for prompt_ids in prompts)
         room = self.context - longest
+        sinks, window = self._sinks(body)
         key = "max_completion_tokens" if chat and "max_completion_tokens" in body else "max_tokens"
         max_tokens = _integer(body, key, min(room, 256), 0 if echo else 1)
-        if max_tokens > room:
+        if max_tokens > room and not sinks:  # with sinks the output streams past the context
             raise APIError(400, f"{key}={max_tokens} plus the prompt's {longest} tokens exceeds the "
                            f"context of {self.context}", param=key, code="context_length_exceeded")
         stop = body.get("stop") or ()
@@ -671,7 +723,7 @@ class Service:
         params = SamplingParams(max_new_tokens=max(max_tokens, 1),
                                 temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
                                 top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=tuple(stop),
-                                seed=_integer(body, "seed", None, 0))
+                                seed=_integer(body, "seed", None, 0), attention_sinks=sinks, sink_window=window)
         return GenerationRequest(prompts, params, n, stream, bool(stream_options.get("include_usage", False)), media,
                                  audio, echo=echo, logprobs=logprobs, best_of=best_of, prompt_only=max_tokens == 0,
                                  tools=tools)
