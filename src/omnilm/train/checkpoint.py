@@ -110,8 +110,11 @@ def _read_model_state(model: nn.Module, folder: str | Path) -> dict[str, torch.T
 def save_checkpoint(root: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     trainer_state: dict[str, Any], info: Dist, tokenizer: Any = None, keep: int = 2) -> Path:
     """Write checkpoint ``step`` under ``root`` (collective: every process must call it) and prune old ones."""
-    model_state = get_model_state_dict(model, options=FULL)
-    optim_state = get_optimizer_state_dict(model, optimizer, options=FULL)
+    if hasattr(model, "gather_state"):  # a pipeline stage holds some layers: the first rank merges them all
+        model_state, optim_state = model.gather_state(optimizer)
+    else:
+        model_state = get_model_state_dict(model, options=FULL)
+        optim_state = get_optimizer_state_dict(model, optimizer, options=FULL)
     root = Path(root)
     final = root / checkpoint_name(step)
     if info.is_main:
@@ -139,12 +142,14 @@ def restore_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.opti
     possibly wrapped or sharded) model and its optimizer; returns the trainer state."""
     state = load_trainer_state(path)
     weights = _read_model_state(unwrap(model), path)
+    tensors = load_file(str(Path(path) / TENSORS_FILE))
+    optim_state = _unflatten_optimizer(tensors, state.pop("optimizer"))
+    if hasattr(model, "own_state"):  # a pipeline stage takes its own layers' slice
+        weights, optim_state = model.own_state(weights, optim_state)
     incompatible = set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, strict=False))
     problems = [k for k in incompatible.missing_keys if k != "lm_head.weight"] + list(incompatible.unexpected_keys)
     if problems:
         raise ValueError(f"{path}: checkpoint does not match the model: {problems[:10]}")
-    tensors = load_file(str(Path(path) / TENSORS_FILE))
-    optim_state = _unflatten_optimizer(tensors, state.pop("optimizer"))
     # Not strict: a parameter that had received no gradient yet (an encoder whose media no batch held so far) has
     # no optimizer state in the checkpoint, and after the restore it has none either, exactly as before.
     set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state,

@@ -72,6 +72,17 @@ class TrainConfig:
     activation_checkpointing: bool = False
     #: Strategy when launched by torchrun with several processes.
     distributed: Literal["ddp", "fsdp"] = "ddp"
+    #: Ranks that split each layer's heads and MLP width (torch tensor parallel; see omnilm.train.parallel).
+    #: Processes = tensor_parallel · pipeline_parallel · data-parallel replicas (FSDP2 when more than one).
+    tensor_parallel: int = 1
+    #: With tensor parallelism, also split the norms and residual stream along the sequence.
+    sequence_parallel: bool = False
+    #: Pipeline stages, each holding a contiguous run of blocks (torch.distributed.pipelining).
+    pipeline_parallel: int = 1
+    #: Order of the pipeline's micro-batches: all forwards then all backwards, or one forward one backward.
+    pipeline_schedule: Literal["gpipe", "1f1b"] = "1f1b"
+    #: Pipeline micro-batches each batch is cut into (divides batch_size; None = pipeline_parallel).
+    microbatches: int | None = None
     #: Seeds model init (when not loaded), dropout and the data order.
     seed: int = 0
 
@@ -112,6 +123,16 @@ class TrainConfig:
             raise ConfigError(f"train.precision: unknown precision {self.precision!r}")
         if self.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"train.distributed: unknown strategy {self.distributed!r}")
+        if self.tensor_parallel < 1 or self.pipeline_parallel < 1 or (self.microbatches or 1) < 1:
+            raise ConfigError("train.tensor_parallel, pipeline_parallel and microbatches must be ≥ 1")
+        if self.pipeline_schedule not in ("gpipe", "1f1b"):
+            raise ConfigError(f"train.pipeline_schedule: unknown schedule {self.pipeline_schedule!r}; "
+                              "expected gpipe or 1f1b")
+
+    @property
+    def pipeline_microbatches(self) -> int:
+        """Micro-batches per pipelined batch (``microbatches`` resolved)."""
+        return self.microbatches or self.pipeline_parallel
 
     def accumulation(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each process."""

@@ -17,10 +17,23 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    #: (replica, replicas) among the data-parallel replicas when tensor- or pipeline-parallel ranks share their
+    #: batches (see omnilm.train.parallel); None = every process is a replica of its own.
+    data: tuple[int, int] | None = None
 
     @property
     def enabled(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def data_rank(self) -> int:
+        """Which share of each global batch this process reads."""
+        return self.data[0] if self.data else self.rank
+
+    @property
+    def data_size(self) -> int:
+        """Into how many shares each global batch is split."""
+        return self.data[1] if self.data else self.world_size
 
     @property
     def is_main(self) -> bool:

@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 from omnilm.config import ConfigError
 from omnilm.objectives.lm import causal_lm_loss, evaluate_lm, token_byte_lengths
-from omnilm.train.distributed import Dist, wrap_model
+from omnilm.train.distributed import Dist
+from omnilm.train.parallel import is_parallel, parallelize
 from omnilm.train.stage import (
     LM_STAGE_TYPES,
     StageConfig,
@@ -50,9 +51,9 @@ def token_batches(config: StageConfig, info: Dist) -> BatchLoader:
 
     train = config.train
     datasets = {name: TokenDataset.open(source.path, "train") for name, source in config.data.items()}
-    return BatchLoader(datasets, train.batch_size, train.seq_len, seed=train.seed, rank=info.rank,
-                       world_size=info.world_size, weights=mixture_weights(config),
-                       batches_per_step=train.accumulation(info.world_size))
+    return BatchLoader(datasets, train.batch_size, train.seq_len, seed=train.seed, rank=info.data_rank,
+                       world_size=info.data_size, weights=mixture_weights(config),
+                       batches_per_step=train.accumulation(info.data_size))
 
 
 #: Options of the causal-LM stages: ``mtp`` (a ``omnilm.model.mtp.MTPConfig`` mapping: n_heads, variant,
@@ -118,16 +119,20 @@ def run_lm_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResul
     build = _with_heads(options) if options["mtp"] else None
     device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume, build)
     objective = lm_objective(options, device)
-    model = wrap_model(model, train.distributed, info, device)
+    if (options["mtp"] or options["selective"]) and is_parallel(train):
+        raise ConfigError(f"stage {config.name!r}: tensor/pipeline parallelism trains plain next-token "
+                          "prediction (no mtp or selective option)")
+    model, info = parallelize(model, train, info, device)
     loader = token_batches(config, info)
     val_sets = {}
     for name, source in config.data.items():
         if (Path(source.path) / "val").is_dir():
             val_sets[name] = TokenDataset.open(source.path, "val")
     evaluate = None
-    if val_sets and train.eval_batches > 0:
-        val_loader = BatchLoader(val_sets, train.batch_size, train.seq_len, seed=train.seed + 1, rank=info.rank,
-                                 world_size=info.world_size)
+    # Pipeline stages cannot run the model alone: validation is not pipelined yet.
+    if val_sets and train.eval_batches > 0 and train.pipeline_parallel == 1:
+        val_loader = BatchLoader(val_sets, train.batch_size, train.seq_len, seed=train.seed + 1,
+                                 rank=info.data_rank, world_size=info.data_size)
         val_batches = [val_loader.next_batch() for _ in range(train.eval_batches)]
         byte_lengths = token_byte_lengths(tokenizer)
 

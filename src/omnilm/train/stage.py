@@ -156,6 +156,9 @@ def run_stage(config: StageConfig, out_dir: str | Path, resume: bool = False, fo
                             f"(implemented: {', '.join(sorted(STAGE_BUILDERS))})")
         raise UserError(f"stage {config.name!r}: unknown stage type {config.type!r} "
                         f"(known: {', '.join(KNOWN_STAGE_TYPES)})")
+    if (config.train.tensor_parallel > 1 or config.train.pipeline_parallel > 1) and config.type not in LM_STAGE_TYPES:
+        raise UserError(f"stage {config.name!r}: tensor and pipeline parallelism train {' and '.join(LM_STAGE_TYPES)} "
+                        f"stages only, not {config.type!r} (use train.distributed: ddp or fsdp)")
     if config.lora and config.type in NO_LORA_STAGE_TYPES:
         # Their models wrap the LM with a head and save themselves; adapters there are not written yet.
         raise UserError(f"stage {config.name!r}: lora is not supported for stage type {config.type!r} "

@@ -24,6 +24,7 @@ from omnilm.train.checkpoint import latest_checkpoint, restore_checkpoint, save_
 from omnilm.train.config import TrainConfig
 from omnilm.train.distributed import Dist, all_reduce_mean, all_reduce_sum, unwrap
 from omnilm.train.optim import build_optimizer, freeze_modules
+from omnilm.train.parallel import clip_grad_norm, is_parallel
 from omnilm.train.schedule import lr_multiplier
 from omnilm.utils.atomic import write_text_atomic
 
@@ -154,8 +155,9 @@ class Trainer:
         set_memory_options(unwrap(model), config)
         self.optimizer = build_optimizer(model, config)
         self.amp_dtype = autocast_dtype(config.precision, self.device)
-        self.accumulation = config.accumulation(self.info.world_size)
-        self.total_steps = config.total_steps(self.info.world_size)
+        # Counted over data-parallel replicas: tensor- and pipeline-parallel ranks share their batches.
+        self.accumulation = config.accumulation(self.info.data_size)
+        self.total_steps = config.total_steps(self.info.data_size)
         self.tokens_per_batch = tokens_per_batch or config.batch_size * config.seq_len
         self.step = 0
         self.bad_steps = 0
@@ -258,7 +260,7 @@ class Trainer:
             return loss / self.accumulation, extra
         sums, extra = self.objective.loss_sums(model, batch)
         share = sum(total * scales[key] for key, total in sums.items())
-        return share * self.info.world_size, extra
+        return share * self.info.data_size, extra
 
     def accumulate(self) -> tuple[torch.Tensor, dict[str, Any]]:
         """Forward and backward passes over this step's micro-batches, leaving the step's gradients in the
@@ -279,10 +281,14 @@ class Trainer:
             if hasattr(model, "set_requires_gradient_sync"):
                 model.set_requires_gradient_sync(last)
             sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
-            with sync:
+            if hasattr(model, "pipeline_step"):  # pipeline stages: the schedule runs forward and backward itself
                 with self._autocast():
-                    share, extra = self._micro_loss(model, batch, scales)
-                share.backward()
+                    share, extra = model.pipeline_step(batch, 1.0 / self.accumulation), {}
+            else:
+                with sync:
+                    with self._autocast():
+                        share, extra = self._micro_loss(model, batch, scales)
+                    share.backward()
             shares.append(share.detach().float())
             for key, value in extra.items():
                 extras[key] = extras.get(key, 0.0) + float(value) / self.accumulation
@@ -306,7 +312,7 @@ class Trainer:
             self.bad_steps += 1
             self.skipped_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        self.tokens_seen += self.tokens_per_batch * self.accumulation * self.info.world_size
+        self.tokens_seen += self.tokens_per_batch * self.accumulation * self.info.data_size
         return {"loss": float(mean_loss), "lr": lr, "grad_norm": grad_norm, "finite": finite} | extras
 
     def _clip(self) -> float:
@@ -314,6 +320,8 @@ class Trainer:
         if not params:
             return 0.0
         max_norm = self.config.grad_clip if self.config.grad_clip > 0 else float("inf")
+        if is_parallel(self.config):
+            return clip_grad_norm(self.model, params, max_norm)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP
             norm = norm.full_tensor()
@@ -338,7 +346,7 @@ class Trainer:
         every = self.config.sample_every
         if self.sample_fn is None or not self.info.is_main or not (force or (every and self.step % every == 0)):
             return
-        if self.info.enabled and self.config.distributed == "fsdp":
+        if self.info.enabled and (self.config.distributed == "fsdp" or is_parallel(self.config)):
             return  # a sharded model cannot run a forward pass on one process alone
         unwrap(self.model).eval()
         with torch.no_grad():
@@ -361,7 +369,7 @@ class Trainer:
                 while self.step < self.total_steps:
                     record = self.train_step()
                     self.step += 1
-                    window_tokens += self.tokens_per_batch * self.accumulation * self.info.world_size
+                    window_tokens += self.tokens_per_batch * self.accumulation * self.info.data_size
                     if not record["finite"] and self.bad_steps >= config.max_bad_steps:
                         kept = latest_checkpoint(self.checkpoint_dir)
                         raise TrainingError(
