@@ -209,11 +209,13 @@ def test_reading_documents_are_answerable_from_their_passages_only(tmp_path: Pat
     assert sorted(r["text"] for r in records if r["person_id"] is not None) == sorted(r["text"] for r in bios)
     known = {p["name"] for p in read(plain / "people.jsonl")}
     for doc in docs:
-        match = re.fullmatch(r"Passages:\n\[1\] (.+)\n\[2\] (.+)\nQuestion: (.+)\nAnswer: (.+)", doc)
+        match = re.fullmatch(r"Passages:\n\[1\] (.+)\n\[2\] (.+)\nQuestion: (.+)\nAnswer: (.+)"
+                             r"\nQuestion: (.+)\nAnswer: (.+)", doc)
         assert match, doc
-        first, second, question, answer = match.groups()
+        first, second, *asked = match.groups()
         names = [person_named(first), person_named(second)]
         assert len(set(names)) == 2 and not set(names) & known  # two fresh people, nobody the evaluations know
-        gold = first if names[0] in question else second
-        assert (names[1] in question) == (gold is second)
-        assert answer in gold  # the answer is stated in the asked person's passage
+        for question, answer in zip(asked[::2], asked[1::2], strict=True):
+            gold = first if names[0] in question else second
+            assert (names[1] in question) == (gold is second)
+            assert answer in gold  # the answer is stated in the asked person's passage

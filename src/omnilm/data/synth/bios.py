@@ -60,9 +60,11 @@ class BiosConfig:
     #: QA is for training (``qa_split`` train), never of the held-out half (0: biographies only)
     qa_in_pretraining: float = 0.0
     #: Reading documents mixed into train.jsonl: this fraction of its documents are two biographies of fresh
-    #: people (drawn for that document alone, in no other file) in the retrieval template, a question about one of
-    #: them and its answer, so that pre-training itself teaches reading an answer out of the context (0: none)
+    #: people (drawn for that document alone, in no other file) in the retrieval template, then questions about
+    #: them with their answers, so that pre-training itself teaches reading an answer out of the context (0: none)
     reading_in_pretraining: float = 0.0
+    #: Questions (with answers) after the passages of each reading document
+    reading_questions: int = 2
     #: The first person's ``person_id``: a second set of people (other seed) can sit beside the first one
     first_id: int = 0
 
@@ -181,17 +183,17 @@ def mix_qa_documents(bios: list[tuple[Person, str]], people: list[Person], fract
     return mixed
 
 
-def reading_document(pair: Sequence[Person], rng: random.Random) -> str:
-    """The retrieval template (:func:`omnilm.rag.prompt.render_context`) holding both people's biographies, a
-    question about the first, and its answer: text whose answer can only be read, never recalled."""
+def reading_document(pair: Sequence[Person], questions: int, rng: random.Random) -> str:
+    """The retrieval template (:func:`omnilm.rag.prompt.render_context`) holding both people's biographies, then
+    ``questions`` questions (each about either person) with their answers: text whose answers can only be read,
+    never recalled."""
     from omnilm.rag.prompt import render_context
 
-    asked = pair[0]
-    attribute = rng.choice(ATTRIBUTES)
     passages = [biography(p, rng) for p in pair]
     rng.shuffle(passages)
-    question = rng.choice(QUESTIONS[attribute]).format(name=asked.name)
-    return f"{render_context(question, passages)}\nAnswer: {asked.attributes[attribute]}"
+    asked = [(rng.choice(pair), rng.choice(ATTRIBUTES)) for _ in range(questions)]
+    lines = [f"{rng.choice(QUESTIONS[a]).format(name=p.name)}\nAnswer: {p.attributes[a]}" for p, a in asked]
+    return render_context("\nQuestion: ".join(lines), passages)
 
 
 def reading_documents(count: int, config: BiosConfig) -> list[str]:
@@ -202,7 +204,7 @@ def reading_documents(count: int, config: BiosConfig) -> list[str]:
     fresh = make_people(BiosConfig(people=2 * count, cities=config.cities, companies=config.companies,
                                    universities=config.universities, seed=config.seed + 7919))
     rng = random.Random(config.seed + 6)
-    return [reading_document(fresh[2 * i:2 * i + 2], rng) for i in range(count)]
+    return [reading_document(fresh[2 * i:2 * i + 2], config.reading_questions, rng) for i in range(count)]
 
 
 def answer_matches(response: str, value: str) -> bool:
