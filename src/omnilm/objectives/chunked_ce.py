@@ -47,13 +47,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 target = targets[start:start + chunk]
                 valid = target != ignore_index
                 safe = torch.where(valid, target, 0).unsqueeze(1)
-                logits = (h @ w.T).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                total += ((lse - logits.gather(1, safe).squeeze(1)) * valid).sum()
+                # NLL = log Σ exp(z) − z_target over z = logits − max, as log_softmax computes it: subtracting
+                # logsumexp from the raw target logit would lose the digits of a confident (small) loss.
+                shifted = (h @ w.T).float()
+                shifted -= shifted.amax(dim=1, keepdim=True)
+                target_shifted = shifted.gather(1, safe).squeeze(1)
+                probs = shifted.exp_()
+                sums = probs.sum(dim=1)
+                total += ((sums.log() - target_shifted) * valid).sum()
                 if grad_hidden is None and grad_weight is None:
                     continue
                 # d(sum of NLL)/d logits = softmax - one_hot(target), zero on ignored rows; built in place.
-                grad = logits.sub_(lse.unsqueeze(1)).exp_()
+                grad = probs.div_(sums.unsqueeze(1))
                 grad.scatter_add_(1, safe, torch.full_like(safe, -1, dtype=grad.dtype))
                 grad.mul_(valid.unsqueeze(1))
                 grad = grad.to(dtype)
