@@ -83,6 +83,15 @@ def synth_passkey(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]
     return write_passkey(from_dict(PasskeyConfig, spec, source="synth_passkey job"), out)
 
 
+@job("local_text")
+def local_text(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """``text.jsonl``: the documentation bundled with Python (:mod:`omnilm.data.local_text`)."""
+    from omnilm.config import from_dict
+    from omnilm.data.local_text import LocalTextConfig, write_local_text
+
+    return write_local_text(out / "text.jsonl", from_dict(LocalTextConfig, spec, source="local_text job"))
+
+
 @job("synth_omni")
 def synth_omni(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     """Spoken, image and video QA (``omnilm data synth omni``): ``scale`` names a size, the other settings are
