@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -91,11 +92,11 @@ def stage_yaml(path: Path, data: dict[str, Path], model: str, **train: object) -
     return path
 
 
-def train(config: Path, out: Path, processes: int = 1) -> None:
+def train(config: Path, out: Path, processes: int = 1, extra: tuple[str, ...] = ()) -> None:
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"] if processes > 1 else []
     env = os.environ | {"OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, *launcher, "-m", "omnilm.cli", "train", "--config", str(config),
-                             "--out", str(out)], capture_output=True, text=True, env=env, timeout=300)
+                             "--out", str(out), *extra], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
 
 
@@ -115,13 +116,20 @@ def single(lm_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -
     return runs
 
 
-def assert_matches_single(run: Path, reference: Path) -> None:
-    """Losses within 1e-5 relative at each of the 20 steps; the final folder loads in one process, with weights
-    and logits equal to the one-process run's to float32 rounding."""
+def validation(run: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "val_loss" in r][-1]
+
+
+def assert_matches_single(run: Path, reference: Path, validated: bool = True) -> None:
+    """Losses within 1e-5 relative at each of the 20 steps and (``validated``) in the final validation; the final
+    folder loads in one process, with weights and logits equal to the one-process run's to float32 rounding."""
     expected, got = losses(reference), losses(run)
     assert got.keys() == expected.keys() == set(range(1, 21))
     for step in expected:
         assert got[step] == pytest.approx(expected[step], rel=1e-5), (step, got[step], expected[step])
+    for key in ("val_loss", "val_bpb") if validated else ():
+        assert validation(run)[key] == pytest.approx(validation(reference)[key], rel=1e-5), key
     ours, theirs = read_hf_tensors(run / "final"), read_hf_tensors(reference / "final")
     assert ours.keys() == theirs.keys()
     for key in ours:
@@ -144,9 +152,10 @@ def assert_loads_in_transformers(folder: Path) -> None:
 @pytest.mark.parametrize("model, settings", [
     ("llama", {"tensor_parallel": 2}),
     ("llama", {"tensor_parallel": 2, "sequence_parallel": True}),
-    ("gpt2", {"tensor_parallel": 2}),
+    ("gpt2", {"tensor_parallel": 2, "activation_checkpointing": True}),
     ("llama", {"pipeline_parallel": 2, "microbatches": 4}),
-    ("llama", {"pipeline_parallel": 2, "microbatches": 2, "pipeline_schedule": "gpipe"}),
+    ("llama", {"pipeline_parallel": 2, "microbatches": 2, "pipeline_schedule": "gpipe",
+               "activation_checkpointing": True}),
     ("gpt2", {"pipeline_parallel": 2, "microbatches": 2}),
 ], ids=["tp-llama", "tp-sp-llama", "tp-gpt2", "pp-1f1b-llama", "pp-gpipe-llama", "pp-1f1b-gpt2"])
 def test_two_processes_train_like_one(model: str, settings: dict, single: dict[str, Path], lm_data: dict[str, Path],
@@ -154,3 +163,30 @@ def test_two_processes_train_like_one(model: str, settings: dict, single: dict[s
     train(stage_yaml(tmp_path / "stage.yaml", lm_data, model, **settings), tmp_path / "run", processes=2)
     assert_matches_single(tmp_path / "run", single[model])
     assert_loads_in_transformers(tmp_path / "run" / "final")
+
+
+@pytest.mark.parametrize("settings", [{"tensor_parallel": 2}, {"pipeline_parallel": 2, "microbatches": 2}],
+                         ids=["tp", "pp"])
+def test_resumed_parallel_run_continues_like_one_process(settings: dict, single: dict[str, Path],
+                                                         lm_data: dict[str, Path], tmp_path: Path) -> None:
+    """Stopped after 10 steps and resumed from its checkpoint (sharded weights and optimizer moments restored
+    from the gathered folder) to 20: the last 10 losses are still those of the uninterrupted one-process run."""
+    config = stage_yaml(tmp_path / "stage.yaml", lm_data, "llama", max_steps=10, schedule_steps=20, **settings)
+    train(config, tmp_path / "run", processes=2)
+    train(config, tmp_path / "run", processes=2, extra=("--resume", "--set", "max_steps=20", "--force"))
+    assert_matches_single(tmp_path / "run", single["llama"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("settings", [
+    {"tensor_parallel": 2, "distributed": "fsdp", "batch_size": 4},
+    {"pipeline_parallel": 2, "microbatches": 2, "distributed": "fsdp", "batch_size": 4},
+    {"tensor_parallel": 2, "pipeline_parallel": 2, "microbatches": 4},
+], ids=["tp-x-fsdp", "pp-x-fsdp", "tp-x-pp"])
+def test_four_processes_on_a_two_dimensional_mesh_train_like_one(settings: dict, single: dict[str, Path],
+                                                                 lm_data: dict[str, Path], tmp_path: Path) -> None:
+    """Two parallel dimensions at once on 4 processes: FSDP2 over 2 replicas of 4 rows (the global batch of 8)
+    beside TP or PP, or TP inside each of 2 pipeline stages. (Replicas validate on their own shards of the
+    validation data, other batches than one process's: that loss is not compared.)"""
+    train(stage_yaml(tmp_path / "stage.yaml", lm_data, "llama", **settings), tmp_path / "run", processes=4)
+    assert_matches_single(tmp_path / "run", single["llama"], validated="fsdp" not in settings.values())

@@ -21,12 +21,14 @@ they load anywhere.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from omnilm.config import ConfigError
 from omnilm.model.attention import layer_masks, rope_cos_sin
@@ -97,6 +99,10 @@ def parallelize(model: nn.Module, train: TrainConfig, info: Dist, device: torch.
         for block in model.blocks.values() if pp > 1 else model.blocks:
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(model, mesh=mesh["dp"])
+        if pp > 1:  # FSDP2 shards dim 0 in torch.chunk's pieces
+            pieces = torch.arange(model.config.vocab_size).chunk(dp)
+            replica = mesh["dp"].get_local_rank()
+            model.tied_rows = len(pieces[replica]) if replica < len(pieces) else 0
     return model, info
 
 
@@ -190,6 +196,8 @@ class PipelineStageModel(nn.Module):
         self.lm_head = model.lm_head if self.is_last else None
         self.tied = tied and self.stages > 1
         self.device, self.scale, self.train_config = device, 1.0, train
+        #: Rows of the tied embedding this rank holds (fewer once FSDP2 shards the stage over data replicas).
+        self.tied_rows = self.config.vocab_size
         self._schedule: Any = None
 
     @property
@@ -218,8 +226,11 @@ class PipelineStageModel(nn.Module):
         rope = rope_cos_sin(positions, config.dim_per_head, config.rope_theta, x.dtype, config.mrope_section,
                             config.rope_scaling, config.max_seq_len) if config.uses_rope else None
         masks = layer_masks(config, None, positions, 0, T, None, x.dtype)
+        recompute = self.train_config.activation_checkpointing and self.training and torch.is_grad_enabled()
         for i in self.layers:
-            x = self.blocks[str(i)](x, rope, masks[i], None)
+            block = self.blocks[str(i)]
+            x = checkpoint(block, x, rope, masks[i], None, use_reentrant=False) if recompute else \
+                block(x, rope, masks[i], None)
         if self.is_last:
             x = self.lm_head(self.norm_f(x))
         return x
@@ -246,15 +257,32 @@ class PipelineStageModel(nn.Module):
     @torch.no_grad()
     def pipeline_logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
         """Logits of (B, T) token ids through every stage (forward only): on the last stage, None elsewhere."""
+        tokens = tokens.to(self.device)
         args = (tokens,) if self.is_first else ()
-        return self.schedule.eval(*args)
+        # The schedule scores every micro-batch on the last stage: a placeholder target, its loss unused.
+        return self.schedule.eval(*args, target=torch.zeros_like(tokens) if self.is_last else None)
+
+    def evaluate(self, evaluate_fn: Callable[[Any, list[torch.Tensor]], dict[str, float]],
+                 batches: list[torch.Tensor]) -> dict[str, float]:
+        """``evaluate_fn(model, batches)`` (such as ``omnilm.objectives.lm.evaluate_lm``, which calls
+        ``model(tokens[:, :-1])`` once per (B, T+1) batch, in order) through the pipeline: the last stage scores
+        the logits, the others run their part of the same forward passes; every stage returns the result."""
+        if self.is_last:
+            result = [evaluate_fn(_PipelineLogits(self), batches)]
+        else:
+            for tokens in batches:
+                self.pipeline_logits(tokens[:, :-1])
+            result = [None]
+        dist.broadcast_object_list(result, group_src=self.stages - 1, group=self.group)
+        return result[0]
 
     def _tied_gradient(self) -> torch.Tensor:
-        """A copy of the tied embedding's gradient so far (zeros on a middle stage, or before any backward)."""
+        """A copy of this rank's part of the tied embedding's gradient so far (its FSDP2 shard when the stage
+        is sharded); zeros on a middle stage, or before any backward."""
         weight = self.tok_emb.weight if self.tok_emb is not None else None
         if weight is None or weight.grad is None:
-            return torch.zeros(self.config.vocab_size, self.config.d_model, device=self.device)
-        return weight.grad.detach().clone()
+            return torch.zeros(self.tied_rows, self.config.d_model, device=self.device)
+        return _local(weight.grad).detach().clone()
 
     def _sum_tied_gradients(self, before: torch.Tensor) -> None:
         """Add to the tied embedding's gradient what this step's backward gave its other use (the head on the
@@ -263,7 +291,7 @@ class PipelineStageModel(nn.Module):
         new = self._tied_gradient() - before
         dist.all_reduce(new, group=self.group)
         if self.tok_emb is not None:
-            self.tok_emb.weight.grad = before + new
+            _local(self.tok_emb.weight.grad).copy_(before + new)
 
     # ------------------------------------------------------------------------------------- checkpoints
     def gather_state(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -303,6 +331,24 @@ class PipelineStageModel(nn.Module):
         return ({k: v for k, v in weights.items() if k in names},
                 {"state": {k: v for k, v in optim_state["state"].items() if k in names},
                  "param_groups": [g for g in groups if g["params"]]})
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor (a plain tensor as it is)."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class _PipelineLogits:
+    """A stand-in for the whole model on the last stage: called with token ids, it runs the pipeline."""
+
+    def __init__(self, stage: PipelineStageModel) -> None:
+        self.stage = stage
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.stage.pipeline_logits(tokens)
+
+    def parameters(self) -> Iterator[nn.Parameter]:
+        return self.stage.parameters()
 
 
 def _to_cpu(value: Any) -> Any:

@@ -129,14 +129,15 @@ def run_lm_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResul
         if (Path(source.path) / "val").is_dir():
             val_sets[name] = TokenDataset.open(source.path, "val")
     evaluate = None
-    # Pipeline stages cannot run the model alone: validation is not pipelined yet.
-    if val_sets and train.eval_batches > 0 and train.pipeline_parallel == 1:
+    if val_sets and train.eval_batches > 0:
         val_loader = BatchLoader(val_sets, train.batch_size, train.seq_len, seed=train.seed + 1,
                                  rank=info.data_rank, world_size=info.data_size)
         val_batches = [val_loader.next_batch() for _ in range(train.eval_batches)]
         byte_lengths = token_byte_lengths(tokenizer)
 
         def evaluate(model):  # noqa: ANN001, ANN202
+            if hasattr(model, "pipeline_step"):  # a pipeline stage: the last one scores the logits
+                return model.evaluate(lambda whole, batches: evaluate_lm(whole, batches, byte_lengths), val_batches)
             return evaluate_lm(model, val_batches, byte_lengths)
 
     sample = greedy_sampler(tokenizer, train.sample_prompt, train.sample_tokens) if train.sample_prompt else None
