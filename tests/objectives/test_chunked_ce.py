@@ -127,3 +127,21 @@ def test_activation_checkpointing_keeps_dropout_and_router_losses():
     assert_close_rel(loss_b, loss_a)
     for name, grad in grads_a.items():
         assert_close_rel(grads_b[name], grad, 1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_decoder_with_chunked_loss_gives_the_eager_loss_and_gradients():
+    """``train.compile`` and ``train.loss_chunk_tokens`` together: the compiled forward (inductor on CPU) gives
+    the eager chunked loss and gradients."""
+    model = small_model("qwen2", dropout=0.0).train()
+    model.set_memory_options(8, True)
+    tokens = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    targets = tokens[:, 1:].clone()
+    targets[0, :4] = IGNORE_INDEX
+    eager = model(tokens[:, :-1], targets=targets)
+    expected = grads_of(model, eager)
+    compiled = torch.compile(model)
+    loss = compiled(tokens[:, :-1], targets=targets)
+    assert_close_rel(loss.detach(), eager.detach(), 1e-5)
+    for name, grad in grads_of(model, loss).items():
+        assert_close_rel(grad, expected[name], 1e-4)

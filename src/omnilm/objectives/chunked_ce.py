@@ -64,7 +64,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad = grad.to(dtype)
                 if grad_hidden is not None:
                     grad_hidden[start:start + chunk] = grad @ w
-                if grad_weight is not None:
+                if grad_weight is not None and dtype == torch.float32:
+                    grad_weight.addmm_(grad.T, h)  # no (vocab × d) temporary per chunk
+                elif grad_weight is not None:
                     grad_weight += grad.T @ h
         ctx.grads = (grad_hidden, grad_weight.to(weight.dtype) if grad_weight is not None else None)
         return total
