@@ -20,6 +20,7 @@ HF_CLASSES = {
     "BertForSequenceClassification": (transformers.BertConfig, "classify"),
     "ElectraForMaskedLM": (transformers.ElectraConfig, "mlm"),
     "ElectraForPreTraining": (transformers.ElectraConfig, "rtd"),
+    "ElectraForSequenceClassification": (transformers.ElectraConfig, "classify"),
 }
 
 
@@ -72,7 +73,7 @@ def test_transformers_encoder_loads_with_same_logits(tmp_path, arch):
 @pytest.mark.parametrize("cls, family, embedding_size", [
     (EncoderForMaskedLM, "bert", None), (EncoderForSequenceClassification, "bert", None),
     (EncoderForMaskedLM, "electra", 16), (EncoderForTokenDetection, "electra", 16),
-    (EncoderForTokenDetection, "electra", None)])
+    (EncoderForTokenDetection, "electra", None), (EncoderForSequenceClassification, "electra", 16)])
 def test_omnilm_encoder_loads_in_transformers_with_same_logits(tmp_path, cls, family, embedding_size):
     torch.manual_seed(0)
     config = EncoderConfig(family=family, vocab_size=97, n_layer=2, n_head=4, d_model=32, d_ff=48,
@@ -106,6 +107,20 @@ def test_mlm_checkpoint_fine_tunes_with_a_fresh_classifier(tmp_path):
     clf = load_encoder(tmp_path, head="classify", num_labels=5)
     assert isinstance(clf, EncoderForSequenceClassification) and clf.classifier.out_features == 5
     torch.testing.assert_close(clf.encoder.tok_emb.weight, mlm.encoder.tok_emb.weight)
+
+
+def test_electra_discriminator_fine_tunes_through_electras_head(tmp_path):
+    torch.manual_seed(0)
+    config = EncoderConfig(family="electra", vocab_size=50, n_layer=1, n_head=2, d_model=16, embedding_size=8,
+                           max_seq_len=32)
+    disc = EncoderForTokenDetection(config)
+    save_encoder(disc, tmp_path / "disc")
+    clf = load_encoder(tmp_path / "disc", head="classify", num_labels=4)
+    assert clf.config.family == "electra" and clf.out.out_features == 4 and not hasattr(clf, "pooler")
+    torch.testing.assert_close(clf.encoder.emb_proj.weight, disc.encoder.emb_proj.weight)
+    save_encoder(clf, tmp_path / "clf")
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "clf")
+    assert hf.architectures == ["ElectraForSequenceClassification"] and hf.num_labels == 4
 
 
 def test_unsupported_encoder_config_is_named(tmp_path):

@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from omnilm.lab.knowledge.config import SCALES
 
     p = subparsers.add_parser("lab", help="controlled experiments on synthetic biographies (knowledge acquisition, "
-                                          "mixture of experts, multi-token prediction, selective LM)")
+                                          "mixture of experts, multi-token prediction, selective LM, "
+                                          "pre-training objectives)")
     sub = p.add_subparsers(dest="lab", metavar="LAB", required=True)
     knowledge = sub.add_parser("knowledge", help="how language models learn facts, reproduced on biographies")
     knowledge.add_argument("--study", choices=list(STUDIES), default="dynamics")
@@ -41,7 +42,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     moe.set_defaults(handler=run_moe)
     for name, what, handler in (("mtp", "next-token vs multi-token prediction at equal compute", run_mtp),
                                 ("selective", "standard vs selective language modelling on biographies mixed "
-                                              "with noise", run_selective)):
+                                              "with noise", run_selective),
+                                ("objectives", "causal LM vs BERT MLM vs ELECTRA vs T5 span corruption at equal "
+                                               "pre-training FLOPs, each fine-tuned on one classification task",
+                                 run_objectives)):
         lab = sub.add_parser(name, help=what)
         lab.add_argument("--config", default=None, help="YAML/JSON with the lab config's keys")
         lab.add_argument("--out", required=True)
@@ -110,6 +114,12 @@ def run_selective(args: argparse.Namespace) -> int:
     from omnilm.lab.selective import SelectiveLabConfig, run_selective_lab, write_outputs
 
     return _run_lab(args, SelectiveLabConfig, run_selective_lab, write_outputs)
+
+
+def run_objectives(args: argparse.Namespace) -> int:
+    from omnilm.lab.objectives import ObjectivesLabConfig, run_objectives_lab, write_outputs
+
+    return _run_lab(args, ObjectivesLabConfig, run_objectives_lab, write_outputs)
 
 
 def _run_lab(args: argparse.Namespace, config_cls: type, run: Any, write_outputs: Any) -> int:

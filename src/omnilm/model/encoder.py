@@ -7,7 +7,8 @@ position + token type, layer-normed; ELECTRA embeds in a narrower ``embedding_si
 Heads (each composed with an ``Encoder``, never a subclass of it):
 - ``EncoderForMaskedLM``: dense, GELU, LayerNorm, then the tied token embedding plus a bias (BERT's MLM head;
   ELECTRA's generator, whose dense maps down to ``embedding_size``);
-- ``EncoderForSequenceClassification``: tanh pooler over the first token ([CLS]), then a linear classifier;
+- ``EncoderForSequenceClassification``: BERT's tanh pooler over the first token ([CLS]) and a linear classifier,
+  or ELECTRA's dense–GELU–linear head on it;
 - ``EncoderForTokenDetection``: ELECTRA's discriminator, one replaced/original logit per token.
 """
 
@@ -186,24 +187,30 @@ class EncoderForMaskedLM(EncoderTask):
 
 
 class EncoderForSequenceClassification(EncoderTask):
-    """Class logits (B, num_labels) from the tanh-pooled first token (BertForSequenceClassification)."""
+    """Class logits (B, num_labels) from the first token ([CLS]). BERT (BertForSequenceClassification): tanh
+    pooler, then a linear classifier. ELECTRA (ElectraForSequenceClassification): dense, GELU, then a linear
+    output projection."""
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
-        if config.family != "bert":
-            raise ConfigError("sequence classification is implemented for the bert layout")
         self.config = config
         self.encoder = Encoder(config)
-        self.pooler = nn.Linear(config.d_model, config.d_model)
+        d = config.d_model
+        if config.family == "bert":
+            self.pooler = nn.Linear(d, d)
+            self.classifier = nn.Linear(d, config.num_labels)
+        else:
+            self.dense = nn.Linear(d, d)
+            self.out = nn.Linear(d, config.num_labels)
         self.drop = nn.Dropout(config.dropout)
-        self.classifier = nn.Linear(config.d_model, config.num_labels)
         init_weights(self, config.init_std)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.encoder(input_ids, attention_mask, token_type_ids)
-        pooled = torch.tanh(self.pooler(h[:, 0]))  # (B, d_model): the [CLS] position
-        return self.classifier(self.drop(pooled))
+        first = self.encoder(input_ids, attention_mask, token_type_ids)[:, 0]  # (B, d_model): the [CLS] position
+        if self.config.family == "bert":
+            return self.classifier(self.drop(torch.tanh(self.pooler(first))))
+        return self.out(self.drop(F.gelu(self.dense(self.drop(first)))))
 
 
 class EncoderForTokenDetection(EncoderTask):
@@ -222,11 +229,17 @@ class EncoderForTokenDetection(EncoderTask):
         h = self.encoder(input_ids, attention_mask, token_type_ids)
         return self.out(F.gelu(self.dense(h))).squeeze(-1)
 
+    def flops_per_token(self, seq_len: int) -> float:
+        return num_flops_per_token(self.config, seq_len, mlm_head=False)
 
-def num_flops_per_token(config: EncoderConfig, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward ≈ 6 × weights + attention), the MLM head included."""
-    d, L = config.d_model, config.n_layer
-    weights = L * (4 * d * d + 2 * d * config.ff_dim) + d * config.emb_dim + config.vocab_size * config.emb_dim
+
+def num_flops_per_token(config: EncoderConfig, seq_len: int, mlm_head: bool = True) -> float:
+    """Training FLOPs per token (forward + backward ≈ 6 × the weights a token meets + attention): the blocks,
+    ELECTRA's embedding projection, and the MLM head (dense + vocabulary projection) or, with ``mlm_head`` false,
+    the discriminator's (dense + one logit)."""
+    d, e, L = config.d_model, config.emb_dim, config.n_layer
+    weights = L * (4 * d * d + 2 * d * config.ff_dim) + (e * d if e != d else 0)
+    weights += d * e + config.vocab_size * e if mlm_head else d * d + d
     return 6 * weights + 12 * L * d * seq_len
 
 

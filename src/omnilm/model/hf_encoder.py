@@ -1,5 +1,6 @@
 """Checkpoints of the encoder family in the Hugging Face layout: BertForMaskedLM, BertForSequenceClassification,
-ElectraForMaskedLM and ElectraForPreTraining (folders load with transformers' ``from_pretrained`` and back).
+ElectraForMaskedLM, ElectraForPreTraining and ElectraForSequenceClassification (folders load with transformers'
+``from_pretrained`` and back).
 
 The head is named by config.json's ``architectures``; the trunk's names differ between the families by their
 prefix only (``bert.`` / ``electra.``), so one trunk table serves both.
@@ -27,7 +28,8 @@ EncoderModel = EncoderForMaskedLM | EncoderForSequenceClassification | EncoderFo
 #: Head kind -> (model class, architecture name per family).
 HEADS: dict[str, tuple[type[nn.Module], dict[str, str]]] = {
     "mlm": (EncoderForMaskedLM, {"bert": "BertForMaskedLM", "electra": "ElectraForMaskedLM"}),
-    "classify": (EncoderForSequenceClassification, {"bert": "BertForSequenceClassification"}),
+    "classify": (EncoderForSequenceClassification, {"bert": "BertForSequenceClassification",
+                                                    "electra": "ElectraForSequenceClassification"}),
     "rtd": (EncoderForTokenDetection, {"electra": "ElectraForPreTraining"}),
 }
 ARCHITECTURES = {arch: (head, family) for head, (_, archs) in HEADS.items() for family, arch in archs.items()}
@@ -62,6 +64,7 @@ HEAD_KEYS: dict[tuple[str, str], list[tuple[str, str]]] = {
                                  ("head.norm", "generator_predictions.LayerNorm")])
     + [("head.bias", "generator_lm_head.bias")],
     ("classify", "bert"): _linear([("pooler", "bert.pooler.dense"), ("classifier", "classifier")]),
+    ("classify", "electra"): _linear([("dense", "classifier.dense"), ("out", "classifier.out_proj")]),
     ("rtd", "electra"): _linear([("dense", "discriminator_predictions.dense"),
                                  ("out", "discriminator_predictions.dense_prediction")]),
 }
@@ -72,6 +75,7 @@ ALIASES = {
                       "bert.pooler.dense.bias", "cls.seq_relationship.weight", "cls.seq_relationship.bias"],
     ("mlm", "electra"): ["generator_lm_head.weight"],
     ("classify", "bert"): [],
+    ("classify", "electra"): [],
     ("rtd", "electra"): [],
 }
 

@@ -264,6 +264,19 @@ class T5(EncoderDecoderLM):
         enc, dec = c.n_layer * (attn + ff), c.decoder_layers * (2 * attn + ff) + c.d_model * c.vocab_size
         return 6 * (enc + dec) / 2
 
+    def flops_per_example(self, input_len: int, target_len: int) -> float:
+        """Training FLOPs of one (input, target) pair: 6 × the weights each encoder token and each decoder token
+        passes through (the head on the decoder side), plus attention's 12 · layers · width · context per token
+        (the decoder attends to its own prefix and to the whole input)."""
+        c = self.config
+        width = c.n_head * c.head_dim
+        attn = 4 * c.d_model * width
+        ff = (3 if c.ff_kind == "gated-gelu" else 2) * c.d_model * c.d_ff
+        encoder = input_len * (6 * c.n_layer * (attn + ff) + 12 * c.n_layer * width * input_len)
+        decoder = target_len * (6 * (c.decoder_layers * (2 * attn + ff) + c.d_model * c.vocab_size)
+                                + 12 * c.decoder_layers * width * (target_len + input_len))
+        return encoder + decoder
+
 
 PRESETS: dict[str, T5Config] = {
     # A CPU-sized T5 v1.1 (gated GELU, untied) for tests and small runs.

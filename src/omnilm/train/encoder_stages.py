@@ -12,7 +12,7 @@ classify: jsonl records with a text and a label field: ``text_field`` ("text"), 
 (a jsonl file evaluated for accuracy), ``eval_where`` (its record filter), ``strict`` (false)
 
 A model comes from ``model:`` (``family: bert|electra`` or ``preset:``) or ``init_from`` (an encoder folder; for
-``classify`` an MLM or ELECTRA discriminator folder gets a fresh classifier, ELECTRA's through BERT's head).
+``classify`` an MLM or ELECTRA discriminator folder gets its family's fresh classification head).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def word_start_table(tokenizer: Any) -> torch.Tensor:
     return table
 
 
-def masking_fn(config: StageConfig, tokenizer: Any, options: dict[str, Any]) -> Any:
-    """(B, seq_len + 1) windows -> a masked batch of (B, seq_len) rows that open with [CLS]."""
+def masking_fn(seq_len: int, tokenizer: Any, options: dict[str, Any]) -> Any:
+    """(B, ≥ seq_len − 1) windows -> a masked batch of (B, seq_len) rows that open with [CLS] (``options``: the
+    keys of MASKING_OPTIONS)."""
     from omnilm.objectives.mlm import MaskingConfig, mask_tokens
 
     ids = encoder_ids(tokenizer)
@@ -84,7 +85,7 @@ def masking_fn(config: StageConfig, tokenizer: Any, options: dict[str, Any]) -> 
                             float(options["replace_random"]), bool(options["whole_word"]))
     specials = special_id_tensor(tokenizer)
     starts = word_start_table(tokenizer)
-    seq_len, vocab = config.train.seq_len, tokenizer.vocab_size
+    vocab = tokenizer.vocab_size
 
     def transform(window: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         window = torch.as_tensor(window)
@@ -101,8 +102,6 @@ def encoder_builder(head: str, **overrides: Any) -> Any:
     """``stage_setup``'s model builder for an encoder with ``head``."""
 
     def build(config: StageConfig, tokenizer: Any, resume_from: Path | None, seed: int) -> nn.Module:
-        from dataclasses import replace
-
         from omnilm.model.families import fresh_model
         from omnilm.model.hf_encoder import load_encoder
 
@@ -111,14 +110,11 @@ def encoder_builder(head: str, **overrides: Any) -> Any:
             return load_encoder(resume_from, dtype=torch.float32)
         torch.manual_seed(seed)
         if config.init_from:
-            model = load_encoder(config.init_from, head=head, dtype=torch.float32,
-                                 **({"family": "bert"} if head == "classify" else {}), **overrides)
+            model = load_encoder(config.init_from, head=head, dtype=torch.float32, **overrides)
         else:
             if not config.model:
                 raise ConfigError(f"stage {config.name!r}: set model (family/preset) or init_from")
             model = fresh_model(config.model, head, vocab_size=tokenizer.vocab_size, pad_token_id=pad, **overrides)
-            if head == "classify" and model.config.family != "bert":
-                model = type(model)(replace(model.config, family="bert", embedding_size=None))
         check_encoder(config, model.config, tokenizer)
         return model
 
@@ -167,24 +163,49 @@ def mlm_evaluator(batches: list[dict[str, torch.Tensor]], device: torch.device, 
 @register_stage("mlm")
 def run_mlm_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
     """BERT's masked-language-model pre-training."""
-    from omnilm.objectives.mlm import mlm_loss
     from omnilm.train.distributed import wrap_model
     from omnilm.train.pretrain import token_batches
 
     options = stage_options(config, MASKING_OPTIONS)
     device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume, encoder_builder("mlm"))
-    transform = masking_fn(config, tokenizer, options)
+    transform = masking_fn(config.train.seq_len, tokenizer, options)
     loader = TransformedBatches(token_batches(config, info), transform, config.train.seed, info.rank)
     model = wrap_model(model, config.train.distributed, info, device)
-
-    def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return mlm_loss(model(batch["inputs"], batch["attention_mask"]), batch["labels"]), {}
-
     evaluate = mlm_evaluator(masked_val_batches(config, info, transform), device,
                              lambda m, b: m(b["inputs"], b["attention_mask"]))
-    trainer = Trainer(model, objective, loader, config.train, out_dir, info=info, tokenizer=tokenizer,
+    trainer = Trainer(model, mlm_objective, loader, config.train, out_dir, info=info, tokenizer=tokenizer,
                       evaluate=evaluate)
     return trainer.fit(resume=resume_from is not None)
+
+
+def mlm_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+    """The MLM loss of a masked batch (``masking_fn``'s)."""
+    from omnilm.objectives.mlm import mlm_loss
+
+    return mlm_loss(model(batch["inputs"], batch["attention_mask"]), batch["labels"]), {}
+
+
+def with_sample_seed(transform: Any) -> Any:
+    """``transform`` whose batches also carry ``sample_seed``, drawn from the batch's generator after masking: the
+    seed of the generator's replacements, so a resumed ELECTRA run samples exactly as an uninterrupted one."""
+
+    def seeded(window: Any, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        return transform(window, generator) | {"sample_seed": torch.randint(2**62, (), generator=generator)}
+
+    return seeded
+
+
+def electra_objective(disc_weight: float) -> Any:
+    """ELECTRA's joint loss of a masked batch (``with_sample_seed``'s) for an ``ElectraPretraining`` model."""
+    from omnilm.objectives.mlm import electra_step
+
+    def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
+        inputs = batch["inputs"]
+        sampler = torch.Generator(inputs.device).manual_seed(int(batch["sample_seed"]))
+        return electra_step(model.generator, model.discriminator, inputs, batch["labels"], batch["attention_mask"],
+                            disc_weight, sampler)
+
+    return objective
 
 
 def electra_builder(size_divisor: int) -> Any:
@@ -213,7 +234,6 @@ def electra_builder(size_divisor: int) -> Any:
 @register_stage("electra")
 def run_electra_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
     """ELECTRA's joint generator/discriminator pre-training (replaced-token detection)."""
-    from omnilm.objectives.mlm import electra_step
     from omnilm.train.pretrain import token_batches
 
     options = stage_options(config, ELECTRA_OPTIONS)
@@ -221,15 +241,9 @@ def run_electra_stage(config: StageConfig, out_dir: Path, resume: bool) -> Train
         config, out_dir, resume, electra_builder(int(options["generator_size_divisor"])))
     if info.world_size > 1:
         raise ConfigError(f"stage {config.name!r}: the electra stage runs in one process")
-    transform = masking_fn(config, tokenizer, options)
+    transform = with_sample_seed(masking_fn(config.train.seq_len, tokenizer, options))
     loader = TransformedBatches(token_batches(config, info), transform, config.train.seed, info.rank)
-    weight = float(options["disc_weight"])
-    sampler = torch.Generator(device).manual_seed(config.train.seed)
-
-    def objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-        return electra_step(model.generator, model.discriminator, batch["inputs"], batch["labels"],
-                            batch["attention_mask"], weight, sampler)
-
+    objective = electra_objective(float(options["disc_weight"]))
     evaluate = mlm_evaluator(masked_val_batches(config, info, transform), device,
                              lambda m, b: m.generator(b["inputs"], b["attention_mask"]))
     trainer = Trainer(model, objective, loader, config.train, out_dir, info=info, tokenizer=tokenizer,

@@ -149,31 +149,32 @@ def _run_corruption_stage(config: StageConfig, out_dir: Path, resume: bool, buil
 @register_stage("span_corruption")
 def run_span_corruption_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
     """T5's span-corruption pre-training."""
-    from omnilm.objectives.span_corruption import (
-        SpanCorruptionConfig,
-        compute_input_and_target_lengths,
-        span_corruption_batch,
-    )
-    from omnilm.tokenizer.families import sentinel_ids
+    from omnilm.objectives.span_corruption import SpanCorruptionConfig, compute_input_and_target_lengths
 
     options = stage_options(config, SPAN_OPTIONS)
     spans = SpanCorruptionConfig(float(options["noise_density"]), float(options["mean_noise_span_length"]))
     window_len, targets_len = compute_input_and_target_lengths(config.train.seq_len, spans)
     count = int(options["sentinels"])
-
-    def transform(tokenizer: Any) -> Any:
-        sentinels, eos = sentinel_ids(tokenizer, count), special_ids(tokenizer)["eos"]
-
-        def corrupt(windows: Any, rng: np.random.Generator) -> dict[str, torch.Tensor]:
-            inputs, targets = span_corruption_batch(np.asarray(windows), spans, sentinels, eos, rng)
-            inputs = torch.as_tensor(inputs, dtype=torch.long)
-            return {"input_ids": inputs, "attention_mask": torch.ones_like(inputs),
-                    "labels": torch.as_tensor(targets, dtype=torch.long)}
-
-        return corrupt
-
-    return _run_corruption_stage(config, out_dir, resume, seq2seq_builder("t5", count), window_len, transform,
+    return _run_corruption_stage(config, out_dir, resume, seq2seq_builder("t5", count), window_len,
+                                 lambda tokenizer: span_corruption_fn(tokenizer, spans, count),
                                  config.train.batch_size * (config.train.seq_len + targets_len))
+
+
+def span_corruption_fn(tokenizer: Any, spans: Any, sentinels: int) -> Any:
+    """(B, window) token windows and a numpy generator -> a span-corrupted seq2seq batch (``spans``: a
+    SpanCorruptionConfig; ``sentinels`` ids are added to the tokenizer when missing)."""
+    from omnilm.objectives.span_corruption import span_corruption_batch
+    from omnilm.tokenizer.families import sentinel_ids
+
+    ids, eos = sentinel_ids(tokenizer, sentinels), special_ids(tokenizer)["eos"]
+
+    def corrupt(windows: Any, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        inputs, targets = span_corruption_batch(np.asarray(windows), spans, ids, eos, rng)
+        inputs = torch.as_tensor(inputs, dtype=torch.long)
+        return {"input_ids": inputs, "attention_mask": torch.ones_like(inputs),
+                "labels": torch.as_tensor(targets, dtype=torch.long)}
+
+    return corrupt
 
 
 @register_stage("denoise")

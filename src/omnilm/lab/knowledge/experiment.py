@@ -149,25 +149,42 @@ def loader(datasets: Mapping[str, Path], config: KnowledgeConfig, seed: int,
 
 def train(config: KnowledgeConfig, model: nn.Module, batches: Any, evaluate: Callable[[nn.Module], Row],
           seed: int, out: Path, steps: int | None = None, lr: float | None = None, eval_every: int | None = None,
-          schedule_steps: int | None = None, objective: Callable[..., Any] | None = None) -> list[Row]:
+          schedule_steps: int | None = None, objective: Callable[..., Any] | None = None,
+          warmup_steps: int = 0) -> list[Row]:
     """Train ``model`` in place with the study's optimiser settings; returns the evaluation rows.
 
     ``steps``, ``lr`` and ``eval_every`` default to the config's; ``schedule_steps`` is the cosine horizon
     (default: ``steps``), longer when runs of different lengths should share one schedule; ``objective``
-    replaces the causal-LM loss (multi-token or selective training).
+    replaces the causal-LM loss (multi-token or selective training); ``warmup_steps`` of linear warmup precede
+    the cosine (none in the knowledge studies, as in the published study).
     """
     from omnilm.objectives.lm import causal_lm_loss
     from omnilm.train.config import TrainConfig
     from omnilm.train.trainer import Trainer
 
     settings = TrainConfig(max_steps=steps or config.steps, batch_size=config.batch_size, seq_len=config.seq_len,
-                           lr=lr or config.lr, warmup_steps=0, schedule="cosine", schedule_steps=schedule_steps,
+                           lr=lr or config.lr, warmup_steps=warmup_steps, schedule="cosine",
+                           schedule_steps=schedule_steps,
                            eval_every=eval_every or config.eval_every, log_every=eval_every or config.eval_every,
                            checkpoint_every=0, keep_checkpoints=1, progress=False,
                            device="cpu", seed=seed)
     Trainer(model, objective or causal_lm_loss, batches, settings, out, evaluate=evaluate).fit()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
     return [r for r in rows if "accuracy" in r]
+
+
+class Snapshots:
+    """Evaluation function wrapper that keeps a CPU copy of the model's weights at every evaluation: ``states[k]``
+    is the state at the k-th evaluation (1-based; the trainer's final evaluation is the last)."""
+
+    def __init__(self, evaluate: Callable[[nn.Module], Row] | None = None) -> None:
+        self.evaluate, self.states = evaluate, {}
+        self.step = 0
+
+    def __call__(self, model: nn.Module) -> Row:
+        self.step += 1
+        self.states[self.step] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        return self.evaluate(model) if self.evaluate is not None else {}
 
 
 def training_mixture(config: KnowledgeConfig, corpus: Corpus, out: Path) -> tuple[dict[str, Path], Any]:

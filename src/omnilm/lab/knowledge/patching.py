@@ -23,7 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.lab.knowledge.config import KnowledgeConfig
-from omnilm.lab.knowledge.experiment import evaluator, loader, new_model, phases_of, seen_probes, train, write_corpus
+from omnilm.lab.knowledge.experiment import (
+    Snapshots,
+    evaluator,
+    loader,
+    new_model,
+    phases_of,
+    seen_probes,
+    train,
+    write_corpus,
+)
 from omnilm.lab.knowledge.plots import plot_groups
 from omnilm.lab.knowledge.report import pm, table
 from omnilm.model.attention import apply_rope
@@ -104,19 +113,6 @@ class PatchingConfig(KnowledgeConfig):
     patch_from: list[str] = field(default_factory=lambda: ["before", "during", "after"])  # reference snapshots
 
 
-class _Snapshots:
-    """Evaluation function wrapper that keeps a CPU copy of the model's weights at every evaluation."""
-
-    def __init__(self, evaluate: Any) -> None:
-        self.evaluate, self.states = evaluate, {}
-        self.step = 0
-
-    def __call__(self, model: nn.Module) -> dict[str, float]:
-        self.step += 1
-        self.states[self.step] = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-        return self.evaluate(model)
-
-
 def snapshot_steps(steps: list[int], phases: dict[str, Any]) -> dict[str, int]:
     """Which evaluation step stands for "before", "during" and "after" the plateau of the reference run.
 
@@ -142,7 +138,7 @@ def run_patching(config: PatchingConfig, out: str | Path) -> dict[str, Any]:
     chosen: list[dict[str, int]] = []
     for seed in range(config.seeds):
         reference = new_model(config, tokenizer, seed)
-        snapshots = _Snapshots(evaluate)
+        snapshots = Snapshots(evaluate)
         rows = train(config, reference, loader({"all": corpus.tokens}, config, seed), snapshots, seed,
                      out / f"seed-{seed}" / "reference")
         found = phases_of(rows, baseline, config, prefix)
