@@ -77,6 +77,9 @@ def test_layers_split_into_even_contiguous_stages() -> None:
 MODELS = {
     # GQA, tied head (the pipeline sums the tied embedding's gradient over the first and last stage).
     "llama": {"preset": "tiny", "d_model": 64, "n_layer": 2, "max_seq_len": 64},
+    # q/k/v biases (split with their columns), an untied head.
+    "qwen2": {"preset": "tiny", "family": "qwen2", "tie_embeddings": False, "d_model": 64, "n_layer": 2,
+              "max_seq_len": 64},
     # Learned positions, LayerNorm with biases, row-parallel biases, fused q/k/v in the HF folder.
     "gpt2": {"preset": "tiny", "family": "gpt2", "n_kv_head": None, "d_model": 64, "n_layer": 2, "max_seq_len": 64},
 }
@@ -157,7 +160,10 @@ def assert_loads_in_transformers(folder: Path) -> None:
     ("llama", {"pipeline_parallel": 2, "microbatches": 2, "pipeline_schedule": "gpipe",
                "activation_checkpointing": True}),
     ("gpt2", {"pipeline_parallel": 2, "microbatches": 2}),
-], ids=["tp-llama", "tp-sp-llama", "tp-gpt2", "pp-1f1b-llama", "pp-gpipe-llama", "pp-1f1b-gpt2"])
+    ("qwen2", {"tensor_parallel": 2, "sequence_parallel": True}),
+    ("qwen2", {"pipeline_parallel": 2, "microbatches": 2}),
+], ids=["tp-llama", "tp-sp-llama", "tp-gpt2", "pp-1f1b-llama", "pp-gpipe-llama", "pp-1f1b-gpt2", "tp-sp-qwen2",
+        "pp-1f1b-qwen2"])
 def test_two_processes_train_like_one(model: str, settings: dict, single: dict[str, Path], lm_data: dict[str, Path],
                                       tmp_path: Path) -> None:
     train(stage_yaml(tmp_path / "stage.yaml", lm_data, model, **settings), tmp_path / "run", processes=2)
