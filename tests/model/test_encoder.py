@@ -7,6 +7,7 @@ import transformers
 from omnilm.model.encoder import (
     EncoderConfig,
     EncoderForMaskedLM,
+    EncoderForPreTraining,
     EncoderForSequenceClassification,
     EncoderForTokenDetection,
 )
@@ -129,3 +130,29 @@ def test_unsupported_encoder_config_is_named(tmp_path):
     transformers.BertForMaskedLM(config).save_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match="relu"):
         load_encoder(tmp_path)
+
+
+def test_bert_pretraining_heads_match_transformers_both_ways(tmp_path):
+    """BertForPreTraining: masked-LM and next-sentence logits, loaded from transformers and saved back."""
+    torch.manual_seed(0)
+    hf = transformers.BertForPreTraining(hf_config("BertForMaskedLM")).eval()
+    perturb(hf)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = load_encoder(tmp_path / "hf")
+    assert isinstance(ours, EncoderForPreTraining)
+    ids, mask, types = inputs()
+    with torch.no_grad():
+        mlm, nsp = ours(ids, mask, types)
+        expected = hf(input_ids=ids, attention_mask=mask, token_type_ids=types)
+        compare(mlm, expected.prediction_logits, mask)
+        torch.testing.assert_close(nsp, expected.seq_relationship_logits, **TOL)
+    save_encoder(ours, tmp_path / "ours")
+    back = transformers.BertForPreTraining.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        again = back(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    compare(mlm, again.prediction_logits, mask)
+    torch.testing.assert_close(nsp, again.seq_relationship_logits, **TOL)
+    # The folder also loads as a plain masked LM (the encoder kept).
+    plain = load_encoder(tmp_path / "hf", head="mlm")
+    assert isinstance(plain, EncoderForMaskedLM)
+    torch.testing.assert_close(plain.encoder.tok_emb.weight, ours.encoder.tok_emb.weight)

@@ -9,7 +9,8 @@ Heads (each composed with an ``Encoder``, never a subclass of it):
   ELECTRA's generator, whose dense maps down to ``embedding_size``);
 - ``EncoderForSequenceClassification``: BERT's tanh pooler over the first token ([CLS]) and a linear classifier,
   or ELECTRA's dense–GELU–linear head on it;
-- ``EncoderForTokenDetection``: ELECTRA's discriminator, one replaced/original logit per token.
+- ``EncoderForTokenDetection``: ELECTRA's discriminator, one replaced/original logit per token;
+- ``EncoderForPreTraining``: BERT's masked LM plus next-sentence prediction on the pooled [CLS].
 """
 
 from __future__ import annotations
@@ -186,6 +187,27 @@ class EncoderForMaskedLM(EncoderTask):
         return self.head(self.encoder(input_ids, attention_mask, token_type_ids), self.encoder.tok_emb.weight)
 
 
+class EncoderForPreTraining(EncoderTask):
+    """BERT's two pre-training heads (BertForPreTraining): masked-LM logits (B, T, vocab) and next-sentence logits
+    (B, 2) from the tanh-pooled [CLS] (0 = segment B follows segment A, 1 = B is a random segment)."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        if config.family != "bert":
+            raise ConfigError("next-sentence prediction is BERT's; electra has no such head")
+        self.config = config
+        self.encoder = Encoder(config)
+        self.head = MLMHead(config)
+        self.pooler = nn.Linear(config.d_model, config.d_model)
+        self.nsp = nn.Linear(config.d_model, 2)
+        init_weights(self, config.init_std)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.encoder(input_ids, attention_mask, token_type_ids)
+        return self.head(h, self.encoder.tok_emb.weight), self.nsp(torch.tanh(self.pooler(h[:, 0])))
+
+
 class EncoderForSequenceClassification(EncoderTask):
     """Class logits (B, num_labels) from the first token ([CLS]). BERT (BertForSequenceClassification): tanh
     pooler, then a linear classifier. ELECTRA (ElectraForSequenceClassification): dense, GELU, then a linear
@@ -276,6 +298,7 @@ def electra_generator_config(discriminator: EncoderConfig, size_divisor: int = 4
                    d_ff=max(discriminator.ff_dim // size_divisor, 1), embedding_size=discriminator.emb_dim)
 
 
-__all__ = ["Encoder", "EncoderConfig", "EncoderTask", "EncoderForMaskedLM", "EncoderForSequenceClassification",
+__all__ = ["Encoder", "EncoderConfig", "EncoderTask", "EncoderForMaskedLM", "EncoderForPreTraining",
+           "EncoderForSequenceClassification",
            "EncoderForTokenDetection", "PRESETS", "electra_generator_config", "load_encoder_config",
            "num_flops_per_token"]

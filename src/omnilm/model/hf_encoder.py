@@ -1,6 +1,6 @@
 """Checkpoints of the encoder family in the Hugging Face layout: BertForMaskedLM, BertForSequenceClassification,
-ElectraForMaskedLM, ElectraForPreTraining and ElectraForSequenceClassification (folders load with transformers'
-``from_pretrained`` and back).
+BertForPreTraining (with next-sentence prediction), ElectraForMaskedLM, ElectraForPreTraining and
+ElectraForSequenceClassification (folders load with transformers' ``from_pretrained`` and back).
 
 The head is named by config.json's ``architectures``; the trunk's names differ between the families by their
 prefix only (``bert.`` / ``electra.``), so one trunk table serves both.
@@ -17,13 +17,15 @@ from torch import nn
 from omnilm.model.encoder import (
     EncoderConfig,
     EncoderForMaskedLM,
+    EncoderForPreTraining,
     EncoderForSequenceClassification,
     EncoderForTokenDetection,
 )
 from omnilm.model.hf import CheckpointError, read_config_json
 from omnilm.model.hf_table import KeyTable, distinct_state, load_into, read_state, save_folder
 
-EncoderModel = EncoderForMaskedLM | EncoderForSequenceClassification | EncoderForTokenDetection
+EncoderModel = (EncoderForMaskedLM | EncoderForPreTraining | EncoderForSequenceClassification
+                | EncoderForTokenDetection)
 
 #: Head kind -> (model class, architecture name per family).
 HEADS: dict[str, tuple[type[nn.Module], dict[str, str]]] = {
@@ -31,6 +33,7 @@ HEADS: dict[str, tuple[type[nn.Module], dict[str, str]]] = {
     "classify": (EncoderForSequenceClassification, {"bert": "BertForSequenceClassification",
                                                     "electra": "ElectraForSequenceClassification"}),
     "rtd": (EncoderForTokenDetection, {"electra": "ElectraForPreTraining"}),
+    "pretraining": (EncoderForPreTraining, {"bert": "BertForPreTraining"}),
 }
 ARCHITECTURES = {arch: (head, family) for head, (_, archs) in HEADS.items() for family, arch in archs.items()}
 
@@ -65,6 +68,10 @@ HEAD_KEYS: dict[tuple[str, str], list[tuple[str, str]]] = {
     + [("head.bias", "generator_lm_head.bias")],
     ("classify", "bert"): _linear([("pooler", "bert.pooler.dense"), ("classifier", "classifier")]),
     ("classify", "electra"): _linear([("dense", "classifier.dense"), ("out", "classifier.out_proj")]),
+    ("pretraining", "bert"): _linear([("head.dense", "cls.predictions.transform.dense"),
+                                      ("head.norm", "cls.predictions.transform.LayerNorm"),
+                                      ("pooler", "bert.pooler.dense"), ("nsp", "cls.seq_relationship")])
+    + [("head.bias", "cls.predictions.bias")],
     ("rtd", "electra"): _linear([("dense", "discriminator_predictions.dense"),
                                  ("out", "discriminator_predictions.dense_prediction")]),
 }
@@ -77,6 +84,7 @@ ALIASES = {
     ("classify", "bert"): [],
     ("classify", "electra"): [],
     ("rtd", "electra"): [],
+    ("pretraining", "bert"): ["cls.predictions.decoder.weight", "cls.predictions.decoder.bias"],
 }
 
 
