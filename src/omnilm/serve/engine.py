@@ -481,7 +481,7 @@ class Engine(RequestQueue):
         """Attention sinks: keep each sequence's first ``sinks`` positions and its ``window`` most recent ones,
         the window moved down to the slots after the sinks with its keys rotated back as far (one gather per
         distance for all layers), then hand back the blocks that no longer hold anything."""
-        size, moves = self.block_size, {}
+        size, moves, freed = self.block_size, {}, []
         for seq in seqs:
             held = seq.computed - seq.evicted
             evict = held - seq.sinks - seq.window
@@ -492,9 +492,8 @@ class Engine(RequestQueue):
             dst += [seq.blocks[p // size] * size + p % size for p in range(seq.sinks, held - evict)]
             seq.evicted += evict
             keep = self.pool.blocks_for(seq.sinks + seq.window + 1)  # the next token's slot included
-            if len(seq.blocks) > keep:
-                self.pool.release(seq.blocks[keep:])
-                del seq.blocks[keep:]
+            freed += seq.blocks[keep:]
+            del seq.blocks[keep:]
         for evict, (src, dst) in moves.items():
             src_t, dst_t = torch.tensor(src, device=self.device), torch.tensor(dst, device=self.device)
             keys = self.cache.k[:, src_t]  # (layers, n, kv_heads, head_dim), a copy: sources and targets overlap
@@ -502,6 +501,7 @@ class Engine(RequestQueue):
                 keys = rotate_keys(keys, -evict, self.sink_freq)
             self.cache.k[:, dst_t] = keys
             self.cache.v[:, dst_t] = self.cache.v[:, src_t]
+        self.pool.release(freed)  # after the moves, which may read from these blocks
 
     def _register_full_blocks(self, seq: _Sequence) -> None:
         """Offer every newly completed block of ``seq`` to the prefix cache."""
