@@ -27,9 +27,11 @@ def labelled(path: Path) -> Path:
 def stage_config(kind: str, lm_data: dict[str, Path], root: Path) -> StageConfig:
     tokens, tokenizer = {"toy": str(lm_data["tokens"])}, str(lm_data["tokenizer"])
     small = {"d_model": 32, "max_seq_len": 32}
-    common = {"name": kind, "type": kind, "tokenizer": tokenizer, "train": TRAIN}
+    common = {"name": kind.replace("+", "-"), "type": kind, "tokenizer": tokenizer, "train": TRAIN}
     specs = {
         "mlm": {"data": tokens, "model": {"preset": "bert-tiny", "n_layer": 1} | small},
+        "mlm+nsp": {"type": "mlm", "data": tokens, "model": {"preset": "bert-tiny", "n_layer": 1} | small,
+                    "options": {"next_sentence": True}},
         "electra": {"data": tokens, "model": {"preset": "electra-tiny", "n_layer": 1, "embedding_size": 16} | small,
                     "options": {"generator_size_divisor": 2}},
         "span_corruption": {"data": tokens, "model": {"preset": "t5-tiny", "n_layer": 1} | small},
@@ -49,7 +51,7 @@ def logged(run: Path) -> dict[int, dict[str, float]]:
     return {r["step"]: {k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in rows if "loss" in r}
 
 
-@pytest.mark.parametrize("kind", ["mlm", "electra", "span_corruption", "denoise", "classify", "seq2seq_sft"])
+@pytest.mark.parametrize("kind", ["mlm", "mlm+nsp", "electra", "span_corruption", "denoise", "classify", "seq2seq_sft"])
 def test_resumed_stage_equals_the_uninterrupted_run(tmp_path: Path, lm_data: dict[str, Path], kind: str) -> None:
     config = stage_config(kind, lm_data, tmp_path)
     full = tmp_path / "full"

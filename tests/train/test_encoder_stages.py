@@ -106,3 +106,37 @@ def test_seq2seq_pretraining_then_sft(tmp_path: Path, lm_data: dict[str, Path], 
         assert result[-1]["val_exact_match"] == 1.0
     else:
         assert "val_exact_match" in result[-1]
+
+
+def test_mlm_with_next_sentence_prediction(tmp_path: Path, lm_data: dict[str, Path]) -> None:
+    final = stage("nsp", "mlm", {"toy": str(lm_data["tokens"])}, tmp_path / "nsp", tokenizer=str(lm_data["tokenizer"]),
+                  model={"preset": "bert-tiny", "n_layer": 2, "d_model": 64, "max_seq_len": 64},
+                  options={"next_sentence": True}, train={"lr": 1e-3})
+    learned(tmp_path / "nsp")
+    assert any("nsp_acc" in json.loads(line) for line in (tmp_path / "nsp" / "metrics.jsonl").read_text().splitlines())
+    assert transformers.AutoConfig.from_pretrained(final).architectures == ["BertForPreTraining"]
+    ids, types = torch.randint(0, 300, (2, 16)), torch.zeros(2, 16, dtype=torch.long)
+    types[:, 8:] = 1
+    hf = transformers.BertForPreTraining.from_pretrained(final).eval()
+    with torch.no_grad():
+        mlm, nsp = load_any(final)(ids, None, types)
+        expected = hf(input_ids=ids, token_type_ids=types)
+    torch.testing.assert_close(mlm, expected.prediction_logits, atol=1e-4, rtol=0)
+    torch.testing.assert_close(nsp, expected.seq_relationship_logits, atol=1e-4, rtol=0)
+
+
+def test_sentence_pairs_take_the_continuation_or_another_rows_text() -> None:
+    from omnilm.train.encoder_stages import sentence_pairs
+
+    window = torch.arange(6 * 20).view(6, 20) + 100
+    ids = {"cls": 1, "sep": 2}
+    tokens, types, labels = sentence_pairs(window, 17, ids, torch.Generator().manual_seed(0))
+    assert tokens.shape == (6, 17) and 0 < int(labels.sum()) < 6
+    for row in range(6):
+        a, b = tokens[row, 1:8], tokens[row, 9:16]
+        assert tokens[row, 0] == 1 and tokens[row, 8] == 2 and tokens[row, 16] == 2
+        assert torch.equal(a, window[row, :7])
+        source = row - 1 if labels[row] else row  # a random pair takes the previous row's second half
+        assert torch.equal(b, window[source % 6, 7:14])
+        assert types[row].tolist() == [0] * 9 + [1] * 8
+

@@ -5,6 +5,8 @@ a window, masked on the fly from a generator seeded by (seed, batch index, rank)
 as an uninterrupted one. The tokenizer gains ``[CLS] [SEP] [MASK] [PAD]`` when it lacks them. Options:
 
 mlm, electra: ``mask_prob`` (0.15), ``replace_mask`` (0.8), ``replace_random`` (0.1), ``whole_word`` (false)
+mlm also: ``next_sentence`` (false; true trains BERT's next-sentence head on segment pairs and writes
+``BertForPreTraining``)
 electra also: ``disc_weight`` λ (50), ``generator_size_divisor`` (4: the generator is a quarter as wide); the model
 folder is the discriminator, with the generator in ``generator/``; one process only
 classify: jsonl records with a text and a label field: ``text_field`` ("text"), ``label_field`` ("label"),
@@ -28,6 +30,7 @@ from omnilm.train.stage import StageConfig, register_stage, stage_options, stage
 from omnilm.train.trainer import Trainer, TrainResult
 
 MASKING_OPTIONS = {"mask_prob": 0.15, "replace_mask": 0.8, "replace_random": 0.1, "whole_word": False}
+MLM_OPTIONS = MASKING_OPTIONS | {"next_sentence": False}
 ELECTRA_OPTIONS = MASKING_OPTIONS | {"disc_weight": 50.0, "generator_size_divisor": 4}
 CLASSIFY_OPTIONS = {"text_field": "text", "label_field": "label", "labels": None, "eval_data": None,
                     "eval_where": None, "strict": False}
@@ -77,7 +80,8 @@ def word_start_table(tokenizer: Any) -> torch.Tensor:
 
 def masking_fn(seq_len: int, tokenizer: Any, options: dict[str, Any]) -> Any:
     """(B, ≥ seq_len − 1) windows -> a masked batch of (B, seq_len) rows that open with [CLS] (``options``: the
-    keys of MASKING_OPTIONS)."""
+    keys of MASKING_OPTIONS; with ``next_sentence`` true, segment pairs as ``sentence_pairs`` makes them, with
+    ``token_type_ids`` and ``nsp_labels``)."""
     from omnilm.objectives.mlm import MaskingConfig, mask_tokens
 
     ids = encoder_ids(tokenizer)
@@ -86,16 +90,39 @@ def masking_fn(seq_len: int, tokenizer: Any, options: dict[str, Any]) -> Any:
     specials = special_id_tensor(tokenizer)
     starts = word_start_table(tokenizer)
     vocab = tokenizer.vocab_size
+    pairs = bool(options.get("next_sentence", False))
 
     def transform(window: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
         window = torch.as_tensor(window)
-        tokens = torch.cat([torch.full((window.shape[0], 1), ids["cls"], dtype=torch.long),
-                            window[:, :seq_len - 1]], dim=1)  # (B, seq_len)
+        extra: dict[str, torch.Tensor] = {}
+        if pairs:
+            tokens, types, nsp = sentence_pairs(window, seq_len, ids, generator)
+            extra = {"token_type_ids": types, "nsp_labels": nsp}
+        else:
+            tokens = torch.cat([torch.full((window.shape[0], 1), ids["cls"], dtype=torch.long),
+                                window[:, :seq_len - 1]], dim=1)  # (B, seq_len)
         maskable = ~torch.isin(tokens, specials)
         inputs, labels = mask_tokens(tokens, masking, ids["mask"], vocab, maskable, generator, starts[tokens])
-        return {"inputs": inputs, "labels": labels, "attention_mask": torch.ones_like(tokens)}
+        return {"inputs": inputs, "labels": labels, "attention_mask": torch.ones_like(tokens)} | extra
 
     return transform
+
+
+def sentence_pairs(window: torch.Tensor, seq_len: int, ids: dict[str, int],
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Next-sentence-prediction rows ``[CLS] A [SEP] B [SEP]`` (B, ≤ seq_len) from windows (B, ≥ seq_len − 3):
+    segment A is a window's first half; B is the half after it (label 0) or, with probability ½, the second half
+    of the next row's window, text from elsewhere in the corpus (label 1). Token types: 0 up to the first [SEP],
+    1 after. Returns (tokens, token types, labels)."""
+    rows, half = window.shape[0], (seq_len - 3) // 2
+    first, second = window[:, :half], window[:, half:2 * half]
+    nsp = (torch.rand(rows, generator=generator) < 0.5).long() if rows > 1 else torch.zeros(rows, dtype=torch.long)
+    second = torch.where(nsp[:, None].bool(), second.roll(1, 0), second)
+    column = lambda token: torch.full((rows, 1), token, dtype=torch.long)  # noqa: E731
+    tokens = torch.cat([column(ids["cls"]), first, column(ids["sep"]), second, column(ids["sep"])], dim=1)
+    types = torch.zeros_like(tokens)
+    types[:, half + 2:] = 1
+    return tokens, types, nsp
 
 
 def encoder_builder(head: str, **overrides: Any) -> Any:
@@ -166,23 +193,37 @@ def run_mlm_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResu
     from omnilm.train.distributed import wrap_model
     from omnilm.train.pretrain import token_batches
 
-    options = stage_options(config, MASKING_OPTIONS)
-    device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume, encoder_builder("mlm"))
+    options = stage_options(config, MLM_OPTIONS)
+    pairs = bool(options["next_sentence"])
+    device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume,
+                                                              encoder_builder("pretraining" if pairs else "mlm"))
     transform = masking_fn(config.train.seq_len, tokenizer, options)
     loader = TransformedBatches(token_batches(config, info), transform, config.train.seed, info.rank)
     model = wrap_model(model, config.train.distributed, info, device)
-    evaluate = mlm_evaluator(masked_val_batches(config, info, transform), device,
-                             lambda m, b: m(b["inputs"], b["attention_mask"]))
+
+    def logits_of(m: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = m(b["inputs"], b["attention_mask"], b.get("token_type_ids"))
+        return out[0] if pairs else out
+
+    evaluate = mlm_evaluator(masked_val_batches(config, info, transform), device, logits_of)
     trainer = Trainer(model, mlm_objective, loader, config.train, out_dir, info=info, tokenizer=tokenizer,
                       evaluate=evaluate)
     return trainer.fit(resume=resume_from is not None)
 
 
 def mlm_objective(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:
-    """The MLM loss of a masked batch (``masking_fn``'s)."""
+    """The MLM loss of a masked batch (``masking_fn``'s); with ``nsp_labels``, plus the next-sentence
+    cross-entropy of a model with both heads (logged as ``nsp_loss``, ``nsp_acc``)."""
+    import torch.nn.functional as F
+
     from omnilm.objectives.mlm import mlm_loss
 
-    return mlm_loss(model(batch["inputs"], batch["attention_mask"]), batch["labels"]), {}
+    if "nsp_labels" not in batch:
+        return mlm_loss(model(batch["inputs"], batch["attention_mask"]), batch["labels"]), {}
+    logits, nsp = model(batch["inputs"], batch["attention_mask"], batch["token_type_ids"])
+    nsp_loss = F.cross_entropy(nsp.float(), batch["nsp_labels"])
+    accuracy = (nsp.argmax(-1) == batch["nsp_labels"]).float().mean().item()
+    return mlm_loss(logits, batch["labels"]) + nsp_loss, {"nsp_loss": nsp_loss.item(), "nsp_acc": accuracy}
 
 
 def with_sample_seed(transform: Any) -> Any:
