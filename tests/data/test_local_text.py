@@ -86,3 +86,12 @@ def test_the_cli_writes_the_reference_topics_for_the_pipeline(tmp_path: Path) ->
     assert [r["source"] for r in records] == [f"topics:{name}" for name in expected]
     assert [d.text for d in iter_documents([out])] == [topics[name].strip() for name in expected]
     assert sum(len(r["text"]) for r in records) > 300_000  # the whole language and library reference
+
+
+def test_the_recipe_job_writes_the_same_corpus(tmp_path: Path) -> None:
+    from omnilm.recipe.jobs import JOBS
+
+    stats = JOBS["local_text"]({"docstrings": False}, tmp_path / "text", tmp_path)
+    records = [json.loads(line) for line in (tmp_path / "text" / "text.jsonl").read_text().splitlines()]
+    assert stats["documents"] == len(records) == sum(len(t.strip()) >= 200 for t in topics.values())
+    assert stats["docstring_characters"] == 0 and stats["topic_characters"] == stats["characters"]
