@@ -124,3 +124,40 @@ def test_text_to_text_scores_are_class_name_likelihoods() -> None:
                 logprobs = torch.log_softmax(model.model(inputs, torch.ones_like(inputs), decoder_inputs), -1)[0]
                 expected = sum(logprobs[i, t] for i, t in enumerate(name))
                 assert scores[b, c].item() == pytest.approx(float(expected), abs=1e-4)
+
+
+def test_the_bert_arm_trains_like_transformers_bert(tmp_path: Path) -> None:
+    """The MLM arm's model, objective and batches against transformers' BertForMaskedLM from the same weights on
+    the same masked batches: the loss curves agree step by step (so the lab's MLM plateau is BERT's own)."""
+    from transformers import BertForMaskedLM
+
+    from omnilm.lab.knowledge.experiment import write_corpus
+    from omnilm.lab.objectives import SENTINELS, ObjectivesLabConfig, build_arm, encoder_ids
+    from omnilm.model.hf_encoder import save_encoder
+    from omnilm.tokenizer.families import ensure_family_tokens, sentinel_ids
+
+    config = ObjectivesLabConfig(**TOY | {"finetune": FinetuneConfig(), "seq_len": 32, "batch_size": 4})
+    corpus = write_corpus(config, tmp_path / "data")
+    tokenizer = corpus.tokenizer
+    ensure_family_tokens(tokenizer, "bert")
+    sentinel_ids(tokenizer, SENTINELS)
+    encoder_ids(tokenizer)
+    arm = build_arm("bert", config, tokenizer, corpus.tokens, 0)
+    save_encoder(arm.model, tmp_path / "bert", tokenizer=tokenizer)
+    theirs = BertForMaskedLM.from_pretrained(tmp_path / "bert", attn_implementation="eager").train()
+    ours = arm.model.train()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=3e-3) for m in (ours, theirs)]
+    curves: list[tuple[float, float]] = []
+    for _ in range(20):
+        batch = arm.batches.next_batch()
+        losses = (arm.objective(ours, batch)[0],
+                  theirs(input_ids=batch["inputs"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"]).loss)
+        for loss, optimizer in zip(losses, optimizers, strict=True):
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        curves.append((losses[0].item(), losses[1].item()))
+    assert curves[-1][0] < curves[0][0] - 0.5  # it learns
+    for ours_loss, theirs_loss in curves:
+        assert ours_loss == pytest.approx(theirs_loss, rel=1e-4)
