@@ -43,9 +43,13 @@ class TransformedBatches:
     def __init__(self, loader: Any, fn: Any, seed: int, rank: int) -> None:
         self.loader, self.fn, self.seed, self.rank = loader, fn, seed, rank
 
+    def generator(self) -> Any:
+        """The next batch's generator (drawn before the loader advances)."""
+        return torch.Generator().manual_seed((self.seed * 1_000_003 + self.loader.batch_index * 7_919 + self.rank)
+                                             % 2**63)
+
     def next_batch(self) -> Any:
-        generator = torch.Generator().manual_seed(
-            (self.seed * 1_000_003 + self.loader.batch_index * 7_919 + self.rank) % 2**63)
+        generator = self.generator()
         return self.fn(self.loader.next_batch(), generator)
 
     def state_dict(self) -> dict[str, Any]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from omnilm.config import ConfigError
+from omnilm.train.encoder_stages import TransformedBatches
 from omnilm.train.stage import StageConfig, register_stage, stage_options, stage_setup
 from omnilm.train.trainer import Trainer, TrainResult
 
@@ -35,22 +36,12 @@ SFT_OPTIONS = {"input_field": "input", "output_field": "output", "eval_data": No
                "max_new_tokens": 64, "strict": False}
 
 
-class NumpyTransformedBatches:
+class NumpyTransformedBatches(TransformedBatches):
     """Batches of ``loader`` passed through ``fn(batch, rng)`` with a numpy generator seeded by (seed, batch index,
     rank)."""
 
-    def __init__(self, loader: Any, fn: Any, seed: int, rank: int) -> None:
-        self.loader, self.fn, self.seed, self.rank = loader, fn, seed, rank
-
-    def next_batch(self) -> Any:
-        rng = np.random.default_rng([self.seed, self.loader.batch_index, self.rank])
-        return self.fn(self.loader.next_batch(), rng)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
+    def generator(self) -> np.random.Generator:
+        return np.random.default_rng([self.seed, self.loader.batch_index, self.rank])
 
 
 def special_ids(tokenizer: Any) -> dict[str, int]:
