@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import torch
 
 from helpers import small_model
@@ -25,11 +27,11 @@ def test_adamw_step_matches_torch_reference():
     reference.load_state_dict(model.state_dict())
     config = TrainConfig(max_steps=1, lr=1e-2, weight_decay=0.5)
     ours = build_optimizer(model, config)
-    assert not any(group["fused"] for group in ours.param_groups)  # CPU: the default kernel (see can_fuse)
+    assert all(group["fused"] for group in ours.param_groups)  # contiguous CPU tensors: the fused kernel
     decay = [p for n, p in reference.named_parameters() if p.dim() >= 2 and "emb" not in n]
     other = [p for n, p in reference.named_parameters() if not (p.dim() >= 2 and "emb" not in n)]
     theirs = torch.optim.AdamW([{"params": decay, "weight_decay": 0.5}, {"params": other, "weight_decay": 0.0}],
-                               lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+                               lr=1e-2, betas=(0.9, 0.95), eps=1e-8, fused=True)
     ids = torch.randint(0, 64, (2, 9))
     for net, opt in ((model, ours), (reference, theirs)):
         for _ in range(3):
@@ -81,3 +83,16 @@ def test_lr_scale_and_frozen_modules_in_a_real_training_run(tmp_path):
     ratio = first["blocks.1.attn.q_proj.weight"] / first["blocks.1.norm1.weight"]
     torch.testing.assert_close(ratio, torch.tensor(0.5), atol=1e-3, rtol=0)
     assert torch.equal(start["blocks.1.mlp.up_proj.weight"], model.state_dict()["blocks.1.mlp.up_proj.weight"])
+
+
+def test_fused_kernel_only_for_contiguous_parameters(tmp_path: Path) -> None:
+    """The fused kernel pairs elements by memory position, so a transposed parameter keeps the default kernel;
+    and a GPT-2 folder (Conv1D weights stored transposed) loads as contiguous parameters."""
+    from omnilm.model.hf import load_pretrained, save_pretrained
+    from omnilm.train.optim import can_fuse
+
+    weight = torch.nn.Parameter(torch.zeros(4, 3))
+    assert can_fuse([weight]) and not can_fuse([weight, torch.nn.Parameter(torch.zeros(3, 4).t())])
+    assert not can_fuse([torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))])
+    folder = save_pretrained(small_model("gpt2", vocab_size=64), tmp_path / "gpt2")
+    assert all(p.is_contiguous() for p in load_pretrained(folder).parameters())

@@ -455,11 +455,15 @@ def state_to_hf(model: Transformer, state: dict[str, torch.Tensor] | None = None
 
 
 def state_from_hf(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Hugging Face weights renamed to omnilm's names (unknown names are kept, to be reported)."""
+    """Hugging Face weights renamed to omnilm's names (unknown names are kept, to be reported).
+
+    Every tensor is contiguous: loaders assign them as parameters, and a transposed view (GPT-2's Conv1D
+    layout) would give a parameter whose memory layout differs from that of optimizer moments restored from a
+    checkpoint, which PyTorch's fused AdamW kernel does not handle (it pairs elements by memory position)."""
     if config.alibi:
-        return _bloom_state_from_hf(hf, config)
+        return {k: v.contiguous() for k, v in _bloom_state_from_hf(hf, config).items()}
     if config.family == "gpt2":
-        return _gpt2_state_from_hf(hf, config)
+        return {k: v.contiguous() for k, v in _gpt2_state_from_hf(hf, config).items()}
     expected = _expected_shapes(config)
     module = _moe_module(config)
     reverse = {_llama_name(k, module): k for k in expected if not _is_stacked_experts(k)}
