@@ -7,7 +7,7 @@ import json
 import math
 import re
 import wave
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ from omnilm.cli import main
 from omnilm.config import ConfigError
 from omnilm.data.synth import media
 from omnilm.data.synth.media import COLOURS, parse_wav, read_wav, resample, write_wav
-from omnilm.data.synth.omni import IMAGE_QUESTIONS, TRANSCRIBE_PROMPT, OmniConfig, omni_config, write_omni
+from omnilm.data.synth.omni import IMAGE_QUESTIONS, SAY_PROMPT, TRANSCRIBE_PROMPT, OmniConfig, omni_config, write_omni
 from omnilm.errors import UserError
 from omnilm.recipe.jobs import job_inputs, run_job
 
@@ -161,7 +161,9 @@ def test_files_exist_and_decode(smoke: Path) -> None:
                 assert part["type"] == "text" and part["text"] == record["text"]
     stats = json.loads((smoke / "stats.json").read_text())
     speech = read(smoke / "speech.jsonl")
-    assert {t: sum(s.values()) for t, s in stats["records"].items()} == tasks | {"speak": len(speech)}
+    spoken = Counter(r["task"] for r in speech)
+    assert {t: sum(s.values()) for t, s in stats["records"].items()} == tasks | spoken
+    assert set(spoken) == {"speak", "say"}
     assert set(tasks) == {"spoken_qa", "transcribe", "text_qa", "image_qa", "video_qa"}
     assert tasks["transcribe"] == sum(r["task"] == "spoken_qa" and r["split"] == "train" for r in records(smoke))
     assert stats["records"]["image_qa"] == {"train": config.train_images, "eval": config.eval_images}
@@ -345,7 +347,7 @@ def test_cli_and_recipe_job(smoke: Path, tmp_path: Path, capsys: pytest.CaptureF
 def test_every_qa_reply_is_spoken_in_the_assistant_voice(smoke: Path) -> None:
     config = OmniConfig(**json.loads((smoke / "config.json").read_text()))
     qa = read(smoke / "bios" / "qa.jsonl")
-    speech = read(smoke / "speech.jsonl")
+    speech = [r for r in read(smoke / "speech.jsonl") if r["task"] == "speak"]
     assert len(speech) == len(qa)
     by_answer: dict[str, str] = {}
     for record, source in zip(speech, qa, strict=True):
@@ -358,3 +360,39 @@ def test_every_qa_reply_is_spoken_in_the_assistant_voice(smoke: Path) -> None:
         # One file per distinct reply: the same words in the same voice are the same audio.
         assert by_answer.setdefault(record["answer"], record["reply_audio"]) == record["reply_audio"]
 
+
+@needs_espeak
+def test_fresh_texts_to_say_share_no_answer_and_are_spoken(smoke: Path) -> None:
+    config = OmniConfig(**json.loads((smoke / "config.json").read_text()))
+    answers = {r["answer"] for r in read(smoke / "bios" / "qa.jsonl")}
+    said = [r for r in read(smoke / "speech.jsonl") if r["task"] == "say"]
+    assert len(said) == config.say_texts == len({r["text"] for r in said})
+    for record in said:
+        text = record["text"]
+        assert text not in answers and record["split"] == "train" and record["voice"] == config.reply_voice
+        assert record["messages"] == [{"role": "user", "content": [{"type": "text", "text": SAY_PROMPT.format(
+            text=text)}]}, {"role": "assistant", "content": text}]
+        rate, _, _, frames = wav_info(smoke / record["reply_audio"])
+        assert rate == 16_000 and frames > 0.1 * rate
+
+
+
+@needs_espeak
+def test_replies_are_spoken_word_by_word_on_the_code_grid(smoke: Path) -> None:
+    """Each word's clip sits where ``reply_words`` says (sound inside, silence in the gaps), on the 20 ms grid."""
+    from omnilm.data.synth.omni import REPLY_EDGE, WORD_GRID
+
+    config = OmniConfig(**json.loads((smoke / "config.json").read_text()))
+    for record in read(smoke / "speech.jsonl"):
+        words = record["reply_words"]
+        assert [w for w, _, _ in words] == record["messages"][-1]["content"].split()
+        samples, rate = read_wav(smoke / record["reply_audio"])
+        assert words[0][1] == pytest.approx(REPLY_EDGE)
+        assert len(samples) / rate == pytest.approx(words[-1][2] + REPLY_EDGE, abs=1e-4)
+        for (_, start, end), following in zip(words, [*words[1:], None], strict=True):
+            for edge in (start, end):
+                assert edge / WORD_GRID == pytest.approx(round(edge / WORD_GRID), abs=1e-3)
+            assert np.abs(samples[round(start * rate):round(end * rate)]).max() > 0.05
+            if following is not None:
+                assert following[1] - end == pytest.approx(config.word_gap, abs=1e-4)
+                assert np.abs(samples[round(end * rate):round(following[1] * rate)]).max() == 0

@@ -25,6 +25,13 @@ def tones(seed: int) -> np.ndarray:
     return np.concatenate(pieces).astype(np.float32)
 
 
+def word_timings(text: str, seconds: float) -> list[list]:
+    """Made-up timings: the words share the audio evenly, 40 ms of silence at both ends and 60 ms between."""
+    words = text.split()
+    each = (seconds - 0.08 - 0.06 * (len(words) - 1)) / len(words)
+    return [[word, 0.04 + k * (each + 0.06), 0.04 + k * (each + 0.06) + each] for k, word in enumerate(words)]
+
+
 @pytest.fixture(scope="module")
 def speech_setup(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict:  # noqa: ANN001
     from omnilm.omni.audio import load_audio
@@ -39,7 +46,8 @@ def speech_setup(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> dict:  
         write_wav(data / f"reply{i}.wav", tones(i))
         records.append({"messages": [{"role": "user", "content": [{"type": "text", "text": f"Colour {i}?"}]},
                                      {"role": "assistant", "content": reply}],
-                        "reply_audio": f"reply{i}.wav", "split": "train"})
+                        "reply_audio": f"reply{i}.wav", "split": "train",
+                        "reply_words": word_timings(reply, len(tones(i)) / 16000)})
     (data / "speech.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     codec = fit_codec([load_audio(data / f"reply{i}.wav") for i in range(len(REPLIES))], 24, iterations=20)
     codec.save(root / "codec")
@@ -112,3 +120,71 @@ def test_the_talker_folder_keeps_the_thinker_loadable_in_transformers(talker_run
         torch.testing.assert_close(ours(ids, torch.ones_like(ids)),
                                    theirs(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
                                    atol=1e-4, rtol=1e-4)
+
+
+def test_the_batched_talker_loss_equals_the_sum_over_single_examples(speech_setup: dict) -> None:
+    """Left-padded prompts and right-padded steps in one forward pass give each example's unpadded loss."""
+    from omnilm.data.sources import ReadReport
+    from omnilm.omni.codec import Codec
+    from omnilm.omni.talker import Talker
+    from omnilm.omni.thinker import load_thinker
+    from omnilm.tokenizer import Tokenizer
+    from omnilm.train.talker import TalkerTrainee, new_talker_config, prepare_examples, talker_loss_sums
+
+    thinker = load_thinker(speech_setup["thinker"], dtype=torch.float32).eval()
+    tokenizer = Tokenizer.from_dir(speech_setup["thinker"])
+    codec = Codec.load(speech_setup["codec"])
+    records = [json.loads(line) for line in speech_setup["data"].read_text().splitlines()]
+    records[1]["messages"][0]["content"][0]["text"] = "A much longer question about the colour number 1?"
+    examples, _ = prepare_examples(thinker, tokenizer, new_talker_config(thinker, tokenizer, codec.codes, TINY_TALKER),
+                                codec, [(r, speech_setup["data"].parent) for r in records], 400, True, ReadReport())
+    assert len({e["prompt"].shape[0] for e in examples}) > 1 and len({len(e["codes"]) for e in examples}) > 1
+    torch.manual_seed(0)
+    talker = Talker(new_talker_config(thinker, tokenizer, codec.codes, TINY_TALKER)).eval()
+    model = TalkerTrainee(talker, speech_setup["thinker"], talker.config.tts_text_start_token_id)
+    batched, stats = talker_loss_sums(model, examples)
+    singles = [talker_loss_sums(model, [e]) for e in examples]
+    single_sum = sum(float(s[0]["codes"].detach()) for s in singles)
+    assert float(batched["codes"].detach()) == pytest.approx(single_sum, rel=1e-5)
+    counts = [len(e["codes"]) + 1 for e in examples]
+    expected_accuracy = sum(s[1]["code_accuracy"] * n for s, n in zip(singles, counts, strict=True)) / sum(counts)
+    assert stats["code_accuracy"] == pytest.approx(expected_accuracy)
+
+
+def test_a_paced_talker_generates_the_codes_it_learnt_at_the_pace_it_learnt(speech_setup: dict) -> None:
+    """Trained on reply tracks laid out by word timings, a Talker given the same layout generates its codes; the
+    folder keeps the fitted duration model."""
+    from omnilm.infer.sampling import SamplingParams
+    from omnilm.omni.audio import load_audio
+    from omnilm.omni.pacing import DurationModel, aligned_counts, paced_inputs
+    from omnilm.omni.processor import OmniProcessor, media_arguments
+    from omnilm.omni.talker import generate_codes, load_talker, talker_inputs
+    from omnilm.omni.thinker import load_thinker
+    from omnilm.tokenizer import Tokenizer
+    from omnilm.tokenizer.tokenizer import IM_END
+    from omnilm.train.stage import run_stage
+    from omnilm.train.talker import read_speaker
+
+    out = speech_setup["root"] / "paced-talker-run"
+    run_stage(stage_config(speech_setup, "talker", speech_setup["thinker"], 150,
+                           {"talker": TINY_TALKER, "paced": True}), out)
+    final = out / "final"
+    thinker, tokenizer = load_thinker(final), Tokenizer.from_dir(final)
+    talker = load_talker(final / "talker").eval()
+    pacing = DurationModel.load(final / "talker")
+    assert pacing is not None and pacing.per_char > 0 and pacing.lead > 0
+    processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget)
+    codec = speech_setup["codec_obj"]
+    records = [json.loads(line) for line in speech_setup["data"].read_text().splitlines()]
+    for i, reply in enumerate(REPLIES):
+        messages = [{"role": "user", "content": [{"type": "text", "text": f"Colour {i}?"}]}]
+        batch = processor.collate([processor.encode(messages, add_generation_prompt=True)], tokenizer.pad_id)
+        text_ids = tokenizer.encode(reply, special=False)
+        expected = codec.encode(load_audio(speech_setup["data"].parent / f"reply{i}.wav")).tolist()
+        counts, _ = aligned_counts(tokenizer, text_ids, records[i]["reply_words"], len(expected),
+                                   codec.config.code_rate)
+        inputs = talker_inputs(thinker, talker.config, batch["input_ids"], text_ids + [tokenizer.token_to_id(IM_END)],
+                               read_speaker(final), eos_ids=[tokenizer.token_to_id(IM_END)], **media_arguments(batch))
+        codes = list(generate_codes(talker, paced_inputs(inputs, counts),
+                                    SamplingParams(max_new_tokens=200, temperature=0.0)))
+        assert codes == expected, f"reply {i}: {len(codes)} codes vs {len(expected)}"

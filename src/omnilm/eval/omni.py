@@ -3,7 +3,8 @@
 Records are chat conversations (``omnilm data synth omni``) whose last message is the reference reply. As for the
 text QA evaluation, greedy exactness is checked teacher-forced in one forward pass per batch: the reply (with its
 closing ``<|im_end|>``) is what greedy decoding writes iff every reply token is the argmax after the tokens before
-it. Results are given overall and per ``task`` (spoken_qa, text_qa, image_qa, video_qa).
+it. Results are given overall, per ``task`` (spoken_qa, text_qa, image_qa, video_qa) and per task and ``kind``
+where records have one (image questions: colour, shape, count, digit, position).
 """
 
 from __future__ import annotations
@@ -46,11 +47,14 @@ def score_omni(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]], 
 
 def evaluate_omni(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]], root: str | Path,
                   batch_size: int = 32) -> dict[str, float]:
-    """Accuracy and reply loss, overall and per task."""
+    """Accuracy and reply loss, overall, per task and per task and kind."""
     scores = score_omni(thinker, tokenizer, records, root, batch_size)
     by_task: dict[str, list[tuple[float, bool]]] = defaultdict(list)
     for record, score in zip(records, scores, strict=True):
-        by_task[record.get("task", "all")].append(score)
+        task = record.get("task", "all")
+        by_task[task].append(score)
+        if "kind" in record:
+            by_task[f"{task}/{record['kind']}"].append(score)
     out = {"accuracy": sum(c for _, c in scores) / max(len(scores), 1),
            "loss": sum(loss for loss, _ in scores) / max(len(scores), 1), "examples": float(len(scores))}
     for task, items in sorted(by_task.items()):

@@ -119,7 +119,8 @@ def speech_wer_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[st
     everything = read_jsonl(spec["data"])
     where = spec.get("where") or {}
     records = [r for r in everything if all(r.get(k) == v for k, v in where.items())]
-    judge = SpeechJudge(sorted({r["messages"][-1]["content"] for r in everything}))
+    # The judge's language model: the QA replies (not the fresh "say" texts), so its floor stays that of the domain.
+    judge = SpeechJudge(sorted({r["messages"][-1]["content"] for r in everything if r.get("task") != "say"}))
     codec = None
     if spec.get("codec"):
         from omnilm.omni.codec import Codec

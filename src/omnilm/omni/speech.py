@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from omnilm.config import ConfigError
+from omnilm.data.synth.omni import SAY_PROMPT
 from omnilm.infer.sampling import SamplingParams
 from omnilm.model.hf import CheckpointError, check_tensors, read_hf_tensors, write_weights
 from omnilm.omni.audio import HOP_LENGTH, N_FFT, N_MELS
@@ -76,6 +77,7 @@ from omnilm.omni.dit import (
     sample,
     sample_stream,
 )
+from omnilm.omni.pacing import DurationModel, paced_inputs
 from omnilm.omni.processor import OmniProcessor, media_arguments
 from omnilm.omni.talker import Talker, generate_codes, load_talker, save_talker, talker_inputs
 from omnilm.omni.thinker import Thinker, load_thinker
@@ -102,8 +104,6 @@ CONTEXT_FRAMES = (32, 32)
 #: The Talker's sampling unless told otherwise: greedy, so that a voice says the same thing every time
 #: (``omnilm.omni.talker.TALKER_SAMPLING`` is Qwen2.5-Omni's sampled setting).
 GREEDY_CODES = SamplingParams(max_new_tokens=4096, temperature=0.0)
-#: The user turn :meth:`Voice.speak_text` sends; the reply is the text itself.
-SAY_PROMPT = "Repeat after me: {text}"
 
 #: The vocoders a Token2Wav can hold (both satisfy omnilm.omni.vocoder.Vocoder; streaming needs to know which).
 Token2WavVocoder = GriffinLimVocoder | BigVGAN
@@ -385,11 +385,12 @@ class Voice:
     """A Thinker with a Talker and a Token2Wav: its replies, or any text, as streamed speech.
 
     ``speaker_bos_id`` is the Thinker token the Talker was conditioned on as the speaker's text start (a
-    Qwen2.5-Omni speaker's ``bos_token``). ``params``: the Talker's sampling (greedy by default).
+    Qwen2.5-Omni speaker's ``bos_token``). ``params``: the Talker's sampling (greedy by default). ``pacing``: the
+    duration model of a paced Talker (:mod:`omnilm.omni.pacing`; its replies are read at the pace of speech).
     """
 
     def __init__(self, thinker: Thinker, talker: Talker, token2wav: Token2Wav, tokenizer: Any, speaker_bos_id: int,
-                 params: SamplingParams = GREEDY_CODES) -> None:
+                 params: SamplingParams = GREEDY_CODES, pacing: DurationModel | None = None) -> None:
         tc, c = talker.config, thinker.config
         if tc.embedding_size != c.text.d_model:
             raise ConfigError(f"the Talker reads vectors of width {tc.embedding_size}, the Thinker's are "
@@ -407,7 +408,7 @@ class Voice:
         if outside:
             raise ConfigError(f"{outside} are not tokens of the Thinker's vocabulary of {c.text.vocab_size}")
         self.thinker, self.talker, self.token2wav, self.tokenizer = thinker, talker, token2wav, tokenizer
-        self.speaker_bos_id, self.params = speaker_bos_id, params
+        self.speaker_bos_id, self.params, self.pacing = speaker_bos_id, params, pacing
 
     @property
     def sample_rate(self) -> int:
@@ -443,6 +444,8 @@ class Voice:
         media = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in media_arguments(batch).items()}
         inputs = talker_inputs(self.thinker, self.talker.config, ids.to(device), reply + eos[:1],
                                self.speaker_bos_id, eos, **media)
+        if self.pacing is not None:
+            inputs = paced_inputs(inputs, self.pacing.counts(self.tokenizer, reply))
         yield from generate_codes(self.talker, inputs, params or self.params)
 
     def speak(self, batch: dict[str, Any], reply_ids: Sequence[int],
@@ -518,4 +521,5 @@ def load_voice(folder: str | Path, thinker: Thinker | None = None, tokenizer: An
     token2wav = load_token2wav(folder / TOKEN2WAV_DIR, dtype)
     if device is not None:
         thinker, talker, token2wav = thinker.to(device), talker.to(device), token2wav.to(device)
-    return Voice(thinker, talker, token2wav, tokenizer, int(speaker["speaker_bos_id"]))
+    return Voice(thinker, talker, token2wav, tokenizer, int(speaker["speaker_bos_id"]),
+                 pacing=DurationModel.load(folder / TALKER_DIR))

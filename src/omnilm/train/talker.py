@@ -17,6 +17,8 @@ Options:
 ``talker`` ({})           decoder fields of a new Talker (``n_layer``, ``d_model``, ``n_head``, ``n_kv_head``,
                           ``d_ff``, ``max_seq_len``, ``mrope_section``); defaults: 4 layers, d_model 192
 ``max_codes`` (400)       replies longer than this many codes (8 s) are skipped
+``paced`` (false)         read each reply at the pace of its speech (:mod:`omnilm.omni.pacing`): records need
+                          ``reply_words`` timings; the fitted duration model is saved as ``talker/pacing.json``
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
@@ -32,10 +34,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.config import ConfigError
+from omnilm.objectives.lm import IGNORE_INDEX
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
-TALKER_OPTIONS: dict[str, Any] = {"codec": "", "talker": {}, "max_codes": 400, "strict": False}
+TALKER_OPTIONS: dict[str, Any] = {"codec": "", "talker": {}, "max_codes": 400, "paced": False, "strict": False}
 TALKER_DECODER = {"n_layer": 4, "d_model": 192, "n_head": 6, "n_kv_head": 2, "d_ff": 512, "max_seq_len": 1024,
                   "mrope_section": [4, 6, 6]}
 
@@ -68,11 +71,12 @@ def new_talker_config(thinker: Any, tokenizer: Any, codes: int, decoder: dict[st
 class TalkerTrainee(nn.Module):
     """The Talker being trained, saved as ``talker/`` inside a copy of the thinker folder it speaks for."""
 
-    def __init__(self, talker: nn.Module, thinker_folder: Path, speaker_bos_id: int) -> None:
+    def __init__(self, talker: nn.Module, thinker_folder: Path, speaker_bos_id: int, pacing: Any = None) -> None:
         super().__init__()
         self.talker = talker
         self.thinker_folder = Path(thinker_folder)
         self.speaker_bos_id = speaker_bos_id
+        self.pacing = pacing  # a DurationModel when the Talker reads its replies paced
 
     def flops_per_token(self, seq_len: int) -> float:
         c = self.talker.config.text
@@ -90,6 +94,8 @@ class TalkerTrainee(nn.Module):
         talker_state = None if state is None else {k.removeprefix("talker."): v for k, v in state.items()}
         save_talker(self.talker, folder / TALKER_DIR, state=talker_state)
         write_json_atomic(folder / TALKER_DIR / SPEAKER_FILE, {"speaker_bos_id": self.speaker_bos_id})
+        if self.pacing is not None:
+            self.pacing.save(folder / TALKER_DIR)
 
     def read_state(self, folder: str | Path) -> dict[str, torch.Tensor]:
         from omnilm.omni.speech import TALKER_DIR
@@ -121,16 +127,18 @@ def reply_audio_path(record: dict[str, Any], root: Path) -> Path:
 @torch.no_grad()
 def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, codec: Any,
                      records: list[tuple[dict[str, Any], Path]], max_codes: int, strict: bool, report: Any,
-                     ) -> list[dict[str, torch.Tensor]]:
-    """Each record's Talker inputs (from the frozen Thinker) and the codes of its spoken reply."""
+                     paced: bool = False) -> tuple[list[dict[str, torch.Tensor]], Any]:
+    """Each record's Talker inputs (from the frozen Thinker) and the codes of its spoken reply; with ``paced``
+    the reply tracks laid out by the records' word timings, and the duration model fitted to them (else None)."""
     from omnilm.omni.audio import load_audio
+    from omnilm.omni.pacing import DurationModel, aligned_counts, paced_inputs
     from omnilm.omni.processor import OmniProcessor, media_arguments
     from omnilm.omni.talker import talker_inputs
     from omnilm.tokenizer.tokenizer import IM_END
 
     processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget)
     eos = [tokenizer.token_to_id(IM_END)]
-    examples = []
+    examples, timed = [], []
     for record, root in records:
         where = f"{record.get('reply_audio')}"
         if not record.get("reply_audio"):
@@ -144,6 +152,9 @@ def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, cod
         if len(reply) < 2:
             report.skip(where, "reply shorter than two tokens", strict)
             continue
+        if paced and not record.get("reply_words"):
+            report.skip(where, "record has no reply_words timings (paced)", strict)
+            continue
         batch = processor.collate([processor.encode(record["messages"][:-1], add_generation_prompt=True)],
                                   tokenizer.pad_id)
         if batch["input_ids"].shape[1] != start:
@@ -154,31 +165,54 @@ def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, cod
             continue
         inputs = talker_inputs(thinker, talker_config, batch["input_ids"], reply, talker_config.tts_text_start_token_id,
                                eos_ids=eos, **media_arguments(batch))
+        if paced:
+            timing = (tokenizer, reply[:-1], record["reply_words"], len(codes), codec.config.code_rate)
+            try:
+                inputs = paced_inputs(inputs, aligned_counts(*timing)[0])
+            except ValueError as error:
+                report.skip(where, str(error), strict)
+                continue
+            timed.append(timing)
         examples.append({"prompt": inputs.prompt[0], "positions": inputs.positions(len(codes) + 1)[:, 0],
                          "reply": inputs.reply_rows(0, len(codes) + 1)[0], "codes": codes.long()})
-    return examples
+    return examples, (DurationModel.fit(timed) if paced else None)
 
 
 def talker_loss_sums(model: nn.Module, batch: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor],
                                                                                       dict[str, float]]:
-    """Summed cross-entropy of every code and the end code, teacher-forced, one example at a time (prompts differ in
-    length; the Talker is small)."""
+    """Summed cross-entropy of every code and the end code, teacher-forced, the batch in one forward pass: prompts
+    left-padded to a common length (so every prompt's last row, the codec cue, sits in the same column), step rows
+    right-padded; padding is masked out of attention and loss."""
     talker = model.talker
     end = talker.config.tts_codec_end_token_id
-    total = torch.zeros((), device=talker.codec_head.weight.device)
-    correct, count = 0, 0
-    for example in batch:
-        codes, length = example["codes"], example["prompt"].shape[0]
+    first = batch[0]["prompt"]
+    rows, width = len(batch), first.shape[-1]
+    prompt_len = max(e["prompt"].shape[0] for e in batch)
+    steps = max(len(e["codes"]) for e in batch)
+    prompt = first.new_zeros(rows, prompt_len, width)
+    reply = first.new_zeros(rows, steps, width)
+    codes = batch[0]["codes"].new_full((rows, steps), end)
+    positions = batch[0]["positions"].new_zeros(3, rows, prompt_len + steps)
+    mask = batch[0]["codes"].new_zeros(rows, prompt_len + steps)
+    targets = batch[0]["codes"].new_full((rows, steps + 1), IGNORE_INDEX)
+    for row, example in enumerate(batch):
+        length, count = example["prompt"].shape[0], len(example["codes"])
+        pad = prompt_len - length
+        prompt[row, pad:] = example["prompt"]
+        codes[row, :count] = example["codes"]
+        reply[row, :count] = example["reply"][:count]
+        positions[:, row, pad:prompt_len + count] = example["positions"][:, :length + count]
+        mask[row, pad:prompt_len + count] = 1
         # The last prompt row (the codec cue) predicts codes[0]; step row i (codes[i] + reply vector i) predicts
         # codes[i + 1], and the last one the end code: as generate_codes feeds them.
-        targets = torch.cat([codes, codes.new_full((1,), end)])
-        logits = talker(example["prompt"][None], codes[None], example["reply"][None, :len(codes)],
-                        position_ids=example["positions"][:, None, :length + len(codes)])
-        predicted = logits[0, length - 1:]  # (n + 1, V)
-        total = total + F.cross_entropy(predicted, targets, reduction="sum")
-        correct += int((predicted.argmax(-1) == targets).sum())
-        count += len(targets)
-    return {"codes": total}, {"code_accuracy": correct / max(count, 1)}
+        targets[row, :count] = example["codes"]
+        targets[row, count] = end
+    logits = talker(prompt, codes, reply, position_ids=positions, attention_mask=mask)
+    predicted = logits[:, prompt_len - 1:]  # (B, steps + 1, V)
+    total = F.cross_entropy(predicted.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    scored = targets != IGNORE_INDEX
+    correct = int((predicted.argmax(-1)[scored] == targets[scored]).sum())
+    return {"codes": total}, {"code_accuracy": correct / max(int(scored.sum()), 1)}
 
 
 def code_units(batch: list[dict[str, torch.Tensor]]) -> dict[str, float]:
@@ -217,10 +251,10 @@ def run_talker_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainR
     else:
         torch.manual_seed(train.seed)
         talker = Talker(new_talker_config(thinker, tokenizer, codec.codes, dict(options["talker"])))
-    model = TalkerTrainee(talker.train(), Path(config.init_from), talker.config.tts_text_start_token_id)
     records, report = read_omni_records(config, bool(options["strict"]))
-    examples = prepare_examples(thinker, tokenizer, talker.config, codec, records, int(options["max_codes"]),
-                                bool(options["strict"]), report)
+    examples, pacing = prepare_examples(thinker, tokenizer, talker.config, codec, records, int(options["max_codes"]),
+                                        bool(options["strict"]), report, bool(options["paced"]))
+    model = TalkerTrainee(talker.train(), Path(config.init_from), talker.config.tts_text_start_token_id, pacing)
     del thinker
     if info.is_main:
         print_read_report(config.name, report, len(examples))

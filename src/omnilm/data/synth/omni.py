@@ -75,6 +75,8 @@ SPEECH_VERSION = 1
 SPEECH_STAMP = ".speech-version.json"
 
 TRANSCRIBE_PROMPT = "What did the voice say?"
+#: The user turn of a text-to-speech request: the reply is the text itself (``omnilm.omni.speech.Voice.speak_text``).
+SAY_PROMPT = "Repeat after me: {text}"
 
 #: Narration words of the videos: short, common and distinct in sound.
 WORDS = ("red", "green", "blue", "yellow", "purple", "cat", "dog", "horse", "tiger", "lion", "zebra", "rabbit",
@@ -120,6 +122,16 @@ class OmniConfig:
     #: The assistant's voice (accent+variant:speed:pitch): every QA reply spoken by it goes to ``speech.jsonl``,
     #: what the Talker and Token2wav learn to say. Empty: no spoken replies.
     reply_voice: str = "en-us+m3:s160:p50"
+    #: Fresh texts the assistant's voice also says, as "Repeat after me: TEXT" records in ``speech.jsonl`` (task
+    #: ``say``, training split): names, dates, cities, universities and employers of people drawn for this alone,
+    #: none equal to a QA answer. What lets the speech models say words no training reply has (0: none).
+    say_texts: int = 0
+    #: Replies in the assistant's voice are spoken word by word (each word synthesised alone, silence-trimmed, on a
+    #: 20 ms grid, joined by ``word_gap`` seconds of silence), so every record knows when each word is said
+    #: (``reply_words``: [word, start s, end s]); the Talker learns to read its text at that pace. False: each
+    #: reply synthesised whole, with no timings.
+    reply_word_timing: bool = True
+    word_gap: float = 0.06
     eval_phrasings_per_fact: int = 1  # evaluation: question phrasings per person and attribute (of 2)
     eval_voices_per_question: int = 1
     # Images: one question per image, the kinds in turn.
@@ -147,7 +159,7 @@ class OmniConfig:
 SCALES: dict[str, dict[str, Any]] = {
     "default": {},
     "smoke": {"bios_preset": "smoke", "spoken_people": 8, "train_voices": 4, "eval_voices": 2,
-              "train_voices_per_question": 1, "train_images": 40, "eval_images": 15, "train_videos": 4,
+              "train_voices_per_question": 1, "say_texts": 6, "train_images": 40, "eval_images": 15, "train_videos": 4,
               "eval_videos": 2, "video_segments": 3, "words_per_video": 2},
 }
 
@@ -378,12 +390,96 @@ def reply_records(config: OmniConfig, pairs: list[dict[str, Any]]) -> tuple[list
     assistant = parse_voice(config.reply_voice)
     records, jobs = [], []
     for pair in pairs:
-        job = SpeechJob(pair["answer"], assistant, 0.05, "audio/replies")
-        jobs.append(job)
+        path, reply_jobs = reply_audio(config, pair["answer"], assistant)
+        jobs += reply_jobs
         records.append({"messages": [{"role": "user", "content": [{"type": "text", "text": pair["question"]}]},
                                      {"role": "assistant", "content": pair["answer"]}],
-                        "task": "speak", "reply_audio": job.path, "voice": assistant.name}
+                        "task": "speak", "reply_audio": path, "voice": assistant.name}
                        | _qa_common(pair, "train" if pair["split"] == "train" else "eval"))
+    return records, jobs
+
+
+#: The time grid of word-by-word replies: one speech code (50 per second), so word boundaries fall between codes.
+WORD_GRID = 0.02
+#: Silence before the first and after the last word of a word-by-word reply.
+REPLY_EDGE = 0.04
+
+
+def reply_audio(config: OmniConfig, text: str, voice: Voice) -> tuple[str, list[SpeechJob]]:
+    """Where the assistant's spoken ``text`` goes, and the speech jobs it needs: the whole text, or (with
+    ``reply_word_timing``) each word alone, joined later by :func:`assemble_replies`."""
+    if not config.reply_word_timing:
+        job = SpeechJob(text, voice, 0.05, "audio/replies")
+        return job.path, [job]
+    key = hashlib.sha1(f"{text}\n{voice.name}\nwords:{config.word_gap}".encode()).hexdigest()[:16]
+    return f"audio/replies/{key}.wav", [SpeechJob(word, voice, 0.0, "audio/words") for word in text.split()]
+
+
+def _on_grid(samples: np.ndarray) -> np.ndarray:
+    step = round(WORD_GRID * SAMPLE_RATE)
+    return np.concatenate([samples, np.zeros(-len(samples) % step, dtype=samples.dtype)])
+
+
+def assemble_replies(config: OmniConfig, records: list[dict[str, Any]], out: Path) -> None:
+    """Write the word-by-word reply of each record (its words' clips on the 20 ms grid, ``word_gap`` apart) and
+    set its ``reply_words`` timings; a reply already written is read back for its timings' sake only."""
+    if not config.reply_word_timing:
+        return
+    voice = parse_voice(config.reply_voice)
+    silence = {span: np.zeros(round(span / WORD_GRID) * round(WORD_GRID * SAMPLE_RATE), dtype=np.float32)
+               for span in (REPLY_EDGE, config.word_gap)}
+    clips: dict[str, np.ndarray] = {}
+    for record in records:
+        text = record["messages"][-1]["content"]
+        pieces, words, at = [silence[REPLY_EDGE]], [], REPLY_EDGE
+        for index, word in enumerate(text.split()):
+            if word not in clips:
+                clips[word] = _on_grid(read_wav(out / SpeechJob(word, voice, 0.0, "audio/words").path)[0])
+            if index:
+                pieces.append(silence[config.word_gap])
+                at += config.word_gap
+            pieces.append(clips[word])
+            seconds = len(clips[word]) / SAMPLE_RATE
+            words.append([word, round(at, 4), round(at + seconds, 4)])
+            at += seconds
+        pieces.append(silence[REPLY_EDGE])
+        record["reply_words"] = words
+        target = out / record["reply_audio"]
+        if _wav_seconds(target) is None:
+            write_wav(target, np.concatenate(pieces))
+
+
+def say_texts(config: OmniConfig, pairs: list[dict[str, Any]]) -> list[str]:
+    """``config.say_texts`` distinct texts for the assistant to say: every attribute value and the name of people
+    drawn from fresh Faker seeds (their own city, company and university pools), none equal to a QA answer."""
+    from omnilm.data.synth.bios import BiosConfig, make_people
+
+    answers = {pair["answer"] for pair in pairs}
+    texts: dict[str, None] = {}
+    seed = config.seed * 1_000_003 + 89
+    while len(texts) < config.say_texts:
+        for person in make_people(BiosConfig(people=200, seed=seed)):
+            for text in (person.name, *person.attributes.values()):
+                if text not in answers:
+                    texts[text] = None
+        seed += 1
+    return list(texts)[: config.say_texts]
+
+
+def say_records(config: OmniConfig, pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[SpeechJob]]:
+    """The :func:`say_texts` as training records of the speech models, each spoken in the assistant's voice."""
+    if not config.reply_voice or not config.say_texts:
+        return [], []
+    assistant = parse_voice(config.reply_voice)
+    records, jobs = [], []
+    for index, text in enumerate(say_texts(config, pairs)):
+        path, say_jobs = reply_audio(config, text, assistant)
+        jobs += say_jobs
+        records.append({"messages": [{"role": "user", "content": [{"type": "text",
+                                                                   "text": SAY_PROMPT.format(text=text)}]},
+                                     {"role": "assistant", "content": text}],
+                        "task": "say", "reply_audio": path, "voice": assistant.name, "split": "train",
+                        "text": text, "answer": text, "item": f"say{index:05d}"})
     return records, jobs
 
 
@@ -701,7 +797,9 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
 
     qa_records, jobs = spoken_records(config, pairs, voices)
     speech_records, reply_jobs = reply_records(config, pairs)
-    jobs += reply_jobs
+    said, say_jobs = say_records(config, pairs)
+    speech_records += said
+    jobs += reply_jobs + say_jobs
     video_rng = random.Random(config.seed * 1_000_003 + 53)
     plans = plan_videos(config, voices, video_rng)
     word_jobs = {(w, p.voice.name): word_job(w, p.voice) for p in plans for w in p.words}
@@ -723,7 +821,9 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
     for plan in plans:
         clips = {w: read_wav(out / word_jobs[(w, plan.voice.name)].path)[0].astype(np.float64) for w in plan.words}
         video_records += build_video(config, plan, out, video_rng, clips)
-    removed = prune(out / "audio", {(out / job.path).resolve() for job in jobs + list(word_jobs.values())})
+    assemble_replies(config, speech_records, out)
+    keep = {(out / job.path).resolve() for job in jobs + list(word_jobs.values())}
+    removed = prune(out / "audio", keep | {(out / r["reply_audio"]).resolve() for r in speech_records})
 
     records = qa_records + images + video_records
     train = [r for r in records if r["split"] == "train"]
@@ -745,7 +845,8 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
     elapsed = time.perf_counter() - began
     stats = {
         "records": {task: dict(by_split) for task, by_split in counts.items()}
-        | ({"speak": dict(Counter(r["split"] for r in speech_records))} if speech_records else {}),
+        | {task: dict(Counter(r["split"] for r in speech_records if r["task"] == task))
+           for task in sorted({r["task"] for r in speech_records})},
         "videos": dict(Counter(p.split for p in plans)),
         "voices": {split: [v.name for v in vs] for split, vs in voices.items()},
         "audio_seconds": {k: {s: round(v, 1) for s, v in d.items()} for k, d in audio_seconds.items()},

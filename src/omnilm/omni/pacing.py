@@ -1,0 +1,179 @@
+"""Reading a reply at the pace of speech: which reply token each speech code is part of.
+
+Written for this project. Qwen2.5-Omni's Talker reads reply token i at step i, so a short reply is all read within
+its first steps, and the Talker must learn by itself where in the text its speech has got to. A small Talker trained
+briefly does not learn that alignment: it says the first word and then goes on with whatever its training replies
+made likely ("28 March 1943" comes out as "twenty six May nineteen sixty four"). A *paced* Talker reads, at every
+step, the vector of the token whose sound the next code belongs to, so what to say next is always in its input:
+
+- training: the assistant's replies are spoken word by word with known timings (``reply_words`` of ``omnilm data
+  synth omni``), and :func:`aligned_counts` turns them into codes per reply token (a word's codes split between its
+  tokens by their characters; the silence before the first word goes to the first token, the pause after a word to
+  its last token, the silence after the reply to the last token);
+- speaking: a :class:`DurationModel` fitted to those counts (each token's mean spoken codes, characters × a mean
+  rate for tokens it never saw, plus the measured silences) predicts the counts, as a text-to-speech length
+  regulator does;
+- both: :func:`paced_inputs` lays out the reply track by the counts. Nothing else changes: the Talker and its
+  checkpoints keep transformers' layout, and an unpaced Talker reads the track as before.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omnilm.omni.talker import TalkerInputs
+from omnilm.utils.atomic import write_json_atomic
+
+#: The duration model's file inside a Talker folder; a Talker with one reads its replies paced.
+PACING_FILE = "pacing.json"
+
+
+def token_spans(tokenizer: Any, ids: Sequence[int]) -> tuple[str, list[tuple[int, int]]]:
+    """The decoded text of ``ids`` and each token's character span in it (by decoding growing prefixes, so a
+    byte-level token's share of the text is exactly what it adds)."""
+    ends = [len(tokenizer.decode(list(ids[:k + 1]), skip_special_tokens=False)) for k in range(len(ids))]
+    starts = [0, *ends[:-1]]
+    return (tokenizer.decode(list(ids), skip_special_tokens=False) if ids else ""), list(zip(starts, ends, strict=True))
+
+
+def token_words(text: str, spans: Sequence[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """(word index of each token, its characters that are not spaces): a token belongs to the word of its first
+    character that is not a space (a token of spaces only, to the next word)."""
+    word_of_char, word = [], -1
+    for i, char in enumerate(text):
+        if not char.isspace() and (i == 0 or text[i - 1].isspace()):
+            word += 1
+        word_of_char.append(max(word, 0))
+    words, chars = [], []
+    for start, end in spans:
+        visible = [i for i in range(start, end) if not text[i].isspace()]
+        at = visible[0] if visible else min(end, len(text) - 1)
+        words.append(next((word_of_char[i] for i in range(at, len(text)) if not text[i].isspace()), word)
+                     if text else 0)
+        chars.append(len(visible))
+    return words, chars
+
+
+def _split(start: float, end: float, weights: Sequence[int]) -> list[float]:
+    """Start of each piece when [start, end) is shared by ``weights`` (equal shares when all are 0)."""
+    total = sum(weights)
+    shares = [w / total for w in weights] if total else [1 / len(weights)] * len(weights)
+    out, at = [], start
+    for share in shares:
+        out.append(at)
+        at += share * (end - start)
+    return out
+
+
+def aligned_counts(tokenizer: Any, ids: Sequence[int], words: Sequence[Sequence[Any]], total: int,
+                   rate: float) -> tuple[list[int], list[float]]:
+    """(codes per token, spoken codes per token) of a reply of ``ids`` whose speech has ``total`` codes at ``rate``
+    a second, the words said at ``words`` ([word, start s, end s]). Counts add up to ``total``; a token's count is
+    its spoken share plus the silence after it (before it, for the first)."""
+    text, spans = token_spans(tokenizer, ids)
+    owner, chars = token_words(text, spans)
+    if len(text.split()) != len(words) or (owner and max(owner) >= len(words)):
+        raise ValueError(f"reply {text!r} has {len(text.split())} words; its timings list {len(words)}")
+    starts, spoken = [0.0] * len(ids), [0.0] * len(ids)
+    members: dict[int, list[int]] = defaultdict(list)
+    for k, w in enumerate(owner):
+        members[w].append(k)
+    for w, tokens in members.items():
+        begin, end = float(words[w][1]) * rate, float(words[w][2]) * rate
+        piece_starts = _split(begin, end, [chars[k] for k in tokens])
+        for k, at, after in zip(tokens, piece_starts, [*piece_starts[1:], end], strict=True):
+            starts[k], spoken[k] = at, after - at
+    bounds = [0] + [min(max(round(s), 0), total) for s in starts[1:]] + [total]
+    for k in range(1, len(bounds)):  # rounding must not reorder
+        bounds[k] = max(bounds[k], bounds[k - 1])
+    return [bounds[k + 1] - bounds[k] for k in range(len(ids))], spoken
+
+
+@dataclass
+class DurationModel:
+    """Codes per reply token when speaking: each token's mean spoken codes (``per_char`` × its characters for a
+    token never seen), the silence before the first word (``lead``), between words (``gap``) and after the last
+    (``trail``), in codes."""
+
+    per_token: dict[int, float] = field(default_factory=dict)
+    per_char: float = 0.0
+    lead: float = 0.0
+    gap: float = 0.0
+    trail: float = 0.0
+
+    @classmethod
+    def fit(cls, replies: Sequence[tuple[Any, Sequence[int], Sequence[Sequence[Any]], int, float]]) -> DurationModel:
+        """From (tokenizer, ids, words, total codes, rate) of each training reply."""
+        sums: dict[int, list[float]] = defaultdict(list)
+        chars_total = codes_total = 0.0
+        leads, gaps, trails = [], [], []
+        for tokenizer, ids, words, total, rate in replies:
+            _, spoken = aligned_counts(tokenizer, ids, words, total, rate)
+            text, spans = token_spans(tokenizer, ids)
+            _, chars = token_words(text, spans)
+            for token, codes, count in zip(ids, spoken, chars, strict=True):
+                sums[int(token)].append(codes)
+                chars_total += count
+                codes_total += codes
+            leads.append(float(words[0][1]) * rate)
+            trails.append(total - float(words[-1][2]) * rate)
+            gaps += [(float(b[1]) - float(a[2])) * rate for a, b in zip(words, words[1:], strict=False)]
+
+        def mean(values: Sequence[float]) -> float:
+            return sum(values) / len(values) if values else 0.0
+
+        return cls({token: mean(values) for token, values in sums.items()}, codes_total / max(chars_total, 1.0),
+                   mean(leads), mean(gaps), mean(trails))
+
+    def counts(self, tokenizer: Any, ids: Sequence[int]) -> list[int]:
+        """Predicted codes per token of a reply (boundaries rounded from the running sum, so rounding does not
+        drift; at least one code in all)."""
+        if not ids:
+            return []
+        text, spans = token_spans(tokenizer, ids)
+        owner, chars = token_words(text, spans)
+        lengths = [self.per_token.get(int(t), self.per_char * c) for t, c in zip(ids, chars, strict=True)]
+        lengths[0] += self.lead
+        for k in range(len(ids) - 1):
+            if owner[k + 1] != owner[k]:
+                lengths[k] += self.gap
+        lengths[-1] += self.trail
+        bounds, at = [0], 0.0
+        for length in lengths:
+            at += length
+            bounds.append(max(round(at), bounds[-1]))
+        bounds[-1] = max(bounds[-1], 1)
+        return [bounds[k + 1] - bounds[k] for k in range(len(ids))]
+
+    def save(self, folder: str | Path) -> None:
+        write_json_atomic(Path(folder) / PACING_FILE,
+                          asdict(self) | {"per_token": {str(k): v for k, v in self.per_token.items()}})
+
+    @classmethod
+    def load(cls, folder: str | Path) -> DurationModel | None:
+        """The folder's duration model, or None when its Talker is not paced."""
+        path = Path(folder) / PACING_FILE
+        if not path.is_file():
+            return None
+        data: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**(data | {"per_token": {int(k): float(v) for k, v in data["per_token"].items()}}))
+
+
+def paced_inputs(inputs: TalkerInputs, counts: Sequence[int]) -> TalkerInputs:
+    """``inputs`` (from :func:`~omnilm.omni.talker.talker_inputs`, reply tokens 0..K−1) with the reply track laid out
+    by ``counts`` (K codes per token, N in all): step i, which predicts code i + 1, reads the vector of the token code
+    i + 1 is part of; step N − 1, which predicts the end, reads text end; then padding. Token 0's vector is the
+    prompt's last row, as in the unpaced track."""
+    tokens = torch.cat([inputs.prompt[:, -1:], inputs.reply[:, :-2]], dim=1)  # (1, K, E)
+    if tokens.shape[1] != len(counts):
+        raise ValueError(f"{len(counts)} counts for a reply of {tokens.shape[1]} tokens")
+    owner = torch.repeat_interleave(torch.arange(len(counts), device=tokens.device),
+                                    torch.as_tensor(list(counts), device=tokens.device))
+    return replace(inputs, reply=torch.cat([tokens[:, owner[1:]], inputs.reply[:, -2:]], dim=1))

@@ -1,0 +1,111 @@
+"""Pacing a Talker's reply track: alignments of words to tokens, the duration model, the track layout."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from omnilm.omni.pacing import DurationModel, aligned_counts, paced_inputs, token_spans, token_words
+from omnilm.omni.talker import TalkerInputs
+
+RATE = 50.0
+WORD = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEF0123456789,-", min_size=1, max_size=12)
+
+
+def timed(words: list[str], durations: list[int], gap: int, lead: int, trail: int) -> tuple[list[list], int]:
+    """Word timings on the code grid (durations, gaps and edges in codes) and the total codes."""
+    out, at = [], lead
+    for k, (word, length) in enumerate(zip(words, durations, strict=True)):
+        if k:
+            at += gap
+        out.append([word, at / RATE, (at + length) / RATE])
+        at += length
+    return out, at + trail
+
+
+def test_token_spans_cover_the_text_and_words_follow_the_first_visible_character(tokenizer) -> None:  # noqa: ANN001
+    text = "Port Angelafurt Institute of 1943"
+    ids = tokenizer.encode(text, special=False)
+    decoded, spans = token_spans(tokenizer, ids)
+    assert decoded == text and spans[0][0] == 0 and spans[-1][1] == len(text)
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:], strict=False))
+    owner, chars = token_words(text, spans)
+    assert sum(chars) == len(text.replace(" ", ""))
+    for (start, end), word in zip(spans, owner, strict=True):
+        piece = text[start:end].strip()
+        if piece:
+            assert piece in text.split()[word]
+
+
+@settings(max_examples=60, deadline=None)
+@given(words=st.lists(WORD, min_size=1, max_size=6), data=st.data())
+def test_aligned_counts_give_each_word_its_own_codes(tokenizer, words: list[str], data: st.DataObject) -> None:  # noqa: ANN001
+    """Counts add up to the whole utterance, and every code inside a word's time belongs to a token of that word
+    (brute force over the codes)."""
+    durations = data.draw(st.lists(st.integers(1, 30), min_size=len(words), max_size=len(words)))
+    gap, lead, trail = data.draw(st.integers(0, 5)), data.draw(st.integers(0, 5)), data.draw(st.integers(0, 5))
+    timings, total = timed(words, durations, gap, lead, trail)
+    ids = tokenizer.encode(" ".join(words), special=False)
+    counts, spoken = aligned_counts(tokenizer, ids, timings, total, RATE)
+    assert sum(counts) == total and min(counts) >= 0
+    assert abs(sum(spoken) - sum(durations)) < 1e-6
+    text, spans = token_spans(tokenizer, ids)
+    owner, _ = token_words(text, spans)
+    code_owner = [k for k, count in enumerate(counts) for _ in range(count)]
+    for w, (_, start, end) in enumerate(timings):
+        for code in range(round(start * RATE), round(end * RATE)):
+            assert owner[code_owner[code]] == w
+
+
+@settings(max_examples=30, deadline=None)
+@given(words=st.lists(WORD, min_size=1, max_size=5), data=st.data())
+def test_a_duration_model_fitted_to_consistent_speech_predicts_its_counts(tokenizer, words: list[str],  # noqa: ANN001
+                                                                         data: st.DataObject) -> None:
+    """When every token always lasts as long and the silences are fixed, the fitted model gives back the aligned
+    counts (to rounding: each boundary within one code)."""
+    ids = tokenizer.encode(" ".join(words), special=False)
+    text, spans = token_spans(tokenizer, ids)
+    _, chars = token_words(text, spans)
+    per_token = {int(t): 2 * c + 1 for t, c in zip(ids, chars, strict=True)}
+    owner, _ = token_words(text, spans)
+    durations = [sum(per_token[int(t)] - (0 if c else 1) for t, c, o in zip(ids, chars, owner, strict=True) if o == w)
+                 for w in range(len(words))]
+    if min(durations) < 1:
+        return
+    gap, lead, trail = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    timings, total = timed(words, durations, gap, lead, trail)
+    counts, _ = aligned_counts(tokenizer, ids, timings, total, RATE)
+    model = DurationModel.fit([(tokenizer, ids, timings, total, RATE)])
+    predicted = model.counts(tokenizer, ids)
+    assert abs(sum(predicted) - total) <= 1
+    bounds = torch.tensor(counts).cumsum(0)
+    assert (torch.tensor(predicted).cumsum(0) - bounds).abs().max() <= 1
+
+
+def test_duration_model_round_trip_and_unseen_tokens(tmp_path, tokenizer) -> None:  # noqa: ANN001
+    ids = tokenizer.encode("red sky", special=False)
+    timings, total = timed(["red", "sky"], [10, 12], 3, 2, 2)
+    model = DurationModel.fit([(tokenizer, ids, timings, total, RATE)])
+    model.save(tmp_path)
+    assert DurationModel.load(tmp_path) == model
+    assert DurationModel.load(tmp_path / "elsewhere") is None
+    unseen = tokenizer.encode("zebra", special=False)
+    assert sum(model.counts(tokenizer, unseen)) == round(model.lead + model.trail + model.per_char * 5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(0, 6), min_size=1, max_size=6).filter(lambda c: sum(c) >= 1))
+def test_the_paced_track_reads_the_token_of_the_next_code(counts: list[int]) -> None:
+    k, width = len(counts), 4
+    prompt = torch.randn(1, 5, width)
+    track = torch.randn(1, k + 1, width)  # tokens 1..K-1, text end, pad
+    paced = paced_inputs(TalkerInputs(prompt, torch.zeros(3, 1, 5, dtype=torch.long), track), counts)
+    tokens = [prompt[0, -1]] + [track[0, j] for j in range(k - 1)]
+    owner = [t for t, count in enumerate(counts) for _ in range(count)]
+    total = len(owner)
+    assert paced.reply.shape[1] == total + 1
+    for step in range(total - 1):
+        torch.testing.assert_close(paced.reply[0, step], tokens[owner[step + 1]])
+    torch.testing.assert_close(paced.reply[0, total - 1], track[0, -2])
+    torch.testing.assert_close(paced.reply_rows(total, 3)[0], track[0, -1:].expand(3, -1))
