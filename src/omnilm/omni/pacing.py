@@ -107,14 +107,9 @@ class DurationModel:
     lead: float = 0.0
     gap: float = 0.0
     trail: float = 0.0
-    #: What the paced track carries for a token: ``thinker`` (its Thinker hidden state + input embedding, as the
-    #: unpaced track) or ``embedding`` (the input embedding alone: the token, without the context a small Talker
-    #: could otherwise memorise its training replies by)
-    track: str = "thinker"
 
     @classmethod
-    def fit(cls, replies: Sequence[tuple[Any, Sequence[int], Sequence[Sequence[Any]], int, float]],
-            track: str = "thinker") -> DurationModel:
+    def fit(cls, replies: Sequence[tuple[Any, Sequence[int], Sequence[Sequence[Any]], int, float]]) -> DurationModel:
         """From (tokenizer, ids, words, total codes, rate) of each training reply."""
         sums: dict[int, list[float]] = defaultdict(list)
         chars_total = codes_total = 0.0
@@ -135,7 +130,7 @@ class DurationModel:
             return sum(values) / len(values) if values else 0.0
 
         return cls({token: mean(values) for token, values in sums.items()}, codes_total / max(chars_total, 1.0),
-                   mean(leads), mean(gaps), mean(trails), track)
+                   mean(leads), mean(gaps), mean(trails))
 
     def counts(self, tokenizer: Any, ids: Sequence[int]) -> list[int]:
         """Predicted codes per token of a reply (boundaries rounded from the running sum, so rounding does not
@@ -157,20 +152,6 @@ class DurationModel:
         bounds[-1] = max(bounds[-1], 1)
         return [bounds[k + 1] - bounds[k] for k in range(len(ids))]
 
-    def paced(self, inputs: TalkerInputs, tokenizer: Any, ids: Sequence[int], embed: Any) -> TalkerInputs:
-        """``inputs`` of the reply ``ids`` (its spoken tokens) with the track laid out by :meth:`counts`;
-        ``embed``: the Thinker's input embedding (for the ``embedding`` track)."""
-        return paced_inputs(inputs, self.counts(tokenizer, ids), self.vectors(ids, embed))
-
-    def vectors(self, ids: Sequence[int], embed: Any) -> torch.Tensor | None:
-        """The track's token vectors (1, K, E) when they are not the Thinker's (None: take them from the inputs)."""
-        if self.track == "thinker":
-            return None
-        if self.track != "embedding":
-            raise ValueError(f"unknown paced track {self.track!r} (thinker or embedding)")
-        weight = embed.weight
-        return embed(torch.as_tensor(list(ids), device=weight.device)[None]).to(weight.dtype)
-
     def save(self, folder: str | Path) -> None:
         write_json_atomic(Path(folder) / PACING_FILE,
                           asdict(self) | {"per_token": {str(k): v for k, v in self.per_token.items()}})
@@ -185,13 +166,12 @@ class DurationModel:
         return cls(**(data | {"per_token": {int(k): float(v) for k, v in data["per_token"].items()}}))
 
 
-def paced_inputs(inputs: TalkerInputs, counts: Sequence[int], tokens: torch.Tensor | None = None) -> TalkerInputs:
+def paced_inputs(inputs: TalkerInputs, counts: Sequence[int]) -> TalkerInputs:
     """``inputs`` (from :func:`~omnilm.omni.talker.talker_inputs`, reply tokens 0..K−1) with the reply track laid out
     by ``counts`` (K codes per token, N in all): step i, which predicts code i + 1, reads the vector of the token code
-    i + 1 is part of; step N − 1, which predicts the end, reads text end; then padding. The token vectors are
-    ``tokens`` (1, K, E), or the inputs' own: token 0's is the prompt's last row, the others the unpaced track's."""
-    if tokens is None:
-        tokens = torch.cat([inputs.prompt[:, -1:], inputs.reply[:, :-2]], dim=1)  # (1, K, E)
+    i + 1 is part of; step N − 1, which predicts the end, reads text end; then padding. Token 0's vector is the
+    prompt's last row, as in the unpaced track."""
+    tokens = torch.cat([inputs.prompt[:, -1:], inputs.reply[:, :-2]], dim=1)  # (1, K, E)
     if tokens.shape[1] != len(counts):
         raise ValueError(f"{len(counts)} counts for a reply of {tokens.shape[1]} tokens")
     owner = torch.repeat_interleave(torch.arange(len(counts), device=tokens.device),

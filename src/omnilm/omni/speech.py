@@ -77,7 +77,7 @@ from omnilm.omni.dit import (
     sample,
     sample_stream,
 )
-from omnilm.omni.pacing import DurationModel
+from omnilm.omni.pacing import DurationModel, paced_inputs
 from omnilm.omni.processor import OmniProcessor, media_arguments
 from omnilm.omni.talker import Talker, generate_codes, load_talker, save_talker, talker_inputs
 from omnilm.omni.thinker import Thinker, load_thinker
@@ -445,7 +445,7 @@ class Voice:
         inputs = talker_inputs(self.thinker, self.talker.config, ids.to(device), reply + eos[:1],
                                self.speaker_bos_id, eos, **media)
         if self.pacing is not None:
-            inputs = self.pacing.paced(inputs, self.tokenizer, reply, self.thinker.decoder.tok_emb)
+            inputs = paced_inputs(inputs, self.pacing.counts(self.tokenizer, reply))
         yield from generate_codes(self.talker, inputs, params or self.params)
 
     def speak(self, batch: dict[str, Any], reply_ids: Sequence[int],

@@ -19,8 +19,6 @@ Options:
 ``max_codes`` (400)       replies longer than this many codes (8 s) are skipped
 ``paced`` (false)         read each reply at the pace of its speech (:mod:`omnilm.omni.pacing`): records need
                           ``reply_words`` timings; the fitted duration model is saved as ``talker/pacing.json``
-``paced_track`` (thinker) what the paced track carries per token: ``thinker`` (hidden state + embedding) or
-                          ``embedding`` (the token's input embedding alone)
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
@@ -40,8 +38,7 @@ from omnilm.objectives.lm import IGNORE_INDEX
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
-TALKER_OPTIONS: dict[str, Any] = {"codec": "", "talker": {}, "max_codes": 400, "paced": False,
-                                  "paced_track": "thinker", "strict": False}
+TALKER_OPTIONS: dict[str, Any] = {"codec": "", "talker": {}, "max_codes": 400, "paced": False, "strict": False}
 TALKER_DECODER = {"n_layer": 4, "d_model": 192, "n_head": 6, "n_kv_head": 2, "d_ff": 512, "max_seq_len": 1024,
                   "mrope_section": [4, 6, 6]}
 
@@ -130,7 +127,7 @@ def reply_audio_path(record: dict[str, Any], root: Path) -> Path:
 @torch.no_grad()
 def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, codec: Any,
                      records: list[tuple[dict[str, Any], Path]], max_codes: int, strict: bool, report: Any,
-                     paced: bool = False, track: str = "thinker") -> tuple[list[dict[str, torch.Tensor]], Any]:
+                     paced: bool = False) -> tuple[list[dict[str, torch.Tensor]], Any]:
     """Each record's Talker inputs (from the frozen Thinker) and the codes of its spoken reply; with ``paced``
     the reply tracks laid out by the records' word timings, and the duration model fitted to them (else None)."""
     from omnilm.omni.audio import load_audio
@@ -142,7 +139,6 @@ def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, cod
     processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget)
     eos = [tokenizer.token_to_id(IM_END)]
     examples, timed = [], []
-    reading = DurationModel(track=track)  # how the track's vectors are made (its durations are fitted below)
     for record, root in records:
         where = f"{record.get('reply_audio')}"
         if not record.get("reply_audio"):
@@ -172,15 +168,14 @@ def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, cod
         if paced:
             timing = (tokenizer, reply[:-1], record["reply_words"], len(codes), codec.config.code_rate)
             try:
-                inputs = paced_inputs(inputs, aligned_counts(*timing)[0],
-                                      reading.vectors(reply[:-1], thinker.decoder.tok_emb))
+                inputs = paced_inputs(inputs, aligned_counts(*timing)[0])
             except ValueError as error:
                 report.skip(where, str(error), strict)
                 continue
             timed.append(timing)
         examples.append({"prompt": inputs.prompt[0], "positions": inputs.positions(len(codes) + 1)[:, 0],
                          "reply": inputs.reply_rows(0, len(codes) + 1)[0], "codes": codes.long()})
-    return examples, (DurationModel.fit(timed, track) if paced else None)
+    return examples, (DurationModel.fit(timed) if paced else None)
 
 
 def talker_loss_sums(model: nn.Module, batch: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor],
@@ -258,8 +253,7 @@ def run_talker_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainR
         talker = Talker(new_talker_config(thinker, tokenizer, codec.codes, dict(options["talker"])))
     records, report = read_omni_records(config, bool(options["strict"]))
     examples, pacing = prepare_examples(thinker, tokenizer, talker.config, codec, records, int(options["max_codes"]),
-                                        bool(options["strict"]), report, bool(options["paced"]),
-                                        str(options["paced_track"]))
+                                        bool(options["strict"]), report, bool(options["paced"]))
     model = TalkerTrainee(talker.train(), Path(config.init_from), talker.config.tts_text_start_token_id, pacing)
     del thinker
     if info.is_main:
