@@ -29,6 +29,11 @@ def test_omni_smoke_trains_a_thinker_with_evaluations(omni_smoke: Path) -> None:
     assert evals["qa_trained"]["examples"] > 0  # the text evaluation of the earlier stage runs on the Thinker too
     report = (omni_smoke / "report.md").read_text()
     assert "Thinker: decoder" in report and "video_qa" in report
+    # The Talker reads its replies paced (its duration model is in the final folder) and the stage's speech
+    # evaluation ran with it.
+    assert (omni_smoke / "final" / "talker" / "pacing.json").is_file()
+    speech = json.loads((omni_smoke / "evals.json").read_text())["token2wav"]["speech"]
+    assert speech["examples"] > 0 and speech["wer"] >= 0
 
 
 def test_the_trained_thinker_loads_in_transformers(omni_smoke: Path) -> None:

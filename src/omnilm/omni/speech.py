@@ -57,6 +57,7 @@ import json
 import math
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -444,9 +445,13 @@ class Voice:
         media = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in media_arguments(batch).items()}
         inputs = talker_inputs(self.thinker, self.talker.config, ids.to(device), reply + eos[:1],
                                self.speaker_bos_id, eos, **media)
+        params = params or self.params
         if self.pacing is not None:
             inputs = paced_inputs(inputs, self.pacing.counts(self.tokenizer, reply))
-        yield from generate_codes(self.talker, inputs, params or self.params)
+            # A paced reply has a planned length: a Talker that misses the end code stops at twice that.
+            planned = inputs.reply.shape[1] - 1
+            params = replace(params, max_new_tokens=min(params.max_new_tokens, 2 * planned + 25))
+        yield from generate_codes(self.talker, inputs, params)
 
     def speak(self, batch: dict[str, Any], reply_ids: Sequence[int],
               params: SamplingParams | None = None) -> Iterator[np.ndarray]:

@@ -8,11 +8,13 @@ Files written:
 ``train.jsonl``   training records of every task, shuffled
 ``eval.jsonl``    evaluation records: held-out voices, fresh image layouts, fresh videos in held-out voices
 ``speech.jsonl``  every QA pair as text with its reply spoken in the assistant's voice (``reply_audio``, task
-                  ``speak``; split by QA split): the Talker's and Token2wav's data
+                  ``speak``; split by QA split), and ``say_texts`` fresh texts after "Repeat after me:" (task
+                  ``say``, training split): the Talker's and Token2wav's data; replies spoken word by word carry
+                  ``reply_words`` ([word, start s, end s])
 ``stats.json``    counts per task and split, the voices of each split, seconds of audio, generation time
 ``config.json``   the settings used
 ``audio/``        spoken questions (file name: a hash of text and voice, so reruns reuse them); ``audio/replies/``
-                  the QA replies in the assistant's voice
+                  the replies in the assistant's voice (``audio/words/``: its words, when replies are word by word)
 ``images/``       ``train/`` and ``eval/`` PNG renders
 ``video/``        ``train/vNNNN/`` and ``eval/vNNNN/``: PNG frames, ``narration.wav`` and ``video.json``
 ``bios/``         the biographies the questions are about, when no ``bios`` folder was given
