@@ -146,6 +146,13 @@ def test_the_batched_talker_loss_equals_the_sum_over_single_examples(speech_setu
     singles = [talker_loss_sums(model, [e]) for e in examples]
     single_sum = sum(float(s[0]["codes"].detach()) for s in singles)
     assert float(batched["codes"].detach()) == pytest.approx(single_sum, rel=1e-5)
+    # Code dropout: the same batch draws the same masked codes; evaluation reads every code.
+    model.train()
+    dropped = [float(talker_loss_sums(model, examples, code_dropout=0.5)[0]["codes"].detach()) for _ in range(2)]
+    assert dropped[0] == dropped[1] and abs(dropped[0] - float(batched["codes"].detach())) > 1e-3
+    model.eval()
+    assert float(talker_loss_sums(model, examples, code_dropout=0.5)[0]["codes"].detach()) == pytest.approx(
+        float(batched["codes"].detach()), rel=1e-6)
     counts = [len(e["codes"]) + 1 for e in examples]
     expected_accuracy = sum(s[1]["code_accuracy"] * n for s, n in zip(singles, counts, strict=True)) / sum(counts)
     assert stats["code_accuracy"] == pytest.approx(expected_accuracy)

@@ -19,6 +19,9 @@ Options:
 ``max_codes`` (400)       replies longer than this many codes (8 s) are skipped
 ``paced`` (false)         read each reply at the pace of its speech (:mod:`omnilm.omni.pacing`): records need
                           ``reply_words`` timings; the fitted duration model is saved as ``talker/pacing.json``
+``code_dropout`` (0)      while training, this fraction of the codes the Talker reads back (not the ones it
+                          predicts) is replaced by the codec mask code, drawn per batch from its examples: the
+                          Talker cannot lean on its own last codes alone and must read the reply track
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +42,8 @@ from omnilm.objectives.lm import IGNORE_INDEX
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
-TALKER_OPTIONS: dict[str, Any] = {"codec": "", "talker": {}, "max_codes": 400, "paced": False, "strict": False}
+TALKER_OPTIONS: dict[str, Any] = {"codec": "", "talker": {}, "max_codes": 400, "paced": False,
+                                  "code_dropout": 0.0, "strict": False}
 TALKER_DECODER = {"n_layer": 4, "d_model": 192, "n_head": 6, "n_kv_head": 2, "d_ff": 512, "max_seq_len": 1024,
                   "mrope_section": [4, 6, 6]}
 
@@ -178,11 +183,12 @@ def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, cod
     return examples, (DurationModel.fit(timed) if paced else None)
 
 
-def talker_loss_sums(model: nn.Module, batch: list[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor],
-                                                                                      dict[str, float]]:
+def talker_loss_sums(model: nn.Module, batch: list[dict[str, torch.Tensor]], code_dropout: float = 0.0,
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Summed cross-entropy of every code and the end code, teacher-forced, the batch in one forward pass: prompts
     left-padded to a common length (so every prompt's last row, the codec cue, sits in the same column), step rows
-    right-padded; padding is masked out of attention and loss."""
+    right-padded; padding is masked out of attention and loss. In training, ``code_dropout`` of the codes read back
+    are the codec mask code (drawn from a generator seeded by the batch's codes, so a resumed run draws alike)."""
     talker = model.talker
     end = talker.config.tts_codec_end_token_id
     first = batch[0]["prompt"]
@@ -207,6 +213,10 @@ def talker_loss_sums(model: nn.Module, batch: list[dict[str, torch.Tensor]]) -> 
         # codes[i + 1], and the last one the end code: as generate_codes feeds them.
         targets[row, :count] = example["codes"]
         targets[row, count] = end
+    if code_dropout and model.training:
+        seed = int(sum(int(e["codes"].sum()) * (k + 1) for k, e in enumerate(batch))) & 0x7FFFFFFF
+        dropped = torch.rand(codes.shape, generator=torch.Generator().manual_seed(seed)) < code_dropout
+        codes = codes.masked_fill(dropped.to(codes.device), talker.config.tts_codec_mask_token_id)
     logits = talker(prompt, codes, reply, position_ids=positions, attention_mask=mask)
     predicted = logits[:, prompt_len - 1:]  # (B, steps + 1, V)
     total = F.cross_entropy(predicted.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -269,7 +279,8 @@ def run_talker_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainR
     loader = ExampleLoader(len(examples), train.batch_size, collate, seed=train.seed, rank=info.rank,
                            world_size=info.world_size)
     resume_from = latest_checkpoint(out_dir / "checkpoints") if resume else None
-    trainer = Trainer(model, SummedObjective(talker_loss_sums, code_units), loader, train, out_dir, info=info,
+    loss_sums = partial(talker_loss_sums, code_dropout=float(options["code_dropout"]))
+    trainer = Trainer(model, SummedObjective(loss_sums, code_units), loader, train, out_dir, info=info,
                       tokenizer=tokenizer, tokens_per_batch=train.batch_size * train.seq_len)
     return trainer.fit(resume=resume_from is not None)
 

@@ -16,6 +16,9 @@ Options:
 ``dit`` ({})              DiTConfig fields of the new DiT; defaults: 4 layers, width 192, blocks of 24 frames
 ``crop_codes`` (100)      codes per training crop (2 s); shorter replies are used whole
 ``steps`` (10)            ODE steps when speaking, ``method`` (rk4) its solver, ``guidance_scale`` (0.5)
+``context_frames``        mel frames of Griffin–Lim context on each side of a streamed chunk (default [32, 32]);
+                          fewer on the right start the audio sooner (:mod:`omnilm.omni.speech`: (24, 24) keeps chunks
+                          within 1e-3 of whole-utterance vocoding)
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
@@ -32,7 +35,7 @@ from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 TOKEN2WAV_OPTIONS: dict[str, Any] = {"codec": "", "dit": {}, "crop_codes": 100, "steps": 10, "method": "rk4",
-                                     "guidance_scale": 0.5, "strict": False}
+                                     "guidance_scale": 0.5, "context_frames": [32, 32], "strict": False}
 SMALL_DIT = {"hidden_size": 192, "num_hidden_layers": 4, "num_attention_heads": 4, "head_dim": 48, "emb_dim": 128,
              "block_size": 24, "look_ahead_layers": [2], "look_backward_layers": [0], "mel_dim": 128,
              "dropout": 0.0, "enc_emb_dim": 64, "enc_dim": 64, "enc_channels": [64, 64, 64, 64, 192],
@@ -64,8 +67,10 @@ class Token2WavTrainee(nn.Module):
 
             dit = copy.deepcopy(self.dit)
             dit.load_state_dict({k.removeprefix("dit."): v for k, v in state.items() if k.startswith("dit.")})
+        left, right = self.settings["context_frames"]
         return Token2Wav(dit, GriffinLimVocoder(), self.reference, self.speaker, steps=self.settings["steps"],
-                         method=self.settings["method"], guidance_scale=self.settings["guidance_scale"])
+                         method=self.settings["method"], guidance_scale=self.settings["guidance_scale"],
+                         context_frames=(int(left), int(right)))
 
     def save_pretrained(self, folder: str | Path, tokenizer: Any = None, state: dict[str, torch.Tensor] | None = None,
                         ) -> None:
@@ -145,7 +150,7 @@ def run_token2wav_stage(config: StageConfig, out_dir: Path, resume: bool) -> Tra
                           f"code and {pairs[0][0].shape[0]} mel bins (the codec's)")
     reference = pairs[0][0].T[None].clone()  # (1, T_ref, mel)
     speaker = torch.zeros(1, dit.config.enc_emb_dim)
-    settings = {k: options[k] for k in ("steps", "method", "guidance_scale")}
+    settings = {k: options[k] for k in ("steps", "method", "guidance_scale", "context_frames")}
     model = Token2WavTrainee(dit.train(), reference, speaker, Path(config.init_from), settings).to(device)
     if info.is_main:
         print_read_report(config.name, report, len(pairs))
