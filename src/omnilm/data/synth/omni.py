@@ -414,7 +414,7 @@ def reply_audio(config: OmniConfig, text: str, voice: Voice) -> tuple[str, list[
         job = SpeechJob(text, voice, 0.05, "audio/replies")
         return job.path, [job]
     key = hashlib.sha1(f"{text}\n{voice.name}\nwords:{config.word_gap}".encode()).hexdigest()[:16]
-    return f"audio/replies/{key}.wav", [SpeechJob(word, voice, 0.0, "audio/words") for word in text.split()]
+    return f"audio/replies/{key}.wav", [word_job(word, voice) for word in text.split()]
 
 
 def _on_grid(samples: np.ndarray) -> np.ndarray:
@@ -436,7 +436,7 @@ def assemble_replies(config: OmniConfig, records: list[dict[str, Any]], out: Pat
         pieces, words, at = [silence[REPLY_EDGE]], [], REPLY_EDGE
         for index, word in enumerate(text.split()):
             if word not in clips:
-                clips[word] = _on_grid(read_wav(out / SpeechJob(word, voice, 0.0, "audio/words").path)[0])
+                clips[word] = _on_grid(read_wav(out / word_job(word, voice).path)[0])
             if index:
                 pieces.append(silence[config.word_gap])
                 at += config.word_gap
@@ -715,7 +715,8 @@ def plan_videos(config: OmniConfig, voices: dict[str, list[Voice]], rng: random.
 
 
 def word_job(word: str, voice: Voice) -> SpeechJob:
-    """A narration word, trimmed to the speech itself so that its start and end times are exact."""
+    """A word spoken alone (a video's narration, a word-by-word reply), trimmed to the speech itself so that its
+    start and end times are exact."""
     return SpeechJob(word, voice, 0.0, "audio/words")
 
 
