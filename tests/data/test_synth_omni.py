@@ -365,7 +365,7 @@ def test_every_qa_reply_is_spoken_in_the_assistant_voice(smoke: Path) -> None:
 def test_fresh_texts_to_say_share_no_answer_and_are_spoken(smoke: Path) -> None:
     config = OmniConfig(**json.loads((smoke / "config.json").read_text()))
     answers = {r["answer"] for r in read(smoke / "bios" / "qa.jsonl")}
-    said = [r for r in read(smoke / "speech.jsonl") if r["task"] == "say"]
+    said = [r for r in read(smoke / "speech.jsonl") if r["task"] == "say" and r["item"].startswith("say")]
     assert len(said) == config.say_texts == len({r["text"] for r in said})
     for record in said:
         text = record["text"]
@@ -375,6 +375,35 @@ def test_fresh_texts_to_say_share_no_answer_and_are_spoken(smoke: Path) -> None:
         rate, _, _, frames = wav_info(smoke / record["reply_audio"])
         assert rate == 16_000 and frames > 0.1 * rate
 
+
+@needs_espeak
+def test_known_word_texts_recombine_the_words_already_said(smoke: Path) -> None:
+    config = OmniConfig(**json.loads((smoke / "config.json").read_text()))
+    speech = read(smoke / "speech.jsonl")
+    said = {w for r in speech if r["split"] == "train" and not r["item"].startswith("known")
+            for w in r["messages"][-1]["content"].split()}
+    answers = {r["answer"] for r in read(smoke / "bios" / "qa.jsonl")}
+    known = [r for r in speech if r["item"].startswith("known")]
+    assert config.say_known and len(known) == config.say_known == len({r["text"] for r in known})
+    for record in known:
+        words = record["text"].split()
+        assert 1 <= len(words) <= config.say_known_words and set(words) <= said and record["text"] not in answers
+        assert record["task"] == "say" and record["split"] == "train"
+        assert [w for w, _, _ in record["reply_words"]] == words
+
+
+def test_known_word_texts_draw_words_uniformly_not_by_frequency() -> None:
+    """A word said once is drawn as often as one said a hundred times (the point of recombining)."""
+    from omnilm.data.synth.omni import known_word_texts
+
+    config = OmniConfig(say_known=3000, say_known_words=3)
+    said = ["common word"] * 100 + ["rare"]
+    texts = known_word_texts(config, said, [{"answer": "rare"}])
+    counts = Counter(w for text in texts for w in text.split())
+    assert len(texts) == len(set(texts)) and "rare" not in texts and set(counts) == {"common", "word", "rare"}
+    assert counts["rare"] == pytest.approx(counts["common"], rel=0.15)
+    # Three words give 3 + 9 + 27 - 1 (one is an answer) texts at most: asking for more ends, with all of them.
+    assert len(known_word_texts(OmniConfig(say_known=100, say_known_words=3), said, [{"answer": "rare"}])) == 38
 
 
 @needs_espeak

@@ -128,6 +128,12 @@ class OmniConfig:
     #: ``say``, training split): names, dates, cities, universities and employers of people drawn for this alone,
     #: none equal to a QA answer. What lets the speech models say words no training reply has (0: none).
     say_texts: int = 0
+    #: Texts recombined from the words the assistant already says (those of the training replies and the say
+    #: texts): this many sequences of 1 to ``say_known_words`` words drawn uniformly from that vocabulary, so a word
+    #: said once is drawn as often as a common one, in ever new neighbours. Assembled from the word clips already
+    #: synthesised (no new espeak-ng run); records like the say texts' (task ``say``). Needs ``reply_word_timing``.
+    say_known: int = 0
+    say_known_words: int = 4
     #: Replies in the assistant's voice are spoken word by word (each word synthesised alone, silence-trimmed, on a
     #: 20 ms grid, joined by ``word_gap`` seconds of silence), so every record knows when each word is said
     #: (``reply_words``: [word, start s, end s]); the Talker learns to read its text at that pace. False: each
@@ -161,8 +167,8 @@ class OmniConfig:
 SCALES: dict[str, dict[str, Any]] = {
     "default": {},
     "smoke": {"bios_preset": "smoke", "spoken_people": 8, "train_voices": 4, "eval_voices": 2,
-              "train_voices_per_question": 1, "say_texts": 6, "train_images": 40, "eval_images": 15, "train_videos": 4,
-              "eval_videos": 2, "video_segments": 3, "words_per_video": 2},
+              "train_voices_per_question": 1, "say_texts": 6, "say_known": 4, "train_images": 40, "eval_images": 15,
+              "train_videos": 4, "eval_videos": 2, "video_segments": 3, "words_per_video": 2},
 }
 
 
@@ -200,6 +206,8 @@ def check_config(config: OmniConfig) -> None:
         raise UserError("image_size and video_size must be 56..224 pixels")
     if config.reply_voice:
         parse_voice(config.reply_voice)
+    if config.say_known and (not config.reply_word_timing or config.say_known_words < 1):
+        raise UserError("say_known recombines word clips: it needs reply_word_timing and say_known_words >= 1")
     if not 1 <= config.words_per_video <= config.video_segments <= 10:
         raise UserError("need 1 <= words_per_video <= video_segments <= 10 (one distinct digit per segment)")
     if config.words_per_video > len(WORDS):
@@ -468,20 +476,42 @@ def say_texts(config: OmniConfig, pairs: list[dict[str, Any]]) -> list[str]:
     return list(texts)[: config.say_texts]
 
 
+def known_word_texts(config: OmniConfig, said: list[str], pairs: list[dict[str, Any]]) -> list[str]:
+    """``config.say_known`` distinct texts of 1 to ``say_known_words`` words, each word drawn uniformly from the
+    vocabulary of ``said`` (the texts the assistant says in training), none equal to a QA answer."""
+    vocabulary = sorted({word for text in said for word in text.split()})
+    answers = {pair["answer"] for pair in pairs}
+    rng = random.Random(config.seed * 1_000_003 + 97)
+    texts: dict[str, None] = {}
+    # Sampling with replacement from a finite set: stop drawing once new texts have become too rare to find.
+    for _ in range(50 * config.say_known):
+        if len(texts) == config.say_known or not vocabulary:
+            break
+        text = " ".join(rng.choices(vocabulary, k=rng.randint(1, config.say_known_words)))
+        if text not in answers:
+            texts[text] = None
+    return list(texts)
+
+
 def say_records(config: OmniConfig, pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[SpeechJob]]:
-    """The :func:`say_texts` as training records of the speech models, each spoken in the assistant's voice."""
-    if not config.reply_voice or not config.say_texts:
+    """The :func:`say_texts`, then the :func:`known_word_texts` of the training replies and those, as training
+    records of the speech models, each spoken in the assistant's voice."""
+    if not config.reply_voice or not (config.say_texts or config.say_known):
         return [], []
     assistant = parse_voice(config.reply_voice)
+    fresh = say_texts(config, pairs) if config.say_texts else []
+    trained = [pair["answer"] for pair in pairs if pair["split"] == "train"]
+    known = known_word_texts(config, trained + fresh, pairs) if config.say_known else []
     records, jobs = [], []
-    for index, text in enumerate(say_texts(config, pairs)):
-        path, say_jobs = reply_audio(config, text, assistant)
-        jobs += say_jobs
-        records.append({"messages": [{"role": "user", "content": [{"type": "text",
-                                                                   "text": SAY_PROMPT.format(text=text)}]},
-                                     {"role": "assistant", "content": text}],
-                        "task": "say", "reply_audio": path, "voice": assistant.name, "split": "train",
-                        "text": text, "answer": text, "item": f"say{index:05d}"})
+    for kind, texts in (("say", fresh), ("known", known)):
+        for index, text in enumerate(texts):
+            path, say_jobs = reply_audio(config, text, assistant)
+            jobs += say_jobs
+            records.append({"messages": [{"role": "user", "content": [{"type": "text",
+                                                                       "text": SAY_PROMPT.format(text=text)}]},
+                                         {"role": "assistant", "content": text}],
+                            "task": "say", "reply_audio": path, "voice": assistant.name, "split": "train",
+                            "text": text, "answer": text, "item": f"{kind}{index:05d}"})
     return records, jobs
 
 
