@@ -33,7 +33,8 @@ from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 
 def print_read_report(stage: str, report: ReadReport, kept: int) -> None:
-    print(f"[{stage}] {kept:,} examples from {report.documents:,} records; {report.malformed} skipped")
+    # Each data source reads its own file: two sources filtering one file count its records twice.
+    print(f"[{stage}] {kept:,} examples from {report.documents:,} records read; {report.malformed} skipped")
     for problem in report.problems[:10]:
         print(f"  skipped {problem}")
 
