@@ -494,8 +494,8 @@ def known_word_texts(config: OmniConfig, said: list[str], pairs: list[dict[str, 
 
 
 def say_records(config: OmniConfig, pairs: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[SpeechJob]]:
-    """The :func:`say_texts`, then the :func:`known_word_texts` of the training replies and those, as training
-    records of the speech models, each spoken in the assistant's voice."""
+    """The :func:`say_texts`, then the :func:`known_word_texts` (recombining the words of the training replies and of
+    those texts), as training records of the speech models, each spoken in the assistant's voice."""
     if not config.reply_voice or not (config.say_texts or config.say_known):
         return [], []
     assistant = parse_voice(config.reply_voice)
