@@ -427,3 +427,54 @@ def test_replies_are_spoken_word_by_word_on_the_code_grid(smoke: Path) -> None:
             if following is not None:
                 assert following[1] - end == pytest.approx(config.word_gap, abs=1e-4)
                 assert np.abs(samples[round(end * rate):round(following[1] * rate)]).max() == 0
+
+
+def test_scene_token_targets_match_the_geometry_and_answer_the_questions() -> None:
+    """Each cell's labels against a brute force over points of the drawn discs and digit boxes; and the questions
+    read back off the labels (colour, shape, digit exactly; counts unless two like objects share a cell)."""
+    import random
+
+    from omnilm.data.synth.media import SHAPES
+    from omnilm.data.synth.omni import IMAGE_KINDS, make_scene, scene_target_count, scene_token_targets
+
+    colours = list(COLOURS)
+    pairs = len(SHAPES) * len(colours)
+    rng = random.Random(5)
+    counted = right_counts = 0
+    for index in range(200):
+        kind = IMAGE_KINDS[index % len(IMAGE_KINDS)]
+        scene, _, answer = make_scene(kind, rng, 112)
+        targets = scene_token_targets(scene, 4).reshape(4, 4, -1)
+        assert targets.shape[-1] == scene_target_count()
+        expected = np.zeros_like(targets)
+        for obj in scene["objects"]:
+            label = SHAPES.index(obj["shape"]) * len(colours) + colours.index(obj["colour"])
+            expected[obj["y"] // 28, obj["x"] // 28, label] = 1
+            r = 0.7 * obj["r"]
+            for dy in np.linspace(-r, r, 121)[1:-1]:
+                for dx in np.linspace(-r, r, 121)[1:-1]:
+                    if dx * dx + dy * dy < r * r:
+                        expected[int((obj["y"] + dy) // 28), int((obj["x"] + dx) // 28), pairs + label] = 1
+        if "digit" in scene:
+            x, y, w, h = scene["digit"]["box"]
+            for row in range(4):
+                for col in range(4):
+                    if x <= col * 28 + 14 < x + w and y <= row * 28 + 14 < y + h:
+                        expected[row, col, 2 * pairs + scene["digit"]["digit"]] = 1
+            expected[int((y + h / 2) // 28), int((x + w / 2) // 28), 2 * pairs + scene["digit"]["digit"]] = 1
+        # The sampled points come arbitrarily close to the disc's edge but never onto it: equal up to grazing cells.
+        assert np.abs(targets - expected).sum() <= 1, index
+        centre = targets[..., :pairs].reshape(16, len(SHAPES), len(colours)).max(0)
+        target = scene["objects"][0] if scene["objects"] else None
+        if kind == "colour":
+            assert colours[int(centre[SHAPES.index(target["shape"])].argmax())] == answer
+        elif kind == "shape":
+            assert SHAPES[int(centre[:, colours.index(target["colour"])].argmax())] == answer
+        elif kind == "digit":
+            assert str(int(targets[..., 2 * pairs:].reshape(16, 10).max(0).argmax())) == answer
+        elif kind == "count":
+            cells = targets[..., :pairs].reshape(16, len(SHAPES), len(colours))
+            for number, shape in enumerate(SHAPES):
+                counted += 1
+                right_counts += int(cells[:, number].sum()) == sum(o["shape"] == shape for o in scene["objects"])
+    assert right_counts >= 0.9 * counted

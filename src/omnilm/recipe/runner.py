@@ -35,7 +35,8 @@ STAGE_STARTED = "stage-spec.json"
 STAGE_EVALS = "evals.json"
 STALE_SUFFIX = ".stale"
 PATH_KEYS = ("init_from", "tokenizer")
-OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data", "codec", "eval_data")  # options that name paths
+# options that name paths
+OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data", "codec", "eval_data", "exclude_layouts")
 
 
 def _resolve(path: str, root: Path) -> str:

@@ -151,8 +151,13 @@ def restore_checkpoint(path: str | Path, model: nn.Module, optimizer: torch.opti
     if problems:
         raise ValueError(f"{path}: checkpoint does not match the model: {problems[:10]}")
     # Not strict: a parameter that had received no gradient yet (an encoder whose media no batch held so far) has
-    # no optimizer state in the checkpoint, and after the restore it has none either, exactly as before.
+    # no optimizer state in the checkpoint. Loading creates state for every parameter, and state such a parameter
+    # should not have changes its first real update (a resumed run drifted from the uninterrupted one): it is
+    # dropped again, so such a parameter has none after the restore either, exactly as before.
     set_optimizer_state_dict(model, optimizer, optim_state_dict=optim_state,
                              options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
+    for name, param in unwrap(model).named_parameters():
+        if name not in optim_state["state"]:
+            optimizer.state.pop(param, None)
     _restore_rng(tensors)
     return state

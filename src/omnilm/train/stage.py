@@ -30,8 +30,8 @@ CONFIG_RECORD = "stage_config.json"
 LM_STAGE_TYPES = ("pretrain", "midtrain")
 NO_LORA_STAGE_TYPES = ("reward", "ppo")
 KNOWN_STAGE_TYPES = LM_STAGE_TYPES + ("sft", "lora", "reward", "dpo", "ppo", "grpo", "rl", "distill", "omni_sft",
-                                     "talker", "token2wav", "mlm", "electra", "classify", "span_corruption",
-                                     "denoise", "seq2seq_sft")
+                                     "omni_encoders", "talker", "token2wav", "mlm", "electra", "classify",
+                                     "span_corruption", "denoise", "seq2seq_sft")
 
 
 @dataclass
@@ -174,6 +174,7 @@ def _load_builders() -> None:
     import omnilm.train.dpo  # noqa: F401
     import omnilm.train.encoder_stages  # noqa: F401
     import omnilm.train.grpo  # noqa: F401
+    import omnilm.train.omni_encoders  # noqa: F401
     import omnilm.train.omni_sft  # noqa: F401
     import omnilm.train.ppo  # noqa: F401
     import omnilm.train.pretrain  # noqa: F401

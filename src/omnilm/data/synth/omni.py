@@ -691,6 +691,43 @@ def scene_questions(scene: dict[str, Any], rng: random.Random) -> list[tuple[str
     return pairs
 
 
+def scene_target_count() -> int:
+    """Targets per token of :func:`scene_token_targets`."""
+    return 2 * len(SHAPES) * len(COLOURS) + 10
+
+
+def scene_token_targets(scene: dict[str, Any], grid: int) -> np.ndarray:
+    """Dense labels of a scene cut into ``grid`` × ``grid`` square cells (the vision encoder's merged tokens, in
+    raster order): (grid², :func:`scene_target_count`) of 0/1.
+
+    Per cell: the (shape, colour) of every object whose centre lies in it; of every object whose inner disc (70 % of
+    its radius, so that a sliver of an edge does not count) overlaps it; and the digit whose box covers the cell's
+    centre or whose centre lies in it. Counting, colour, shape, position and digit questions are all answered by
+    reading these labels off the cells.
+    """
+    cell = scene["size"] / grid
+    colours = list(COLOURS)
+    pairs = len(SHAPES) * len(colours)
+    targets = np.zeros((grid, grid, scene_target_count()), dtype=np.float32)
+    centres = (np.arange(grid) + 0.5) * cell
+    for obj in scene.get("objects") or []:
+        label = SHAPES.index(obj["shape"]) * len(colours) + colours.index(obj["colour"])
+        x, y, r = obj["x"], obj["y"], 0.7 * obj["r"]
+        targets[min(int(y // cell), grid - 1), min(int(x // cell), grid - 1), label] = 1
+        # Nearest point of each cell to the centre: the disc overlaps the cell when it is within the radius.
+        near_x = np.clip(x, np.arange(grid) * cell, np.arange(1, grid + 1) * cell)
+        near_y = np.clip(y, np.arange(grid) * cell, np.arange(1, grid + 1) * cell)
+        covered = (near_y[:, None] - y) ** 2 + (near_x[None, :] - x) ** 2 < r * r
+        targets[covered, pairs + label] = 1
+    if "digit" in scene:
+        x, y, w, h = scene["digit"]["box"]
+        inside = ((centres[:, None] >= y) & (centres[:, None] < y + h) & (centres[None, :] >= x)
+                  & (centres[None, :] < x + w))
+        inside[min(int((y + h / 2) // cell), grid - 1), min(int((x + w / 2) // cell), grid - 1)] = True
+        targets[inside, 2 * pairs + scene["digit"]["digit"]] = 1
+    return targets.reshape(grid * grid, -1)
+
+
 def image_records(config: OmniConfig, out: Path) -> list[dict[str, Any]]:
     """Render the images of both splits into ``out/images``; evaluation layouts never occur in training."""
     rng = random.Random(config.seed * 1_000_003 + 37)

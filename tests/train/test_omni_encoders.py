@@ -1,0 +1,163 @@
+"""The omni_encoders stage: a tiny text model becomes a Thinker whose encoders alone learn, the vision encoder dense
+scene labels from fresh renders and the audio encoder CTC transcripts over the decoder's token embeddings; the run
+resumes exactly, its batches are reproducible per step, evaluation layouts are never drawn, and the final folder is
+a thinker folder an omni_sft stage starts from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from helpers import small_model
+from omnilm.model.hf import save_pretrained
+
+VISION = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "fullatt_block_indexes": [0]}
+AUDIO = {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 64}
+
+
+@pytest.fixture
+def text_model(tmp_path: Path, tokenizer) -> Path:  # noqa: ANN001
+    model = small_model("llama", vocab_size=tokenizer.vocab_size, eos_token_id=tokenizer.eos_id,
+                        pad_token_id=tokenizer.pad_id)
+    return save_pretrained(model, tmp_path / "text", tokenizer=tokenizer)
+
+
+def write_speech_records(folder: Path) -> Path:
+    """Tones whose "words" follow from their pitch: a rising pair says "up", a falling pair "down"."""
+    from omnilm.omni.audio import write_wav
+
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(8):
+        pitches = (330, 880) if i % 2 == 0 else (880, 330)
+        half = 6000 + 800 * i
+        t = np.arange(half) / 16000
+        tone = np.concatenate([np.sin(2 * np.pi * f * t) for f in pitches]) * 0.3
+        write_wav(folder / f"tone{i}.wav", tone.astype(np.float32))
+        records.append({"task": "transcribe", "text": "up up" if i % 2 == 0 else "down", "messages": [
+            {"role": "user", "content": [{"type": "audio", "audio": f"tone{i}.wav"}]},
+            {"role": "assistant", "content": "ok"}]})
+    records.append({"task": "transcribe", "messages": [{"role": "user", "content": "no audio"}]})  # skipped
+    path = folder / "speech.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def stage(init_from: Path, steps: int, speech: Path | None = None, **options: object) -> object:
+    from omnilm.train.stage import StageConfig
+
+    return StageConfig.from_mapping({
+        "name": "encoders", "type": "omni_encoders", "init_from": str(init_from),
+        "data": {"speech": str(speech)} if speech else {},
+        "options": {"audio": AUDIO, "vision": VISION} | options,
+        "train": {"max_steps": steps, "batch_size": 4, "seq_len": 16, "lr": 3e-3, "log_every": 1,
+                  "checkpoint_every": 2, "progress": False, "device": "cpu", "warmup_steps": 0,
+                  "schedule": "constant"}})
+
+
+def test_only_the_encoders_learn_and_the_run_resumes_exactly(text_model: Path, tmp_path: Path) -> None:
+    from omnilm.omni.build import thinker_from_decoder
+    from omnilm.omni.thinker import load_thinker
+    from omnilm.train.stage import run_stage
+
+    speech = write_speech_records(tmp_path / "media")
+    result = run_stage(stage(text_model, 6, speech), tmp_path / "whole")
+    assert result.status == "complete"
+    losses = [r["loss"] for r in map(json.loads, (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines())
+              if "loss" in r]
+    assert len(losses) == 6 and np.isfinite(losses).all()
+    trained = load_thinker(result.final_dir)
+    start, _ = thinker_from_decoder(text_model, AUDIO, VISION, seed=0)
+    for name, before in start.state_dict().items():
+        if name.startswith("decoder."):
+            torch.testing.assert_close(trained.state_dict()[name], before, atol=0, rtol=0, msg=name)
+    for tower in ("visual.", "audio_tower."):
+        assert any(not torch.equal(trained.state_dict()[n], p) for n, p in start.state_dict().items()
+                   if n.startswith(tower)), tower
+    # Cut after 4 steps and resumed: the same weights and read-outs as the uninterrupted run.
+    run_stage(stage(text_model, 4, speech), tmp_path / "cut")
+    resumed = run_stage(stage(text_model, 6, speech), tmp_path / "cut", resume=True, force=True)
+    for (name, a), b in zip(trained.state_dict().items(), load_thinker(resumed.final_dir).state_dict().values(),
+                            strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
+    from safetensors.torch import load_file
+
+    from omnilm.train.omni_encoders import READOUT_FILE
+
+    whole_head = load_file(str(result.final_dir / READOUT_FILE))
+    for name, tensor in load_file(str(resumed.final_dir / READOUT_FILE)).items():
+        torch.testing.assert_close(tensor, whole_head[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("task", ["scenes", "speech"])
+def test_each_objective_learns(task: str, text_model: Path, tmp_path: Path) -> None:
+    """A few dozen steps bring each objective's loss well under its start: the targets are learnable, not noise."""
+    from omnilm.train.stage import run_stage
+
+    speech = write_speech_records(tmp_path / "media")
+    weights = {"scenes": float(task == "scenes"), "speech": float(task == "speech")}
+    run_stage(stage(text_model, 40, speech, kinds=["colour"], task_weights=weights), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    assert all(("ctc_loss" in r) == (task == "speech") for r in records if "loss" in r)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
+
+
+def test_ctc_log_probabilities_are_each_audio_alone_over_the_token_embeddings(tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
+    """The batched read-out equals, audio by audio, the encoder run on that audio alone scored against the decoder's
+    embedding rows and the blank; padding frames past an audio's tokens are not read by the loss."""
+    from omnilm.omni.audio import audio_features, load_audio, pack_features
+    from omnilm.omni.build import thinker_from_decoder
+    from omnilm.train.omni_encoders import EncoderReadouts, speech_collate, speech_examples
+
+    model = small_model("llama", vocab_size=tokenizer.vocab_size)
+    text = save_pretrained(model, tmp_path / "text", tokenizer=tokenizer)
+    thinker, _ = thinker_from_decoder(text, AUDIO, VISION, seed=0)
+    readouts = EncoderReadouts(thinker, 80).eval()
+    with torch.no_grad():
+        readouts.ctc_blank.normal_()
+    config = stage(text, 1, write_speech_records(tmp_path / "media"))
+    examples, report = speech_examples(config, tokenizer, strict=False)
+    assert len(examples) == 8 and report.malformed == 1
+    assert examples[1][1] == tokenizer.encode("down", special=False)
+    batch = speech_collate(examples, {})([3, 0, 5])
+    with torch.no_grad():
+        out = readouts(batch)
+        classes = torch.cat([thinker.decoder.tok_emb.weight, readouts.ctc_blank[None]])
+        for column, index in enumerate([3, 0, 5]):
+            alone = pack_features(*audio_features([load_audio(examples[index][0])], trim=True))
+            expected = (thinker.audio_tower(*alone) @ classes.T).log_softmax(-1)
+            torch.testing.assert_close(out[: len(expected), column], expected, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), cut=st.integers(0, 4), rank=st.integers(0, 1))
+def test_scene_batches_are_reproducible_per_step_and_skip_excluded_layouts(seed: int, cut: int, rank: int) -> None:
+    from omnilm.data.synth.omni import layout_key
+    from omnilm.omni.config import MediaBudget
+    from omnilm.train.omni_encoders import SceneBatches
+
+    budget = MediaBudget(image_max_pixels=112 * 112)
+    whole = SceneBatches(2, 112, ["count", "digit"], budget, seed, rank)
+    batches = [whole.next_batch() for _ in range(5)]
+    resumed = SceneBatches(2, 112, ["count", "digit"], budget, seed, rank)
+    resumed.load_state_dict({"step": cut})
+    for expected in batches[cut:]:
+        got = resumed.next_batch()
+        assert got["task"] == "scenes"
+        for key in ("pixel_values", "image_grid_thw", "targets"):
+            assert torch.equal(got[key], expected[key])
+    assert batches[0]["targets"].shape == (2 * 16, 80)
+    # Layouts drawn by the first batch, excluded, never come back.
+    import random
+
+    first = SceneBatches(2, 112, ["count", "digit"], budget, seed, rank)
+    drawn = {layout_key(s) for s in first.draw_scenes(random.Random(f"{seed}/{rank}/0"))}
+    excluding = SceneBatches(2, 112, ["count", "digit"], budget, seed, rank, excluded=drawn)
+    assert not drawn & {layout_key(s) for s in excluding.draw_scenes(random.Random(f"{seed}/{rank}/0"))}
