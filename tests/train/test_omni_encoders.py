@@ -124,7 +124,7 @@ def test_ctc_log_probabilities_are_each_audio_alone_over_the_token_embeddings(to
         readouts.ctc_blank.normal_()
     config = stage(text, 1, write_speech_records(tmp_path / "media"))
     examples, report = speech_examples(config, tokenizer, strict=False)
-    assert len(examples) == 8 and report.malformed == 1
+    assert len(examples) == 8 and report.malformed == 1 and "speech.jsonl:9: a speech record" in report.problems[0]
     assert examples[1][1] == tokenizer.encode("down", special=False)
     batch = speech_collate(examples, {})([3, 0, 5])
     with torch.no_grad():

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.config import ConfigError
-from omnilm.train.omni_sft import OMNI_OPTIONS, media_budget, read_omni_records, starting_thinker
+from omnilm.train.omni_sft import OMNI_OPTIONS, media_budget, starting_thinker
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import Trainer, TrainResult
 
@@ -195,18 +195,24 @@ def excluded_layouts(path: str) -> set[str]:
 
 
 def speech_examples(config: StageConfig, tokenizer: Any, strict: bool) -> tuple[list[tuple[Path, list[int]]], Any]:
-    """(audio path, transcript token ids) of every speech record of the stage's sources."""
-    records, report = read_omni_records(config, strict)
+    """(audio path, transcript token ids) of every speech record of the stage's sources; a record without one audio
+    part and its words is skipped (or, ``strict``, fails the run) naming its file and line."""
+    from omnilm.data.chat_data import read_records
+    from omnilm.data.sources import ReadReport
+
+    report = ReadReport()
     examples = []
-    for index, (record, root) in enumerate(records):
-        audio = [part["audio"] for message in record["messages"] if message.get("role") == "user"
-                 and isinstance(message.get("content"), list) for part in message["content"]
-                 if isinstance(part, dict) and part.get("type") == "audio"]
-        text = record.get("text")
-        if len(audio) != 1 or not isinstance(text, str) or not text.strip():
-            report.skip(f"record {index + 1}", "a speech record needs one audio part and its words in 'text'", strict)
-            continue
-        examples.append((root / audio[0], tokenizer.encode(text, special=False)))
+    for source in config.data.values():
+        for record, location in read_records([source.path], source.where, strict, report):
+            messages = record.get("messages") if isinstance(record.get("messages"), list) else []
+            audio = [part["audio"] for message in messages if isinstance(message, dict)
+                     and message.get("role") == "user" and isinstance(message.get("content"), list)
+                     for part in message["content"] if isinstance(part, dict) and part.get("type") == "audio"]
+            text = record.get("text")
+            if len(audio) != 1 or not isinstance(text, str) or not text.strip():
+                report.skip(location, "a speech record needs one audio part and its words in 'text'", strict)
+                continue
+            examples.append((Path(source.path).parent / audio[0], tokenizer.encode(text, special=False)))
     return examples, report
 
 
