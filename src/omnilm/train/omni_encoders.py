@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.config import ConfigError
-from omnilm.train.omni_sft import OMNI_OPTIONS, media_budget, starting_thinker
+from omnilm.train.omni_sft import OMNI_OPTIONS, WeightedBatches, media_budget, starting_thinker
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import Trainer, TrainResult
 
@@ -102,32 +102,6 @@ class SceneBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step = int(state["step"])
-
-
-class EncoderBatches:
-    """One objective per step, drawn by ``weights`` from a generator seeded by the step (every process draws the
-    same); scenes from :class:`SceneBatches`, speech from a resumable loader over the transcribed utterances."""
-
-    def __init__(self, sources: dict[str, Any], weights: dict[str, float], seed: int) -> None:
-        self.sources, self.seed, self.step = sources, seed, 0
-        self.names = [name for name in TASKS if name in sources and weights.get(name, 1.0) > 0]
-        if not self.names:
-            raise ConfigError("omni_encoders: every objective is off (task_weights) or has no data")
-        total = sum(weights.get(name, 1.0) for name in self.names)
-        self.probabilities = np.array([weights.get(name, 1.0) / total for name in self.names])
-
-    def next_batch(self) -> dict[str, Any]:
-        rng = np.random.default_rng([self.seed, self.step, 11])
-        self.step += 1
-        return self.sources[self.names[rng.choice(len(self.names), p=self.probabilities)]].next_batch()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step} | {name: source.state_dict() for name, source in self.sources.items()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        for name, source in self.sources.items():
-            source.load_state_dict(state[name])
 
 
 class EncoderReadouts(nn.Module):
@@ -302,7 +276,8 @@ def run_omni_encoders_stage(config: StageConfig, out_dir: Path, resume: bool) ->
             print_read_report(config.name, report, len(examples))
         sources["speech"] = ExampleLoader(len(examples), train.batch_size, speech_collate(examples, {}),
                                           seed=train.seed, rank=info.rank, world_size=info.world_size)
-    loader = EncoderBatches(sources, weights, train.seed)
+    # Stream 11: the draw the recipe's recorded run was made with.
+    loader = WeightedBatches(sources, {name: float(weights.get(name, 1.0)) for name in sources}, train.seed, 11)
     resume_from = latest_checkpoint(out_dir / "checkpoints") if resume else None
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel

@@ -97,10 +97,41 @@ def spec_augment(features: torch.Tensor, mask: torch.Tensor, generator: torch.Ge
     return out
 
 
-class TaskBatches:
-    """Batches of one task each: the task drawn at random per step (by ``weights``), its records in a seeded,
-    resumable order (an :class:`~omnilm.data.examples.ExampleLoader` per task, rank-sharded). Every process draws
-    the same task at the same step."""
+class WeightedBatches:
+    """Batches from one source per step, the source drawn by ``weights`` from a generator seeded by the step and
+    ``stream`` (so every process draws the same source at the same step, and draws seeded alike elsewhere stay
+    independent); each source resumable, and so the whole."""
+
+    def __init__(self, sources: dict[str, Any], weights: dict[str, float], seed: int, stream: int = 7) -> None:
+        import numpy as np
+
+        self.names = sorted(name for name in sources if weights[name] > 0)
+        if not self.names:
+            raise ConfigError(f"no source to draw batches from: every weight is 0 ({weights})")
+        self.sources, self.seed, self.stream, self.step = sources, seed, stream, 0
+        total = sum(weights[name] for name in self.names)
+        self.probabilities = np.array([weights[name] / total for name in self.names])
+
+    def next_batch(self) -> Any:
+        import numpy as np
+
+        rng = np.random.default_rng([self.seed, self.step, self.stream])
+        self.step += 1
+        return self.sources[self.names[rng.choice(len(self.names), p=self.probabilities)]].next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "sources": {name: source.state_dict() for name, source in self.sources.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        for name, source in self.sources.items():
+            source.load_state_dict(state["sources"][name])
+
+
+class TaskBatches(WeightedBatches):
+    """Batches of one task each: the task drawn at random per step (by ``weights``, default in proportion to its
+    records), its records in a seeded, resumable order (an :class:`~omnilm.data.examples.ExampleLoader` per task,
+    rank-sharded)."""
 
     def __init__(self, tasks: dict[str, list[int]], weights: dict[str, float], batch_size: int,
                  collate: Any, seed: int, rank: int, world_size: int) -> None:
@@ -109,28 +140,9 @@ class TaskBatches:
         unknown = sorted(set(weights) - set(tasks))
         if unknown:
             raise ConfigError(f"task_weights names task(s) {unknown} that no record has (tasks: {sorted(tasks)})")
-        self.names = sorted(tasks)
-        self.weights = [float(weights.get(name, len(tasks[name]))) for name in self.names]
-        self.seed, self.step = seed, 0
-        self.loaders = {name: ExampleLoader(len(tasks[name]), batch_size,
-                                            lambda local, ids=tasks[name]: collate([ids[i] for i in local]),
-                                            seed=seed, rank=rank, world_size=world_size) for name in self.names}
-
-    def next_batch(self) -> Any:
-        import numpy as np
-
-        rng = np.random.default_rng([self.seed, self.step, 7])
-        name = self.names[rng.choice(len(self.names), p=np.array(self.weights) / sum(self.weights))]
-        self.step += 1
-        return self.loaders[name].next_batch()
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "tasks": {n: loader.state_dict() for n, loader in self.loaders.items()}}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
-        for name, loader in self.loaders.items():
-            loader.load_state_dict(state["tasks"][name])
+        loaders = {name: ExampleLoader(len(ids), batch_size, lambda local, ids=ids: collate([ids[i] for i in local]),
+                                       seed=seed, rank=rank, world_size=world_size) for name, ids in tasks.items()}
+        super().__init__(loaders, {name: float(weights.get(name, len(tasks[name]))) for name in tasks}, seed)
 
 
 def thinker_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
