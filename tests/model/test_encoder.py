@@ -88,7 +88,10 @@ def test_omnilm_encoder_loads_in_transformers_with_same_logits(tmp_path, cls, fa
     with torch.no_grad():
         ours = model(ids, mask, types)
         compare(ours, hf_model(input_ids=ids, attention_mask=mask, token_type_ids=types).logits, mask)
-        torch.testing.assert_close(load_encoder(tmp_path)(ids, mask, types), ours, atol=0, rtol=0)
+        reloaded = load_encoder(tmp_path)
+        for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name  # the weights round-trip exactly; kernels may not (see test_speech)
+        torch.testing.assert_close(reloaded(ids, mask, types), ours, atol=1e-6, rtol=1e-5)
 
 
 def test_padding_does_not_change_real_positions():

@@ -94,7 +94,7 @@ def test_cached_decoding_equals_full_recomputation():
         cache = model.new_cache(3, 40)
         steps = [model.decode(dec[:, :11], memory, mask, cache)]
         steps += [model.decode(dec[:, t:t + 1], memory, mask, cache) for t in range(11, 30)]
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=2e-5, rtol=0)  # float32 sums in another order
 
 
 def hf_generate(model: T5, tmp_path, prompt: list[int], **kwargs) -> list[int]:

@@ -59,6 +59,11 @@ EULER = dict(steps=3, method="euler")
 #: rounding carried through 100 momentum iterations dominates what the context leaves out.
 GL_TOL = 1e-3
 
+#: Audio computed twice from equal weights on one CPU: float32 kernels may take another path for tensors at another
+#: address (seen on an AMD host, up to 1e-4 after Griffin-Lim's iterations), so equal means within 16 steps of
+#: 16-bit PCM; a wrong weight or code moves samples by orders more.
+AUDIO_ATOL = 16 / 32768
+
 
 def randomise(module: torch.nn.Module, seed: int) -> None:
     """Every parameter at random, weights scaled by 1/sqrt(fan-in) so that every layer matters."""
@@ -193,7 +198,7 @@ def test_token2wav_folder_round_trip(tmp_path: Path) -> None:
         loaded = load_token2wav(folder)
         assert (loaded.steps, loaded.method, loaded.past_blocks, loaded.context_frames, loaded.sample_rate) == (
             t2w.steps, t2w.method, t2w.past_blocks, t2w.context_frames, t2w.sample_rate)
-        assert torch.equal(loaded.synthesize(ids), t2w.synthesize(ids))
+        torch.testing.assert_close(loaded.synthesize(ids), t2w.synthesize(ids), atol=AUDIO_ATOL, rtol=0)
     with pytest.raises(ConfigError, match="mel bins"):
         Token2Wav(DiT(DIT), tiny_bigvgan(), torch.zeros(1, 30, 128), torch.zeros(1, 5))
     with pytest.raises(ValueError, match="codes must lie in"):
@@ -229,7 +234,7 @@ def test_a_saved_voice_loads_and_speaks_the_same(voice_parts: tuple[Path, Voice]
     ours = list(voice.speak_text("hello there", greedy(12)))
     theirs = list(loaded.speak_text("hello there", greedy(12)))
     assert [c.dtype for c in ours] == [np.float32] * len(ours) and len(ours) == 3  # 24 frames: 3 blocks
-    np.testing.assert_array_equal(np.concatenate(theirs), np.concatenate(ours))
+    np.testing.assert_allclose(np.concatenate(theirs), np.concatenate(ours), atol=AUDIO_ATOL, rtol=0)
     # A reply that ends with its end-of-turn token says the same; what follows the end is not read.
     batch, reply = voice.text_prompt("hello there")
     end = voice.tokenizer.token_to_id(IM_END)
@@ -306,13 +311,13 @@ def test_speak_writes_a_16khz_wav(voice_parts: tuple[Path, Voice], tmp_path: Pat
     batch, reply = voice.text_prompt("hello there")
     made = list(voice.codes(batch, reply, greedy(14)))
     np.testing.assert_allclose(samples, quantised([voice.token2wav.synthesize(torch.tensor(made)).numpy()]),
-                               atol=1.5 / 32768, rtol=0)
+                               atol=AUDIO_ATOL, rtol=0)
     streamed = tmp_path / "streamed.wav"
     assert main(["omni", "speak", "--model", str(folder), "--text", "hello there", "--out", str(streamed),
                  "--max-codes", "14", "--stream"]) == 0
     assert "first audio after" in capsys.readouterr().out
     np.testing.assert_allclose(wav(streamed), quantised(list(voice.speak_text("hello there", greedy(14)))),
-                               atol=1.5 / 32768, rtol=0)
+                               atol=AUDIO_ATOL, rtol=0)
 
 
 def test_ask_speak_says_the_reply_as_voice_speak_does(voice_parts: tuple[Path, Voice], tmp_path: Path,
@@ -339,7 +344,7 @@ def test_ask_speak_says_the_reply_as_voice_speak_does(voice_parts: tuple[Path, V
     assert reply and printed == tokenizer.decode(reply) + "\n"
     expected = quantised(list(voice.speak(batch, reply, greedy(10))))
     assert expected.shape == (10 * 2 * 160,)
-    np.testing.assert_allclose(wav(out), expected, atol=1.5 / 32768, rtol=0)
+    np.testing.assert_allclose(wav(out), expected, atol=AUDIO_ATOL, rtol=0)
 
 
 def test_a_folder_without_a_voice_is_refused_clearly(plain_dir: Path, tmp_path: Path, capsys) -> None:  # noqa: ANN001
