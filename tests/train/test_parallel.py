@@ -136,7 +136,9 @@ def assert_matches_single(run: Path, reference: Path, validated: bool = True) ->
     ours, theirs = read_hf_tensors(run / "final"), read_hf_tensors(reference / "final")
     assert ours.keys() == theirs.keys()
     for key in ours:
-        torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-4, msg=key)
+        # atol 3e-5: for a weight whose gradients stay near zero (a bias), Adam's normalised step depends on float32
+        # rounding of those gradients; on another CPU two biases drifted 1.2e-5 apart while every loss agreed.
+        torch.testing.assert_close(ours[key], theirs[key], atol=3e-5, rtol=1e-4, msg=lambda m, key=key: f"{key}: {m}")
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(load_pretrained(run / "final")(ids), load_pretrained(reference / "final")(ids),
