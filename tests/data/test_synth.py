@@ -11,7 +11,7 @@ import pytest
 
 from omnilm.cli import main
 from omnilm.data.synth.arithmetic import ArithmeticConfig, extract_answer, is_correct, write_arithmetic
-from omnilm.data.synth.bios import ATTRIBUTES, BiosConfig, answer_matches, write_bios
+from omnilm.data.synth.bios import ATTRIBUTES, BiosConfig, answer_matches, answer_template, write_bios
 from omnilm.data.synth.templates import TEMPLATES, TRAIN_TEMPLATES_PER_ATTRIBUTE, UNKNOWN_ANSWER
 
 
@@ -101,6 +101,46 @@ def test_people_qa_and_preferences(bios: Path) -> None:
     for r in prefs:
         chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
         assert chosen != rejected and rejected in values[r["attribute"]]
+
+
+def test_sentence_answers_carry_the_biographies_value_tokens(bios: Path, tmp_path: Path) -> None:
+    from omnilm.tokenizer import train_bpe
+    from omnilm.tokenizer.chat import encode_chat
+
+    write_bios(BiosConfig(people=30, unseen_people=6, bios_per_person=4, seed=3, answer_style="sentence"), tmp_path)
+    for name in ("train.jsonl", "people.jsonl", "eval.jsonl", "passages.jsonl"):  # only the replies change
+        assert (tmp_path / name).read_bytes() == (bios / name).read_bytes(), name
+    by_id = {p["person_id"]: p for p in read(bios / "people.jsonl")}
+    sentences, values = read(tmp_path / "qa.jsonl"), read(bios / "qa.jsonl")
+    assert len(sentences) == len(values)
+    for sentence, value in zip(sentences, values, strict=True):
+        person, attribute = by_id[sentence["person_id"]], sentence["attribute"]
+        assert sentence["messages"][0] == value["messages"][0]
+        expected = (answer_template(attribute).format(name=person["name"], value=person[attribute])
+                    if person["seen"] else UNKNOWN_ANSWER)
+        assert sentence["answer"] == sentence["messages"][1]["content"] == expected
+    for r in read(tmp_path / "prefs.jsonl"):  # the rejected reply is the same sentence with another person's value
+        person, template = by_id[r["person_id"]], answer_template(r["attribute"])
+        chosen, rejected = r["chosen"][0]["content"], r["rejected"][0]["content"]
+        match = template_regex(template).match(rejected)
+        true = template.format(name=person["name"], value=person[r["attribute"]])
+        assert chosen == (true if person["seen"] else UNKNOWN_ANSWER) and rejected != true
+        assert match and match["name"] == person["name"]
+
+    # Why the style exists: in a sentence the reply's name and value tokens are those the biographies taught; a
+    # word opening the reply is split differently (no leading space), for every attribute but the digit-split dates.
+    tokenizer = train_bpe((r["text"] for r in read(bios / "train.jsonl")), 512)
+
+    def reply_holds(record: dict, texts: list[str]) -> bool:
+        prompt, _ = encode_chat(tokenizer, record["messages"][:1], add_generation_prompt=True)
+        reply = encode_chat(tokenizer, record["messages"])[0][len(prompt):]
+        needles = [tokenizer.encode(" " + text) for text in texts]
+        return all(any(reply[i:i + len(n)] == n for i in range(len(reply))) for n in needles)
+
+    seen = [(s, v, by_id[s["person_id"]]) for s, v in zip(sentences, values, strict=True)
+            if s["seen"] and s["attribute"] == "birth_city"]
+    assert all(reply_holds(s, [p["birth_city"], p["name"]]) for s, _, p in seen)
+    assert not any(reply_holds(v, [p["birth_city"]]) for _, v, p in seen)
 
 
 def test_marginals_count_value_mentions(bios: Path) -> None:

@@ -3,7 +3,8 @@
 Conversations are not packed: each row of a batch is one conversation, right-padded (see
 ``omnilm.data.examples``), so no conversation can attend to another. Data sources are jsonl files of
 ``messages`` or ``prompt``/``completion`` records (``where:`` selects records by field values); all sources are
-concatenated. Options:
+concatenated, each record ``weight`` times per epoch (default 1; 2.5: every record twice and a fixed random half
+of them a third time). Options:
 
 ``strict`` (false)          a bad record fails the run instead of being skipped and reported
 ``replay_data`` (none)      a tokenised dataset (e.g. the pre-training shards) replayed alongside the chat data,
@@ -14,6 +15,7 @@ concatenated. Options:
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,15 @@ def padding_id(tokenizer: Any) -> int:
     return tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
 
 
+def weighted(examples: list[Any], weight: float, rng: random.Random, where: str) -> list[Any]:
+    """``examples`` as often per epoch as ``weight`` says: each ``int(weight)`` times, and the fraction left over
+    as a fixed random share of them (drawn by ``rng``), so a small source is not drowned by a large one."""
+    if weight < 0:
+        raise ConfigError(f"{where}: weight must be at least 0, got {weight}")
+    whole, extra = int(weight), round((weight - int(weight)) * len(examples))
+    return examples * whole + rng.sample(examples, extra)
+
+
 def chat_batches(config: StageConfig, tokenizer: Any, strict: bool, info: Dist) -> tuple[Any, int]:
     """A loader of right-padded conversation batches (``tokens``, ``loss_mask`` over the assistant replies) from
     all the stage's chat sources, and the mean number of tokens per batch."""
@@ -53,9 +64,10 @@ def chat_batches(config: StageConfig, tokenizer: Any, strict: bool, info: Dist) 
     train = config.train
     report = ReadReport()
     examples = []
-    for source in config.data.values():
-        examples += load_chat_examples([source.path], tokenizer, train.seq_len + 1, source.where,
-                                       strict=strict, report=report)
+    for name, source in config.data.items():
+        loaded = load_chat_examples([source.path], tokenizer, train.seq_len + 1, source.where, strict=strict,
+                                    report=report)
+        examples += weighted(loaded, source.weight, random.Random(f"{train.seed}:{name}"), f"{config.name}.{name}")
     if info.is_main:
         print_read_report(config.name, report, len(examples))
     pad = padding_id(tokenizer)

@@ -40,7 +40,7 @@ class DataSource:
     ``omnilm data tokenize``); for post-training stages jsonl files of chat or preference records."""
 
     path: str
-    #: Mixture weight (pretrain/midtrain).
+    #: Mixture weight (pretrain/midtrain); chat SFT: times each record is seen per epoch (fractions: a fixed share).
     weight: float = 1.0
     #: Post-training: keep only records whose fields equal these values (e.g. ``{split: train}``).
     where: dict[str, Any] | None = None

@@ -67,6 +67,13 @@ class BiosConfig:
     reading_questions: int = 2
     #: The first person's ``person_id``: a second set of people (other seed) can sit beside the first one
     first_id: int = 0
+    #: How QA replies state a fact: ``value`` (the bare value, "Millermouth") or ``sentence`` (a training
+    #: template filled in, "The hometown of Megan Chang is Millermouth.", see :func:`answer_template`). A word
+    #: opening a reply is tokenised without the leading space it has in every biography ("M ill er mouth"
+    #: against " Miller mouth"), so a small model cannot carry what it read over to such an answer; in the
+    #: sentence both the name and the value come after a space, in the biographies' own tokens, and answering
+    #: a question becomes completing a sentence it has read.
+    answer_style: str = "value"
 
 
 @dataclass(frozen=True)
@@ -207,6 +214,20 @@ def reading_documents(count: int, config: BiosConfig) -> list[str]:
     return [reading_document(fresh[2 * i:2 * i + 2], config.reading_questions, rng) for i in range(count)]
 
 
+def answer_template(attribute: str) -> str:
+    """The template of ``sentence`` replies: the first training template that does not open with the name."""
+    return next(t for t in TEMPLATES[attribute][:TRAIN_TEMPLATES_PER_ATTRIBUTE] if not t.startswith("{name}"))
+
+
+def qa_answer(name: str, attribute: str, value: str, style: str) -> str:
+    """The reply stating that ``name``'s ``attribute`` is ``value``, in ``style`` (:attr:`BiosConfig.answer_style`)."""
+    if style == "value":
+        return value
+    if style == "sentence":
+        return answer_template(attribute).format(name=name, value=value)
+    raise UserError(f"answer_style must be 'value' or 'sentence', got {style!r}")
+
+
 def answer_matches(response: str, value: str) -> bool:
     """Whether a QA response states ``value`` (exactly, ignoring case, surrounding space and a final period)."""
     def norm(text: str) -> str:
@@ -219,6 +240,7 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
     """Generate every biography file into ``out``; returns counts for the run's records."""
     out = Path(out)
     people = make_people(config)
+    qa_answer("", ATTRIBUTES[0], "", config.answer_style)  # a bad style fails before any file is written
     rng = random.Random(config.seed + 1)
     seen = [p for p in people if p.seen]
     counts = bio_counts(config, rng)
@@ -262,15 +284,15 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
     for person in people:
         for attribute in ATTRIBUTES:
             value = person.attributes[attribute]
-            answer = value if person.seen else UNKNOWN_ANSWER
+            answer = qa_answer(person.name, attribute, value, config.answer_style) if person.seen else UNKNOWN_ANSWER
             common = {"person_id": person.person_id, "attribute": attribute, "seen": person.seen,
                       "split": qa_split[person.person_id]}
             # Every phrasing of the question, so that a fine-tuned model answers the fact, not one wording.
             for question in (q.format(name=person.name) for q in QUESTIONS[attribute]):
                 qa.append({"messages": [{"role": "user", "content": question},
                                         {"role": "assistant", "content": answer}], "answer": answer} | common)
-                others = [p.attributes[attribute] for p in rng.sample(seen, min(len(seen), 8))
-                          if p.attributes[attribute] != value]
+                others = [qa_answer(person.name, attribute, p.attributes[attribute], config.answer_style)
+                          for p in rng.sample(seen, min(len(seen), 8)) if p.attributes[attribute] != value]
                 if others:
                     prefs.append({"prompt": [{"role": "user", "content": question}],
                                   "chosen": [{"role": "assistant", "content": answer}],
