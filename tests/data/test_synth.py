@@ -13,6 +13,7 @@ from omnilm.cli import main
 from omnilm.data.synth.arithmetic import ArithmeticConfig, extract_answer, is_correct, write_arithmetic
 from omnilm.data.synth.bios import ATTRIBUTES, BiosConfig, answer_matches, answer_template, write_bios
 from omnilm.data.synth.templates import TEMPLATES, TRAIN_TEMPLATES_PER_ATTRIBUTE, UNKNOWN_ANSWER
+from omnilm.errors import UserError
 
 
 def read(path: Path) -> list[dict]:
@@ -141,6 +142,18 @@ def test_sentence_answers_carry_the_biographies_value_tokens(bios: Path, tmp_pat
             if s["seen"] and s["attribute"] == "birth_city"]
     assert all(reply_holds(s, [p["birth_city"], p["name"]]) for s, _, p in seen)
     assert not any(reply_holds(v, [p["birth_city"]]) for _, v, p in seen)
+
+
+def test_a_second_set_of_people_avoids_the_first_ones_names(bios: Path, tmp_path: Path) -> None:
+    # The same seed draws the very same names; told to avoid them, it draws others (and stays deterministic).
+    first = {p["name"] for p in read(bios / "people.jsonl")}
+    for out in (tmp_path / "a", tmp_path / "b"):
+        write_bios(BiosConfig(people=30, unseen_people=6, bios_per_person=0, seed=3, avoid_names_of=str(bios)), out)
+    second = [p["name"] for p in read(tmp_path / "a" / "people.jsonl")]
+    assert len(set(second)) == 36 and not first & set(second)
+    assert (tmp_path / "a" / "people.jsonl").read_bytes() == (tmp_path / "b" / "people.jsonl").read_bytes()
+    with pytest.raises(UserError, match="avoid_names_of"):
+        write_bios(BiosConfig(people=3, avoid_names_of=str(tmp_path / "missing")), tmp_path / "c")
 
 
 def test_marginals_count_value_mentions(bios: Path) -> None:

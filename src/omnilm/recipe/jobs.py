@@ -24,7 +24,7 @@ from omnilm.utils.fingerprint import fingerprint, stale_reasons
 MARKER = ".omnilm-job.json"
 #: Job settings that name input files or folders (relative to the run folder): they make a job depend on the
 #: jobs whose outputs they point into.
-INPUT_KEYS = ("data", "tokenizer", "bios", "index", "model")
+INPUT_KEYS = ("data", "tokenizer", "bios", "index", "model", "avoid_names_of")
 JobFn = Callable[[dict[str, Any], Path, Path], dict[str, Any]]
 JOBS: dict[str, JobFn] = {}
 
@@ -54,6 +54,8 @@ def synth_bios(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     from omnilm.config import from_dict
     from omnilm.data.synth.bios import BiosConfig, write_bios
 
+    if spec.get("avoid_names_of"):
+        spec = spec | {"avoid_names_of": _paths(spec["avoid_names_of"], root)[0]}
     return write_bios(from_dict(BiosConfig, spec, source="synth_bios job"), out)
 
 

@@ -23,6 +23,7 @@ in random order, always naming the person in full (so every sentence carries its
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -74,6 +75,9 @@ class BiosConfig:
     #: sentence both the name and the value come after a space, in the biographies' own tokens, and answering
     #: a question becomes completing a sentence it has read.
     answer_style: str = "value"
+    #: A biographies folder (its ``people.jsonl``) whose people's names this set never takes, so that a second set
+    #: of people (e.g. the readers of a retrieval index) shares no name with the first
+    avoid_names_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,14 +92,28 @@ class Person:
                 "qa_split": qa_split}
 
 
-def _unique(draw: Any, count: int, what: str) -> list[str]:
-    """``count`` distinct values from ``draw()``; fails clearly if the generator runs out of variety."""
+def _unique(draw: Any, count: int, what: str, avoid: frozenset[str] = frozenset()) -> list[str]:
+    """``count`` distinct values from ``draw()``, none in ``avoid``; fails clearly if the generator runs out of
+    variety."""
     values: dict[str, None] = {}
     for _ in range(count * 50):
-        values[draw()] = None
+        value = draw()
+        if value not in avoid:
+            values[value] = None
         if len(values) == count:
             return list(values)
     raise UserError(f"could not draw {count} distinct {what}; ask for fewer")
+
+
+def avoided_names(config: BiosConfig) -> frozenset[str]:
+    """The names of the people of ``config.avoid_names_of`` (none without it)."""
+    if not config.avoid_names_of:
+        return frozenset()
+    path = Path(config.avoid_names_of) / "people.jsonl"
+    if not path.is_file():
+        raise UserError(f"avoid_names_of: {path} not found (a folder written by synth_bios)")
+    with open(path, encoding="utf-8") as handle:
+        return frozenset(json.loads(line)["name"] for line in handle if line.strip())
 
 
 def make_people(config: BiosConfig) -> list[Person]:
@@ -108,7 +126,7 @@ def make_people(config: BiosConfig) -> list[Person]:
     faker.seed_instance(config.seed)
     rng = random.Random(config.seed)
     total = config.people + config.unseen_people
-    names = _unique(lambda: f"{faker.first_name()} {faker.last_name()}", total, "full names")
+    names = _unique(lambda: f"{faker.first_name()} {faker.last_name()}", total, "full names", avoided_names(config))
     cities = _unique(faker.city, config.cities, "cities")
     companies = _unique(faker.company, config.companies, "companies")
 
