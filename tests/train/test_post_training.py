@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from helpers import small_model
 from omnilm.data.chat_data import load_chat_examples, load_preference_examples
@@ -137,3 +140,28 @@ def test_sft_with_replay_of_pretraining_data(chat_data: dict[str, Path], lm_data
     spec["options"]["replay_data"] = str(lm_data["tokens"])  # tokenised with another vocabulary
     with pytest.raises(ConfigError, match="vocabulary"):
         run_stage(StageConfig.from_mapping(spec), tmp_path / "bad")
+
+
+@settings(max_examples=200, deadline=None)
+@given(count=st.integers(0, 40), weight=st.floats(0, 4.5, allow_nan=False), seed=st.integers(0, 3))
+def test_sft_source_weight_repeats_every_record_evenly(count: int, weight: float, seed: int) -> None:
+    import random
+
+    from omnilm.train.sft import weighted
+
+    records = [f"r{i}" for i in range(count)]
+    once = weighted(records, weight, random.Random(seed), "stage.qa")
+    assert once == weighted(records, weight, random.Random(seed), "stage.qa")  # a fixed share, not a fresh draw
+    seen = Counter(once)
+    assert len(once) == int(weight) * count + round((weight - int(weight)) * count)
+    assert all(seen[r] in (int(weight), int(weight) + 1) for r in records) and set(seen) <= set(records)
+
+
+def test_sft_source_weight_must_not_be_negative() -> None:
+    import random
+
+    from omnilm.config import ConfigError
+    from omnilm.train.sft import weighted
+
+    with pytest.raises(ConfigError, match="stage.qa: weight"):
+        weighted(["a"], -1.0, random.Random(0), "stage.qa")
