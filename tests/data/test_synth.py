@@ -154,6 +154,10 @@ def test_a_second_set_of_people_avoids_the_first_ones_names(bios: Path, tmp_path
     assert (tmp_path / "a" / "people.jsonl").read_bytes() == (tmp_path / "b" / "people.jsonl").read_bytes()
     with pytest.raises(UserError, match="avoid_names_of"):
         write_bios(BiosConfig(people=3, avoid_names_of=str(tmp_path / "missing")), tmp_path / "c")
+    # The same from the command line (an optional path setting is a string flag).
+    assert main(["data", "synth", "bios", "--people", "30", "--unseen-people", "6", "--bios-per-person", "0",
+                 "--seed", "3", "--avoid-names-of", str(bios), "--out", str(tmp_path / "cli")]) == 0
+    assert (tmp_path / "cli" / "people.jsonl").read_bytes() == (tmp_path / "a" / "people.jsonl").read_bytes()
 
 
 def test_marginals_count_value_mentions(bios: Path) -> None:

@@ -13,7 +13,8 @@ def _add_config_flags(parser: argparse.ArgumentParser, cls: type, renames: dict[
     a flag not given stays None, so that it does not override a scale or config file."""
     for f in dataclasses.fields(cls):
         flag = "--" + renames.get(f.name, f.name).replace("_", "-")
-        parser.add_argument(flag, dest=f.name, type=type(f.default), default=None if unset else f.default,
+        kind = str if f.default is None else type(f.default)  # optional settings default to None: paths
+        parser.add_argument(flag, dest=f.name, type=kind, default=None if unset else f.default,
                             help=f"(default {f.default})")
 
 

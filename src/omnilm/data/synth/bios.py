@@ -16,7 +16,7 @@ in random order, always naming the person in full (so every sentence carries its
 ``people.jsonl``    ground truth; ``seen`` is false for the people kept out of all training text and
                     ``qa_split`` says whether their QA pairs are for training (``train``) or testing
 ``qa.jsonl``        question/answer pairs in chat ``messages`` format, per person, attribute and question
-                    phrasing (people never seen get the answer "I don't know.")
+                    phrasing, the reply in ``answer_style`` (people never seen get the answer "I don't know.")
 ``prefs.jsonl``     preference pairs: the true value is chosen, another person's value rejected
 ``marginals.json``  per attribute, how many biographies state each value: the no-knowledge baseline
 """
