@@ -109,6 +109,9 @@ def test_sentence_answers_carry_the_biographies_value_tokens(bios: Path, tmp_pat
     from omnilm.tokenizer.chat import encode_chat
 
     write_bios(BiosConfig(people=30, unseen_people=6, bios_per_person=4, seed=3, answer_style="sentence"), tmp_path)
+    with pytest.raises(UserError, match="answer_style must be one of value, sentence"):
+        write_bios(BiosConfig(people=3, answer_style="bare"), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()  # refused before anything is written
     for name in ("train.jsonl", "people.jsonl", "eval.jsonl", "passages.jsonl"):  # only the replies change
         assert (tmp_path / name).read_bytes() == (bios / name).read_bytes(), name
     by_id = {p["person_id"]: p for p in read(bios / "people.jsonl")}

@@ -45,6 +45,8 @@ from omnilm.errors import UserError
 from omnilm.utils.atomic import write_json_atomic
 
 ATTRIBUTES = tuple(TEMPLATES)
+#: How QA replies may state a fact (:attr:`BiosConfig.answer_style`)
+ANSWER_STYLES = ("value", "sentence")
 
 
 @dataclass
@@ -239,11 +241,7 @@ def answer_template(attribute: str) -> str:
 
 def qa_answer(name: str, attribute: str, value: str, style: str) -> str:
     """The reply stating that ``name``'s ``attribute`` is ``value``, in ``style`` (:attr:`BiosConfig.answer_style`)."""
-    if style == "value":
-        return value
-    if style == "sentence":
-        return answer_template(attribute).format(name=name, value=value)
-    raise UserError(f"answer_style must be 'value' or 'sentence', got {style!r}")
+    return value if style == "value" else answer_template(attribute).format(name=name, value=value)
 
 
 def answer_matches(response: str, value: str) -> bool:
@@ -258,7 +256,8 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
     """Generate every biography file into ``out``; returns counts for the run's records."""
     out = Path(out)
     people = make_people(config)
-    qa_answer("", ATTRIBUTES[0], "", config.answer_style)  # a bad style fails before any file is written
+    if config.answer_style not in ANSWER_STYLES:
+        raise UserError(f"answer_style must be one of {', '.join(ANSWER_STYLES)}, got {config.answer_style!r}")
     rng = random.Random(config.seed + 1)
     seen = [p for p in people if p.seen]
     counts = bio_counts(config, rng)
