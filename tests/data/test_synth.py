@@ -269,10 +269,11 @@ def test_reading_documents_are_answerable_from_their_passages_only(tmp_path: Pat
     assert sorted(r["text"] for r in records if r["person_id"] is not None) == sorted(r["text"] for r in bios)
     known = {p["name"] for p in read(plain / "people.jsonl")}
     for doc in docs:
-        match = re.fullmatch(r"Passages:\n\[1\] (.+)\n\[2\] (.+)\nQuestion: (.+)\nAnswer: (.+)"
+        match = re.fullmatch(r"Question: (.+)\nPassages:\n\[1\] (.+)\n\[2\] (.+)\nQuestion: (.+)\nAnswer: (.+)"
                              r"\nQuestion: (.+)\nAnswer: (.+)", doc)
         assert match, doc
-        first, second, *asked = match.groups()
+        asked_first, first, second, *asked = match.groups()
+        assert asked_first == asked[0]  # the template's question before the passages, never an answer
         names = [person_named(first), person_named(second)]
         assert len(set(names)) == 2 and not set(names) & known  # two fresh people, nobody the evaluations know
         for question, answer in zip(asked[::2], asked[1::2], strict=True):

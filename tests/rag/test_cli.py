@@ -43,7 +43,8 @@ def test_index_and_query(index_dir: Path, capsys: pytest.CaptureFixture) -> None
     assert [h["person_id"] for h in lines[0]["hits"]] == [0] and lines[1]["hits"] == []
     assert lines[0]["hits"][0]["text"] == PASSAGES[0]["text"] and lines[0]["hits"][0]["score"] > 0
     assert main(["rag", "query", "--index", str(index_dir), "--prompt", "Where does Bob Stone work?"]) == 0
-    assert capsys.readouterr().out == "Passages:\n[1] Bob Stone works in Oslo.\nQuestion: Where does Bob Stone work?\n"
+    assert capsys.readouterr().out == ("Question: Where does Bob Stone work?\nPassages:\n"
+                                         "[1] Bob Stone works in Oslo.\nQuestion: Where does Bob Stone work?\n")
     assert main(["rag", "query", "--index", str(index_dir.parent), "x"]) == 2  # not an index: a clear error
 
 

@@ -11,8 +11,10 @@ from omnilm.rag.records import open_book
 
 def test_the_template() -> None:
     assert render_context("Where was Ann born?", ["Ann was born in Rome.", "Bob  was\nborn in Oslo."]) == (
-        "Passages:\n[1] Ann was born in Rome.\n[2] Bob was born in Oslo.\nQuestion: Where was Ann born?")
-    assert render_context("Where was Ann born?", []) == "Passages: none\nQuestion: Where was Ann born?"
+        "Question: Where was Ann born?\nPassages:\n[1] Ann was born in Rome.\n[2] Bob was born in Oslo.\n"
+        "Question: Where was Ann born?")
+    assert render_context("Where was Ann born?", []) == (
+        "Question: Where was Ann born?\nPassages: none\nQuestion: Where was Ann born?")
 
 
 def test_only_the_last_user_turn_gets_passages() -> None:

@@ -1,4 +1,4 @@
-"""CLI sub-verb ``data synth`` with generators ``bios``, ``arithmetic`` and ``omni``."""
+"""CLI sub-verb ``data synth`` with generators ``bios``, ``arithmetic``, ``omni`` and ``repeats``."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from omnilm.data.synth.arithmetic import ArithmeticConfig
     from omnilm.data.synth.bios import BiosConfig
     from omnilm.data.synth.omni import SCALES, OmniConfig
+    from omnilm.data.synth.repeats import RepeatsConfig
 
     p = subparsers.add_parser("synth", help="generate the synthetic corpora (biographies, arithmetic, multimodal)")
     sub = p.add_subparsers(dest="generator", metavar="GENERATOR", required=True)
@@ -41,6 +42,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_config_flags(omni, OmniConfig, {}, unset=True)
     omni.add_argument("--out", required=True, metavar="DIR")
     omni.set_defaults(handler=_run_omni)
+    repeats = sub.add_parser("repeats", help="random token sequences, each written twice, in a tokenizer's ids: "
+                                             "pre-training data for copying from context (a tokenised dataset)")
+    _add_config_flags(repeats, RepeatsConfig, {})
+    repeats.add_argument("--tokenizer", required=True, metavar="DIR")
+    repeats.add_argument("--out", required=True, metavar="DIR")
+    repeats.set_defaults(handler=_run_repeats)
 
 
 def _run(args: argparse.Namespace, cls: type, generator: str) -> int:
@@ -63,4 +70,14 @@ def _run_omni(args: argparse.Namespace) -> int:
                if getattr(args, f.name) is not None}
     counts = write_omni(omni_config(args.scale, values, source=args.config or "flags"), args.out)
     print(", ".join(f"{v:,} {k.replace('_', ' ')}" for k, v in counts.items()) + f" -> {args.out}")
+    return 0
+
+
+def _run_repeats(args: argparse.Namespace) -> int:
+    from omnilm.data.synth.repeats import RepeatsConfig, write_repeats
+
+    meta = write_repeats(args.tokenizer, args.out, RepeatsConfig(**{f.name: getattr(args, f.name)
+                                                                   for f in dataclasses.fields(RepeatsConfig)}))
+    print(", ".join(f"{split}: {info['documents']:,} documents, {info['tokens']:,} tokens"
+                    for split, info in meta["splits"].items()) + f" -> {args.out}")
     return 0

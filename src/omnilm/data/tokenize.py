@@ -63,7 +63,7 @@ def _batched(items: Iterator[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
-class _ShardWriter:
+class ShardWriter:
     """Appends documents of one split to size-capped shard files."""
 
     def __init__(self, folder: Path, dtype: np.dtype, max_tokens: int) -> None:
@@ -122,7 +122,7 @@ def tokenize_corpus(inputs: Sequence[str], tokenizer_dir: str | Path, out: str |
         raise UserError(f"{tokenizer_dir}: the tokenizer has no end-of-text token to separate documents")
     out = Path(out)
     dtype = token_dtype(tokenizer.vocab_size)
-    writers = {split: _ShardWriter(out / split, dtype, max_shard_tokens) for split in SPLITS}
+    writers = {split: ShardWriter(out / split, dtype, max_shard_tokens) for split in SPLITS}
     report = ReadReport()
     texts = (doc.text for doc in iter_documents(list(inputs), text_field, strict=strict, report=report))
     split_rng = np.random.default_rng(seed)

@@ -2,6 +2,7 @@
 
 The user's question becomes::
 
+    Question: <the user's text>
     Passages:
     [1] <text of the best passage>
     [2] <text of the next one>
@@ -9,8 +10,14 @@ The user's question becomes::
 
 and with no passage above the index's relevance threshold::
 
+    Question: <the user's text>
     Passages: none
     Question: <the user's text>
+
+The question comes before the passages as well as after them ("query-aware contextualization", Liu et al.,
+*Lost in the Middle*, 2023): a decoder reads causally, so only a question it has already seen lets it tell,
+while reading a passage, whether the passage is about what is asked. For a small model this is the difference
+between reading and not (README, *Retrieval*).
 
 Only the last user turn carries passages; earlier turns stay as the user wrote them.
 """
@@ -24,9 +31,9 @@ from typing import Any
 def render_context(question: str, passages: Sequence[str]) -> str:
     """The user turn for ``question`` with ``passages`` (best first) in front of it."""
     if not passages:
-        return f"Passages: none\nQuestion: {question}"
+        return f"Question: {question}\nPassages: none\nQuestion: {question}"
     lines = "\n".join(f"[{i}] {' '.join(text.split())}" for i, text in enumerate(passages, 1))
-    return f"Passages:\n{lines}\nQuestion: {question}"
+    return f"Question: {question}\nPassages:\n{lines}\nQuestion: {question}"
 
 
 def with_context(messages: Sequence[dict[str, Any]], passages: Sequence[str]) -> list[dict[str, Any]]:

@@ -85,6 +85,18 @@ def synth_passkey(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]
     return write_passkey(from_dict(PasskeyConfig, spec, source="synth_passkey job"), out)
 
 
+@job("synth_repeats")
+def synth_repeats(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
+    """Repeated random token sequences in ``tokenizer``'s ids (:mod:`omnilm.data.synth.repeats`), a tokenised
+    dataset that a pre-training stage mixes in to learn copying from context."""
+    from omnilm.config import from_dict
+    from omnilm.data.synth.repeats import RepeatsConfig, write_repeats
+
+    spec = dict(spec)
+    tokenizer = _paths(spec.pop("tokenizer"), root)[0]
+    return write_repeats(tokenizer, out, from_dict(RepeatsConfig, spec, source="synth_repeats job"))
+
+
 @job("local_text")
 def local_text(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     """``text.jsonl``: the documentation bundled with Python (:mod:`omnilm.data.local_text`)."""

@@ -219,8 +219,10 @@ def reading_document(pair: Sequence[Person], questions: int, rng: random.Random)
     passages = [biography(p, rng) for p in pair]
     rng.shuffle(passages)
     asked = [(rng.choice(pair), rng.choice(ATTRIBUTES)) for _ in range(questions)]
-    lines = [f"{rng.choice(QUESTIONS[a]).format(name=p.name)}\nAnswer: {p.attributes[a]}" for p, a in asked]
-    return render_context("\nQuestion: ".join(lines), passages)
+    questions_and_answers = [(rng.choice(QUESTIONS[a]).format(name=p.name), p.attributes[a]) for p, a in asked]
+    (first, answer), *more = questions_and_answers
+    return render_context(first, passages) + f"\nAnswer: {answer}" + "".join(
+        f"\nQuestion: {question}\nAnswer: {answer}" for question, answer in more)
 
 
 def reading_documents(count: int, config: BiosConfig) -> list[str]:
