@@ -52,6 +52,26 @@ def test_rerun_skips_finished_work(smoke_run: Path, capsys: pytest.CaptureFixtur
     assert (smoke_run / "final" / "model.safetensors").read_bytes() == before
 
 
+def test_rag_sft_turns_on_copying_between_pretraining_and_sft(smoke_run: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    plain = json.loads((smoke_run / "summary.json").read_text())["stages"]
+    assert list(plain) == ["pretrain", "sft", "dpo"]  # the demo leaves the copying stage out
+    run = tmp_path / "rag"
+    shutil.copytree(smoke_run, run)
+    assert main(["run", "--preset", "rag_sft,smoke", "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "[pretrain] already complete (40 steps), skipped" in out  # the demo's pre-training is reused
+    stages = json.loads((run / "summary.json").read_text())["stages"]
+    assert list(stages) == ["pretrain", "copying", "sft", "dpo"] and stages["copying"]["steps"] == 10
+    sft_config = json.loads((run / "sft" / "stage_config.json").read_text())
+    assert Path(sft_config["init_from"]) == run / "copying" / "final"
+    copying = stages["copying"]["evals"]["copying"]
+    assert 0 <= copying["copy_accuracy"] <= 1 and copying["first_half_loss"] > 0
+    assert {"qa_heldout_rag", "copying"} <= set(stages["dpo"]["evals"])  # later stages keep being measured
+
+
 def test_chained_stages_continue_from_the_previous_model(smoke_run: Path, tmp_path: Path) -> None:
     recipe = {
         "name": "chain",
@@ -183,6 +203,20 @@ def test_changed_job_reruns_the_jobs_and_stages_that_read_it(tiny_run: Path, tmp
     assert "[bios] synth_bios: rerunning: seed: 0 → 1" in lines
     assert "[tokenizer] tokenizer: rerunning: upstream job bios changed" in lines
     assert "[tokens] tokenize: rerunning: upstream job bios changed; upstream job tokenizer changed" in lines
+
+
+def test_skipped_stage_is_left_out_and_the_next_continues_from_the_one_before(tiny_run: Path,
+                                                                            tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path)
+    lines = run_logged(tiny_recipe(stages={"b": {"skip": True}}), run)
+    assert "[b] skip: true, not run" in lines
+    assert trained(lines) == ["c"]  # c now starts from a's model: another fingerprint
+    assert ('[c] rerunning: init_from: "b/final" → "a/final"; now reads stage a; no longer reads stage b '
+            "(previous results moved to c.stale/)") in lines
+    assert "b" not in json.loads((run / "evals.json").read_text())
+    # turned back on (as a preset would), b's finished work is current again and c goes back to reading it
+    lines = run_logged(tiny_recipe(stages={"b": {"skip": False}}), run)
+    assert trained(lines) == ["c"] and "[b] already complete (2 steps), skipped" in lines
 
 
 def test_unfinished_stage_with_a_changed_config_starts_afresh(tiny_run: Path, tmp_path: Path) -> None:

@@ -18,6 +18,9 @@ Types:
                   (:mod:`omnilm.eval.tool_use`)
   ``val_loss``    loss and bits per byte on the ``val`` split of a tokenised dataset (``data``; ``batches``,
                   ``batch_size``, ``seq_len``)
+  ``copying``     loss on the first and the second copy of held-out repeated random sequences, and greedy
+                  accuracy on the second (``data``: a repeats dataset; ``split``: val; ``max_examples``;
+                  :mod:`omnilm.eval.copying`): whether the model copies from its context
   ``lm_eval``     lm-evaluation-harness tasks through ``omnilm.eval.harness`` (``tasks``: names, e.g. omnilm's local
                   ``omnilm_bios_mc``; ``data``: the biographies folder for the local tasks; ``limit``;
                   ``num_fewshot``; ``include_path``); metrics ``<task>/<metric>`` and ``acc``, the mean accuracy
@@ -156,6 +159,14 @@ def val_loss_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str,
     loader = BatchLoader(dataset, int(spec.get("batch_size", 16)), seq_len, seed=int(spec.get("seed", 1)))
     batches = [loader.next_batch() for _ in range(int(spec.get("batches", 8)))]
     return evaluate_lm(model, batches, token_byte_lengths(tokenizer))
+
+
+@register_eval("copying", "copy_accuracy")
+def copying_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.eval.copying import evaluate_copying, repeated_sequences
+
+    sequences = repeated_sequences(spec["data"], spec.get("split", "val"))
+    return evaluate_copying(model, _limit(sequences, spec.get("max_examples")), int(spec.get("batch_size", 32)))
 
 
 @register_eval("lm_eval", "acc")

@@ -16,7 +16,9 @@ presets:            # deep-merged over the recipe by `omnilm run --preset NAME`
   smoke: {prepare: {bios: {people: 40}}, stages: {pretrain: {train: {max_steps: 50}}}}
 ```
 Relative paths inside a recipe are relative to the run folder. Jobs and stages are mappings keyed by name so
-that presets can reach into them.
+that presets can reach into them. A preset's new stage would come last; a stage that must run between others
+only in some presets is declared in its place with ``skip: true`` (left out of the run, its evaluations too)
+and the preset sets ``skip: false``.
 """
 
 from __future__ import annotations

@@ -201,6 +201,9 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, log: Any = print) -> dict[st
     results: dict[str, dict[str, dict[str, float]]] = {}
     for name, raw in recipe.stages.items():
         raw = dict(raw)
+        if raw.pop("skip", False):  # declared in its place in the order, for a preset to turn on
+            log(f"[{name}] skip: true, not run")
+            continue
         all_evals |= resolve_evals(raw.pop("evals", {}), root)
         spec = resolve_stage(raw, root, previous_final) | {"name": name}
         config = StageConfig.from_mapping(spec, source=f"{recipe.source}: stage {name}")
