@@ -54,8 +54,8 @@ def ordinary_ids(tokenizer: Any) -> np.ndarray:
 
 
 def repeat_documents(ids: np.ndarray, config: RepeatsConfig, rng: np.random.Generator) -> list[np.ndarray]:
-    """Documents ``x x`` (without the end-of-text token) of random ``x`` over ``ids``, about ``config.tokens``
-    tokens in all once each takes its end-of-text token."""
+    """Documents ``x x`` of random sequences ``x`` over ``ids`` (end-of-text tokens not yet appended), added until
+    they and their end-of-text tokens reach ``config.tokens``."""
     docs, written = [], 0
     while written < config.tokens:
         sequence = rng.choice(ids, size=int(rng.integers(config.min_len, config.max_len + 1)))
