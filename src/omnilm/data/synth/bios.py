@@ -222,7 +222,7 @@ def reading_document(pair: Sequence[Person], questions: int, rng: random.Random)
     questions_and_answers = [(rng.choice(QUESTIONS[a]).format(name=p.name), p.attributes[a]) for p, a in asked]
     (first, answer), *more = questions_and_answers
     return render_context(first, passages) + f"\nAnswer: {answer}" + "".join(
-        f"\nQuestion: {question}\nAnswer: {answer}" for question, answer in more)
+        f"\nQuestion: {question}\nAnswer: {value}" for question, value in more)
 
 
 def reading_documents(count: int, config: BiosConfig) -> list[str]:
@@ -260,6 +260,8 @@ def write_bios(config: BiosConfig, out: str | Path) -> dict[str, Any]:
     people = make_people(config)
     if config.answer_style not in ANSWER_STYLES:
         raise UserError(f"answer_style must be one of {', '.join(ANSWER_STYLES)}, got {config.answer_style!r}")
+    if config.reading_in_pretraining and config.reading_questions < 1:
+        raise UserError(f"reading_questions must be at least 1, got {config.reading_questions}")
     rng = random.Random(config.seed + 1)
     seen = [p for p in people if p.seen]
     counts = bio_counts(config, rng)
