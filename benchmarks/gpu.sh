@@ -7,6 +7,7 @@
 # $OUT (or benchmarks/gpu-results/) as markdown. Nothing here runs without a GPU.
 #
 #   bash benchmarks/gpu.sh            # uses .venv/bin/python (a CUDA build of torch must be installed there)
+#   ONLY="decode train-llama-tiny" PYTHON=python3 bash benchmarks/gpu.sh   # a subset, another interpreter
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -23,6 +24,7 @@ EOF
 run() {  # run NAME TIMEOUT_SECONDS COMMAND...: one measurement, its output kept; a failure does not stop the rest
   local name=$1 limit=$2
   shift 2
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then return 0; fi
   echo "== $name"
   if ! timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.md"; then
     echo "!! $name failed or ran past ${limit}s (see $OUT/$name.md)"
