@@ -6,7 +6,8 @@ What is measured
     closed-book (``qa_heldout``) and open-book (``qa_heldout_rag``: top-2 retrieved biographies in the
     question), the rate of "I don't know." on people who do not exist closed- and open-book (``qa_unknown``,
     ``qa_unknown_rag``), the SFT half (``qa_trained``), completion of held-out templates after pre-training,
-    and retrieval recall@k.
+    retrieval recall@k, and open-book accuracy on the test half of the readers (``qa_reading_rag``, ``rag_sft``
+    only: people in no training text, so reading alone).
 
 How to run
     omnilm run --out runs/rag/plain
@@ -32,7 +33,8 @@ def row(run: Path, stage: str | None) -> list[str]:
         return "" if value is None else f"{value:.3f}"
 
     return [run.name, cell("qa_heldout"), cell("qa_heldout_rag"), cell("qa_unknown"), cell("qa_unknown_rag"),
-            cell("qa_trained"), cell("completion", source=evals.get("pretrain")), cell("qa_heldout_rag", "recall_at_k")]
+            cell("qa_trained"), cell("completion", source=evals.get("pretrain")), cell("qa_heldout_rag", "recall_at_k"),
+            cell("qa_reading_rag")]
 
 
 def main() -> None:
@@ -41,7 +43,7 @@ def main() -> None:
     parser.add_argument("--stage", default=None, help="the stage whose evaluations are shown (default: the last)")
     args = parser.parse_args()
     head = ["run", "held-out closed", "held-out open (RAG)", "unknown: IDK closed", "unknown: IDK open",
-            "SFT half", "completion (pretrain)", "recall@2"]
+            "SFT half", "completion (pretrain)", "recall@2", "readers open (reading alone)"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for run in args.runs:

@@ -69,7 +69,14 @@ def test_rag_sft_turns_on_copying_between_pretraining_and_sft(smoke_run: Path, t
     assert Path(sft_config["init_from"]) == run / "copying" / "final"
     copying = stages["copying"]["evals"]["copying"]
     assert 0 <= copying["copy_accuracy"] <= 1 and copying["first_half_loss"] > 0
-    assert {"qa_heldout_rag", "copying"} <= set(stages["dpo"]["evals"])  # later stages keep being measured
+    assert {"qa_heldout_rag", "qa_reading_rag", "copying"} <= set(stages["dpo"]["evals"])  # measured later too
+    assert sft_config["options"]["length_groups"] == 3
+    # The readers' open-book questions: the training half only, some left without their gold passage.
+    readers = [json.loads(line) for line in (run / "rag_qa" / "qa.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in readers} == {"train"}
+    unanswerable = [r for r in readers if r.get("unanswerable")]
+    assert unanswerable and all(r["messages"][-1]["content"] == "I don't know." for r in unanswerable)
+    assert len(unanswerable) < len(readers) / 4
 
 
 def test_chained_stages_continue_from_the_previous_model(smoke_run: Path, tmp_path: Path) -> None:

@@ -107,6 +107,10 @@ def test_accumulated_sft_equals_the_whole_batch_at_once(chat_data: dict[str, Pat
     expected_loss, expected = whole(model, masked_lm_loss(model, both)[0] + 0.5 * causal_lm_loss(model, windows)[0])
     assert loss == pytest.approx(expected_loss, rel=1e-6)
     assert_same(got, expected)
+    # Rows of similar length in separate forward passes (length_groups): the same loss and gradient.
+    loss, got = accumulated(model, replay_objective(0.5, length_groups=3), replay, tmp_path / "grouped")
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert_same(got, expected)
 
 
 def test_accumulated_dpo_equals_the_whole_batch_at_once(chat_data: dict[str, Path], tmp_path: Path) -> None:

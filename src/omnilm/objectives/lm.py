@@ -70,6 +70,71 @@ def masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], reduction: 
     return loss, {"loss_tokens": float(loss_token_count(batch))}
 
 
+def grouped_masked_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor], groups: int,
+                           ) -> tuple[torch.Tensor, dict[str, float]]:
+    """:func:`masked_lm_loss` summed (``reduction="sum"``), computed as up to ``groups`` forward passes over rows of
+    similar length (:func:`length_groups`), each trimmed after its last scored token.
+
+    Right padding and the tokens after a row's last scored one change none of its losses (the attention is causal),
+    so the sum equals the whole padded batch's; what changes is the work: a batch that mixes short and long
+    conversations no longer pads every row to the longest one. One group is the batch as it is, in one pass."""
+    if groups <= 1:
+        return masked_lm_loss(model, batch, reduction="sum")
+    total: torch.Tensor | None = None
+    for group in length_groups(batch, groups):
+        loss, _ = masked_lm_loss(model, group, reduction="sum")
+        total = loss if total is None else total + loss
+    assert total is not None
+    return total, {"loss_tokens": float(loss_token_count(batch))}
+
+
+def length_groups(batch: dict[str, torch.Tensor], groups: int) -> list[dict[str, torch.Tensor]]:
+    """The rows of a ``tokens``/``loss_mask`` batch in at most ``groups`` batches of rows of similar length, each
+    cut after its longest row's last scored token, split where the padded total is least (:func:`cheapest_split`).
+    """
+    tokens, mask = batch["tokens"], batch["loss_mask"]
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    # A row's needed length: through its last scored token (at least two tokens: one input, one target).
+    needed = ((mask != 0) * (positions + 1)).amax(dim=1).clamp(min=2).tolist()
+    order = sorted(range(len(needed)), key=needed.__getitem__)
+    out = []
+    for start, stop in cheapest_split([needed[i] for i in order], groups):
+        rows = torch.as_tensor(order[start:stop], device=tokens.device)
+        length = needed[order[stop - 1]]
+        out.append({"tokens": tokens[rows, :length], "loss_mask": mask[rows, :length]})
+    return out
+
+
+def cheapest_split(lengths: list[int], groups: int) -> list[tuple[int, int]]:
+    """Cut ascending ``lengths`` into at most ``groups`` contiguous runs ``[start, stop)`` so that the sum over runs
+    of (rows × the run's longest length), the tokens a padded forward pass computes, is least.
+
+    Dynamic programming over cut points, O(groups · n²); n is a micro-batch's row count (written out here rather
+    than taken from a library: it is the one place this scheduling problem comes up)."""
+    n = len(lengths)
+    if n == 0:
+        return []
+    groups = max(1, min(groups, n))
+    inf = float("inf")
+    # cost[g][i]: least padded tokens for the first i rows in g runs; cut[g][i]: where the last run starts.
+    cost = [[inf] * (n + 1) for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    cost[0][0] = 0
+    for g in range(1, groups + 1):
+        for i in range(1, n + 1):
+            for j in range(g - 1, i):
+                candidate = cost[g - 1][j] + (i - j) * lengths[i - 1]
+                if candidate < cost[g][i]:
+                    cost[g][i], cut[g][i] = candidate, j
+    best = min(range(1, groups + 1), key=lambda g: (cost[g][n], g))
+    runs, stop = [], n
+    for g in range(best, 0, -1):
+        start = cut[g][stop]
+        runs.append((start, stop))
+        stop = start
+    return runs[::-1]
+
+
 def token_byte_lengths(tokenizer) -> torch.Tensor:  # noqa: ANN001 - omnilm.tokenizer.Tokenizer
     """UTF-8 bytes each token id stands for (0 for special tokens), for bits per byte.
 

@@ -161,21 +161,28 @@ def rag_index(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
 @job("rag_qa")
 def rag_qa(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     """``qa.jsonl``: the chat records of ``data`` (``where``: field filter) with the top ``top_k`` passages of
-    ``index`` in their question (:func:`omnilm.rag.records.open_book`). A record whose gold passage
-    (``match_field``) is indexed but not retrieved is left out, so that no reply states a fact missing from
-    its context."""
+    ``index`` in their question (:func:`omnilm.rag.records.open_book`; ``top_k`` may be a list to draw each
+    record's number of passages from, ``unanswerable`` a share of records whose gold passage is replaced and whose
+    reply is "I don't know.", ``seed`` for both draws). A record whose gold passage (``match_field``) is indexed
+    but not retrieved is left out, so that no reply states a fact missing from its context."""
     from omnilm.data.chat_data import read_records
     from omnilm.data.synth.io import write_jsonl
     from omnilm.rag.index import RagIndex
     from omnilm.rag.records import open_book
 
-    _take(spec, {"data", "index", "top_k", "match_field", "where"}, "rag_qa")
+    _take(spec, {"data", "index", "top_k", "match_field", "where", "unanswerable", "seed"}, "rag_qa")
     records = [r for r, _ in read_records(_paths(spec["data"], root), spec.get("where"), strict=True)]
     index = RagIndex.load(_paths(spec["index"], root)[0])
     match_field = spec.get("match_field", "person_id")
-    rewritten, stats = open_book(records, index, int(spec.get("top_k", 3)), match_field)
+    top_k = spec.get("top_k", 3)
+    try:
+        rewritten, stats = open_book(records, index, top_k if isinstance(top_k, list) else int(top_k), match_field,
+                                     float(spec.get("unanswerable", 0.0)), int(spec.get("seed", 0)))
+    except ValueError as error:
+        raise ConfigError(f"rag_qa job: {error}") from None
     indexed = {p.get(match_field) for p in index.passages}
-    kept = [r for r in rewritten if r["retrieved_gold"] or r.get(match_field) not in indexed]
+    kept = [r for r in rewritten
+            if r["retrieved_gold"] or r.get("unanswerable") or r.get(match_field) not in indexed]
     write_jsonl(out / "qa.jsonl", kept)
     return {"records": len(kept), "left_out": len(rewritten) - len(kept)} | stats
 

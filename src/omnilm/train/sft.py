@@ -11,6 +11,9 @@ of them a third time). Options:
                             the usual remedy against forgetting what pre-training taught
 ``replay_weight`` (0.5)     weight of the replayed language-modelling loss
 ``replay_batch_size`` (8)   replayed windows (of ``seq_len`` tokens) per micro-batch
+``length_groups`` (1)       forward passes per micro-batch over rows of similar length, each padded only to its own
+                            longest row: the same loss and gradient, less work when short and long conversations
+                            mix (e.g. closed-book questions beside ones with retrieved passages)
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ def chat_batches(config: StageConfig, tokenizer: Any, strict: bool, info: Dist) 
     return loader, round(mean_len * train.batch_size)
 
 
-SFT_OPTIONS = {"strict": False, "replay_data": None, "replay_weight": 0.5, "replay_batch_size": 8}
+SFT_OPTIONS = {"strict": False, "replay_data": None, "replay_weight": 0.5, "replay_batch_size": 8,
+               "length_groups": 1}
 
 
 class WithReplay:
@@ -102,11 +106,13 @@ class WithReplay:
         self.replay.load_state_dict(state["replay"])
 
 
-def reply_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
-    """The summed next-token loss of a chat batch's assistant-reply tokens (``loss_mask`` 1)."""
-    from omnilm.objectives.lm import masked_lm_loss
+def reply_loss_sums(model: nn.Module, batch: dict[str, Any], length_groups: int = 1,
+                    ) -> tuple[dict[str, Any], dict[str, float]]:
+    """The summed next-token loss of a chat batch's assistant-reply tokens (``loss_mask`` 1), over up to
+    ``length_groups`` forward passes (:func:`omnilm.objectives.lm.grouped_masked_lm_loss`)."""
+    from omnilm.objectives.lm import grouped_masked_lm_loss
 
-    total, extra = masked_lm_loss(model, batch, reduction="sum")
+    total, extra = grouped_masked_lm_loss(model, batch, length_groups)
     return {"reply_tokens": total}, extra
 
 
@@ -116,19 +122,23 @@ def reply_units(batch: dict[str, Any]) -> dict[str, float]:
     return {"reply_tokens": loss_token_count(batch)}
 
 
-#: Chat SFT: the loss of every reply token of the global batch weighs the same, however the conversations are
-#: split into micro-batches and processes (a per-micro-batch mean would overweight short replies).
-SFT_OBJECTIVE = SummedObjective(reply_loss_sums, reply_units)
+def sft_objective(length_groups: int = 1) -> SummedObjective:
+    """Chat SFT: the loss of every reply token of the global batch weighs the same, however the conversations are
+    split into micro-batches and processes (a per-micro-batch mean would overweight short replies)."""
+    return SummedObjective(lambda model, batch: reply_loss_sums(model, batch, length_groups), reply_units)
 
 
-def replay_objective(weight: float) -> SummedObjective:
-    """:data:`SFT_OBJECTIVE` on the main batch plus ``weight`` × the causal-LM loss on the replayed windows,
+SFT_OBJECTIVE = sft_objective()
+
+
+def replay_objective(weight: float, length_groups: int = 1) -> SummedObjective:
+    """:func:`sft_objective` on the main batch plus ``weight`` × the causal-LM loss on the replayed windows,
     each term normalised over its own tokens in the global batch."""
     from omnilm.objectives.lm import causal_lm_loss, loss_token_count
 
     def loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, Any], dict[str, float]]:
         main, replay = batch["main"], batch["replay"]
-        sums, extra = reply_loss_sums(model, main)
+        sums, extra = reply_loss_sums(model, main, length_groups)
         replay_sum, _ = causal_lm_loss(model, replay, reduction="sum")
         # Logged as this micro-batch's means, on the scale of a plain SFT or pre-training loss.
         task_loss = float(sums["reply_tokens"].detach()) / max(loss_token_count(main), 1)
@@ -150,7 +160,10 @@ def run_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResu
     train = config.train
     device, info, tokenizer, model, resume_from = stage_setup(config, out_dir, resume)
     loader, tokens_per_batch = chat_batches(config, tokenizer, bool(options["strict"]), info)
-    objective = SFT_OBJECTIVE
+    length_groups = int(options["length_groups"])
+    if length_groups < 1:
+        raise ConfigError(f"stage {config.name!r}: options.length_groups must be ≥ 1, got {length_groups}")
+    objective = sft_objective(length_groups)
     if options["replay_data"]:
         replayed = TokenDataset.open(options["replay_data"], "train")
         if replayed.vocab_size != tokenizer.vocab_size:
@@ -158,7 +171,8 @@ def run_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResu
                               f"vocabulary of {replayed.vocab_size}, the model's tokenizer has {tokenizer.vocab_size}")
         replay = BatchLoader(replayed, int(options["replay_batch_size"]), train.seq_len, seed=train.seed + 1,
                              rank=info.rank, world_size=info.world_size)
-        loader, objective = WithReplay(loader, replay), replay_objective(float(options["replay_weight"]))
+        loader, objective = WithReplay(loader, replay), replay_objective(float(options["replay_weight"]),
+                                                                               length_groups)
         tokens_per_batch += replay.batch_size * train.seq_len
     model = wrap_model(model, train.distributed, info, device)
     sample = greedy_sampler(tokenizer, train.sample_prompt, train.sample_tokens, chat=True) \
