@@ -137,6 +137,16 @@ def test_sft_with_replay_of_pretraining_data(chat_data: dict[str, Path], lm_data
     assert result.status == "complete" and len(logged) == 4
     for r in logged:  # the logged loss is the task loss plus the weighted replay loss
         assert r["loss"] == pytest.approx(r["task_loss"] + 0.5 * r["replay_loss"], rel=1e-5)
+    # Rows of similar length in separate forward passes: the same training, up to float summation order.
+    spec["options"]["length_groups"] = 3
+    run_stage(StageConfig.from_mapping(spec), tmp_path / "grouped")
+    grouped = [json.loads(line) for line in (tmp_path / "grouped" / "metrics.jsonl").read_text().splitlines()]
+    grouped = [r for r in grouped if "replay_loss" in r]
+    assert [r["loss"] for r in grouped] == pytest.approx([r["loss"] for r in logged], rel=1e-4)
+    spec["options"]["length_groups"] = 0
+    with pytest.raises(ConfigError, match="length_groups"):
+        run_stage(StageConfig.from_mapping(spec), tmp_path / "no_groups")
+    spec["options"]["length_groups"] = 1
     spec["options"]["replay_data"] = str(lm_data["tokens"])  # tokenised with another vocabulary
     with pytest.raises(ConfigError, match="vocabulary"):
         run_stage(StageConfig.from_mapping(spec), tmp_path / "bad")
