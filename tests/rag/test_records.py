@@ -78,3 +78,43 @@ def test_bad_options(people: tuple[RagIndex, list[dict]]) -> None:
             open_book(records, index, top_k)
     with pytest.raises(ValueError, match="unanswerable"):
         open_book(records, index, 2, unanswerable=1.5)
+
+
+def as_pairs(records: list[dict]) -> list[dict]:
+    """Each chat record as a preference pair (its reply chosen, another city rejected); the first in the
+    string form the preference loader also accepts."""
+    pairs = []
+    for n, record in enumerate(records):
+        question, reply = record["messages"]
+        wrong = reply["content"].rsplit(" ", 1)[0] + " Nowhere."
+        pair = {"prompt": [question], "chosen": [reply], "rejected": [{"role": "assistant", "content": wrong}],
+                "person_id": record["person_id"]}
+        pairs.append(pair | ({"prompt": question["content"], "chosen": reply["content"]} if n == 0 else {}))
+    return pairs
+
+
+def test_preference_pairs_get_the_passages_of_their_question(people: tuple[RagIndex, list[dict]]) -> None:
+    index, records = people
+    pairs = as_pairs(records)
+    chats, chat_stats = open_book(records, index, [1, 2], unanswerable=0.25, seed=2)
+    out, stats = open_book(pairs, index, [1, 2], unanswerable=0.25, seed=2)
+    assert stats == chat_stats
+    for chat, pair, original in zip(chats, out, pairs, strict=True):
+        # The same passages and the same draws as the chat records; the reply moves to chosen.
+        assert pair["prompt"] == chat["messages"][:1]
+        assert pair["chosen"] == chat["messages"][1:]
+        assert pair["rejected"] == [{"role": "assistant", "content": original["rejected"][0]["content"]}]
+        assert pair["retrieved_gold"] == chat["retrieved_gold"]
+        assert pair.get("unanswerable", False) == chat.get("unanswerable", False)
+        assert "messages" not in pair
+    assert any(p.get("unanswerable") for p in out) and any(not p.get("unanswerable") for p in out)
+
+
+def test_prompt_completion_records_become_messages(people: tuple[RagIndex, list[dict]]) -> None:
+    index, records = people
+    flat = [{"prompt": r["messages"][0]["content"], "completion": r["messages"][1]["content"],
+             "person_id": r["person_id"]} for r in records[:8]]
+    out, _ = open_book(flat, index, 2)
+    expected, _ = open_book([{"messages": r["messages"], "person_id": r["person_id"]} for r in records[:8]],
+                            index, 2)
+    assert out == expected

@@ -45,7 +45,8 @@ def read_records(paths: Sequence[str], where: Mapping[str, Any] | None = None, s
                 yield record, location
 
 
-def _as_messages(value: Any, role: str) -> list[dict[str, Any]]:
+def as_messages(value: Any, role: str) -> list[dict[str, Any]]:
+    """A string as one ``role`` message; a list of messages as it is."""
     return [{"role": role, "content": value}] if isinstance(value, str) else value
 
 
@@ -54,8 +55,8 @@ def record_messages(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     if "messages" in record:
         return validate_messages(record["messages"])
     if "prompt" in record and "completion" in record:
-        return validate_messages(_as_messages(record["prompt"], "user")
-                                 + _as_messages(record["completion"], "assistant"))
+        return validate_messages(as_messages(record["prompt"], "user")
+                                 + as_messages(record["completion"], "assistant"))
     raise UserError("record has neither messages nor prompt/completion")
 
 
@@ -91,8 +92,8 @@ def load_preference_examples(paths: Sequence[str], tokenizer: Any, max_len: int,
         try:
             if not all(key in record for key in ("prompt", "chosen", "rejected")):
                 raise UserError("preference record needs prompt, chosen and rejected")
-            prompt = _as_messages(record["prompt"], "user")
-            pair = [_encode(tokenizer, validate_messages(prompt + _as_messages(record[key], "assistant")), max_len,
+            prompt = as_messages(record["prompt"], "user")
+            pair = [_encode(tokenizer, validate_messages(prompt + as_messages(record[key], "assistant")), max_len,
                             location) for key in ("chosen", "rejected")]
             examples.append(PreferenceExample(*pair))
         except UserError as err:

@@ -163,8 +163,9 @@ def rag_qa(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     """``qa.jsonl``: the chat records of ``data`` (``where``: field filter) with the top ``top_k`` passages of
     ``index`` in their question (:func:`omnilm.rag.records.open_book`; ``top_k`` may be a list to draw each
     record's number of passages from, ``unanswerable`` a share of records whose gold passage is replaced and whose
-    reply is "I don't know.", ``seed`` for both draws). A record whose gold passage (``match_field``) is indexed
-    but not retrieved is left out, so that no reply states a fact missing from its context."""
+    reply is "I don't know.", ``seed`` for both draws); ``prefs.jsonl`` instead when ``data`` holds preference
+    pairs. A record whose gold passage (``match_field``) is indexed but not retrieved is left out, so that no reply
+    states a fact missing from its context."""
     from omnilm.data.chat_data import read_records
     from omnilm.data.synth.io import write_jsonl
     from omnilm.rag.index import RagIndex
@@ -183,7 +184,10 @@ def rag_qa(spec: dict[str, Any], out: Path, root: Path) -> dict[str, Any]:
     indexed = {p.get(match_field) for p in index.passages}
     kept = [r for r in rewritten
             if r["retrieved_gold"] or r.get("unanswerable") or r.get(match_field) not in indexed]
-    write_jsonl(out / "qa.jsonl", kept)
+    pairs = sum("chosen" in r for r in kept)
+    if pairs not in (0, len(kept)):
+        raise ConfigError(f"rag_qa job: data mixes {pairs} preference pairs with {len(kept) - pairs} chat records")
+    write_jsonl(out / ("prefs.jsonl" if pairs else "qa.jsonl"), kept)
     return {"records": len(kept), "left_out": len(rewritten) - len(kept)} | stats
 
 
