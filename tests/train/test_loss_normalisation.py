@@ -15,6 +15,7 @@ import torch
 import yaml
 
 from helpers import small_model
+from omnilm.config import ConfigError
 from omnilm.data.chat_data import load_chat_examples, load_preference_examples
 from omnilm.data.examples import pad_right
 from omnilm.model.hf import read_hf_tensors, save_pretrained
@@ -138,6 +139,20 @@ def test_accumulated_dpo_equals_the_whole_batch_at_once(chat_data: dict[str, Pat
     assert_same(got, expected)
     _, naive = whole(policy, (mean_loss(pairs[:1]) + mean_loss(pairs[1:])) / 2)
     assert max_difference(naive, expected) > 1e-3
+
+    # RPO: each pair adds α × its chosen reply's mean token NLL, token counts taken per reply.
+    def chosen_nll(chosen: list[Any]) -> torch.Tensor:
+        b = chat_batch([p.chosen for p in chosen], tokenizer.pad_id)
+        return -sequence_logprobs(policy, b["tokens"], None, b["loss_mask"], average=True).mean()
+
+    loss, got = accumulated(policy, dpo_objective(reference, beta=0.5, nll_weight=0.7),
+                            [batch(pairs[:1]), batch(pairs[1:])], tmp_path / "rpo")
+    expected_loss, expected = whole(policy, mean_loss(pairs) + 0.7 * chosen_nll(pairs))
+    assert loss == pytest.approx(expected_loss, rel=1e-6)
+    assert_same(got, expected)
+    assert {len(p.chosen.ids) for p in pairs} != {len(pairs[0].chosen.ids)}  # unequal lengths: a per-reply mean
+    with pytest.raises(ConfigError, match="nll_weight"):
+        dpo_objective(reference, nll_weight=-1.0)
 
 
 # ------------------------------------------------------------------------------ torchrun: DDP equals one process
