@@ -431,16 +431,17 @@ def test_replies_are_spoken_word_by_word_on_the_code_grid(smoke: Path) -> None:
 
 def test_scene_token_targets_match_the_geometry_and_answer_the_questions() -> None:
     """Each cell's labels against a brute force over points of the drawn discs and digit boxes; and the questions
-    read back off the labels (colour, shape, digit exactly; counts unless two like objects share a cell)."""
+    read back off the labels (colour, shape, digit and position exactly; counts unless two like objects share a
+    cell)."""
     import random
 
     from omnilm.data.synth.media import SHAPES
-    from omnilm.data.synth.omni import IMAGE_KINDS, make_scene, scene_target_count, scene_token_targets
+    from omnilm.data.synth.omni import IMAGE_KINDS, PLACE_BINS, make_scene, scene_target_count, scene_token_targets
 
     colours = list(COLOURS)
     pairs = len(SHAPES) * len(colours)
     rng = random.Random(5)
-    counted = right_counts = 0
+    counted = right_counts = placed = 0
     for index in range(200):
         kind = IMAGE_KINDS[index % len(IMAGE_KINDS)]
         scene, _, answer = make_scene(kind, rng, 112)
@@ -450,6 +451,9 @@ def test_scene_token_targets_match_the_geometry_and_answer_the_questions() -> No
         for obj in scene["objects"]:
             label = SHAPES.index(obj["shape"]) * len(colours) + colours.index(obj["colour"])
             expected[obj["y"] // 28, obj["x"] // 28, label] = 1
+            band = 112 // PLACE_BINS  # the centre's band across the width, then down the height
+            places = [2 * pairs + 10 + obj["x"] // band, 2 * pairs + 10 + PLACE_BINS + obj["y"] // band]
+            expected[obj["y"] // 28, obj["x"] // 28, places] = 1
             r = 0.7 * obj["r"]
             for dy in np.linspace(-r, r, 121)[1:-1]:
                 for dx in np.linspace(-r, r, 121)[1:-1]:
@@ -464,6 +468,7 @@ def test_scene_token_targets_match_the_geometry_and_answer_the_questions() -> No
             expected[int((y + h / 2) // 28), int((x + w / 2) // 28), 2 * pairs + scene["digit"]["digit"]] = 1
         # The sampled points come arbitrarily close to the disc's edge but never onto it: equal up to grazing cells.
         assert np.abs(targets - expected).sum() <= 1, index
+        centre_cells = targets[..., :pairs].reshape(16, len(SHAPES), len(colours)).max(2).T
         centre = targets[..., :pairs].reshape(16, len(SHAPES), len(colours)).max(0)
         target = scene["objects"][0] if scene["objects"] else None
         if kind == "colour":
@@ -471,10 +476,23 @@ def test_scene_token_targets_match_the_geometry_and_answer_the_questions() -> No
         elif kind == "shape":
             assert SHAPES[int(centre[:, colours.index(target["colour"])].argmax())] == answer
         elif kind == "digit":
-            assert str(int(targets[..., 2 * pairs:].reshape(16, 10).max(0).argmax())) == answer
+            assert str(int(targets[..., 2 * pairs:2 * pairs + 10].reshape(16, 10).max(0).argmax())) == answer
+        elif kind == "position":
+            place = targets[..., 2 * pairs + 10:].reshape(16, 2, PLACE_BINS)
+            cell = int(centre_cells[SHAPES.index(target["shape"])].argmax())
+            if place[cell].sum() == 2:  # the cell holds no other object's centre, whose place would be set too
+                placed += 1
+                # Off the middle along one axis: the farther one names the side.
+                across, down = (float(place[cell, axis].argmax()) - (PLACE_BINS - 1) / 2 for axis in (0, 1))
+                if abs(across) > abs(down):
+                    side = "left" if across < 0 else "right"
+                else:
+                    side = "top" if down < 0 else "bottom"
+                assert side == answer
         elif kind == "count":
             cells = targets[..., :pairs].reshape(16, len(SHAPES), len(colours))
             for number, shape in enumerate(SHAPES):
                 counted += 1
                 right_counts += int(cells[:, number].sum()) == sum(o["shape"] == shape for o in scene["objects"])
     assert right_counts >= 0.9 * counted
+    assert placed >= 30  # of the 40 position scenes

@@ -691,9 +691,14 @@ def scene_questions(scene: dict[str, Any], rng: random.Random) -> list[tuple[str
     return pairs
 
 
+#: Objects' places are labelled by which of this many equal bands of the picture's width, and of its height, their
+#: centres lie in (8: fine enough to tell the position questions' four sides apart).
+PLACE_BINS = 8
+
+
 def scene_target_count() -> int:
     """Targets per token of :func:`scene_token_targets`."""
-    return 2 * len(SHAPES) * len(COLOURS) + 10
+    return 2 * len(SHAPES) * len(COLOURS) + 10 + 2 * PLACE_BINS
 
 
 def scene_token_targets(scene: dict[str, Any], grid: int) -> np.ndarray:
@@ -702,23 +707,34 @@ def scene_token_targets(scene: dict[str, Any], grid: int) -> np.ndarray:
 
     Per cell: the (shape, colour) of every object whose centre lies in it; of every object whose inner disc (70 % of
     its radius, so that a sliver of an edge does not count) overlaps it; and the digit whose box covers the cell's
-    centre or whose centre lies in it. Counting, colour, shape, position and digit questions are all answered by
-    reading these labels off the cells.
+    centre or whose centre lies in it; and, in the cell of each object's centre, which of :data:`PLACE_BINS` bands
+    of the picture's width and of its height that centre lies in. Counting, colour, shape, position and digit
+    questions are all answered by reading these labels off the cells.
+
+    The place labels are there because nothing else tells the encoder where a token is: its 2-D rotary positions
+    are relative, and TMRoPE gives the language model's width section its slowest frequencies (the 4 columns of a
+    112-pixel picture differ by at most 0.01 radians), so "left" and "right" must be written into the object's
+    vector itself. A relative encoder can: the share of attention an object keeps for itself depends on how many
+    tokens lie on each side of it.
     """
     cell = scene["size"] / grid
     colours = list(COLOURS)
     pairs = len(SHAPES) * len(colours)
+    places = 2 * pairs + 10
     targets = np.zeros((grid, grid, scene_target_count()), dtype=np.float32)
     centres = (np.arange(grid) + 0.5) * cell
     for obj in scene.get("objects") or []:
         label = SHAPES.index(obj["shape"]) * len(colours) + colours.index(obj["colour"])
         x, y, r = obj["x"], obj["y"], 0.7 * obj["r"]
-        targets[min(int(y // cell), grid - 1), min(int(x // cell), grid - 1), label] = 1
+        row, col = min(int(y // cell), grid - 1), min(int(x // cell), grid - 1)
+        targets[row, col, label] = 1
         # Nearest point of each cell to the centre: the disc overlaps the cell when it is within the radius.
         near_x = np.clip(x, np.arange(grid) * cell, np.arange(1, grid + 1) * cell)
         near_y = np.clip(y, np.arange(grid) * cell, np.arange(1, grid + 1) * cell)
         covered = (near_y[:, None] - y) ** 2 + (near_x[None, :] - x) ** 2 < r * r
         targets[covered, pairs + label] = 1
+        band_x, band_y = (min(int(PLACE_BINS * v / scene["size"]), PLACE_BINS - 1) for v in (x, y))
+        targets[row, col, [places + band_x, places + PLACE_BINS + band_y]] = 1
     if "digit" in scene:
         x, y, w, h = scene["digit"]["box"]
         inside = ((centres[:, None] >= y) & (centres[:, None] < y + h) & (centres[None, :] >= x)
