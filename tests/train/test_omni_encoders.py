@@ -139,7 +139,7 @@ def test_ctc_log_probabilities_are_each_audio_alone_over_the_token_embeddings(to
 @settings(max_examples=8, deadline=None)
 @given(seed=st.integers(0, 1000), cut=st.integers(0, 4), rank=st.integers(0, 1))
 def test_scene_batches_are_reproducible_per_step_and_skip_excluded_layouts(seed: int, cut: int, rank: int) -> None:
-    from omnilm.data.synth.omni import layout_key
+    from omnilm.data.synth.omni import layout_key, scene_target_count
     from omnilm.omni.config import MediaBudget
     from omnilm.train.omni_encoders import SceneBatches
 
@@ -153,7 +153,7 @@ def test_scene_batches_are_reproducible_per_step_and_skip_excluded_layouts(seed:
         assert got["task"] == "scenes"
         for key in ("pixel_values", "image_grid_thw", "targets"):
             assert torch.equal(got[key], expected[key])
-    assert batches[0]["targets"].shape == (2 * 16, 80)
+    assert batches[0]["targets"].shape == (2 * 16, scene_target_count())
     # Layouts drawn by the first batch, excluded, never come back.
     import random
 
