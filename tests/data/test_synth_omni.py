@@ -19,7 +19,15 @@ from omnilm.cli import main
 from omnilm.config import ConfigError
 from omnilm.data.synth import media
 from omnilm.data.synth.media import COLOURS, parse_wav, read_wav, resample, write_wav
-from omnilm.data.synth.omni import IMAGE_QUESTIONS, SAY_PROMPT, TRANSCRIBE_PROMPT, OmniConfig, omni_config, write_omni
+from omnilm.data.synth.omni import (
+    IMAGE_QUESTIONS,
+    SAY_PROMPT,
+    TRANSCRIBE_PROMPT,
+    VIDEO_WORDS_QUESTION,
+    OmniConfig,
+    omni_config,
+    write_omni,
+)
 from omnilm.errors import UserError
 from omnilm.recipe.jobs import job_inputs, run_job
 
@@ -155,8 +163,9 @@ def test_files_exist_and_decode(smoke: Path) -> None:
                 rate, channels, width, frames = wav_info(smoke / part["audio"])
                 assert (rate, channels, width) == (16_000, 1, 2)
                 assert frames == round(meta["duration"] * rate)
-            elif record["task"] == "transcribe":  # the answer is what the voice said
-                assert part == {"type": "text", "text": TRANSCRIBE_PROMPT} and record["answer"] == record["text"]
+            elif record["task"] in ("transcribe", "video_words"):  # the answer is what the voice said
+                prompt = TRANSCRIBE_PROMPT if record["task"] == "transcribe" else VIDEO_WORDS_QUESTION
+                assert part == {"type": "text", "text": prompt} and record["answer"] == record["text"]
             else:
                 assert part["type"] == "text" and part["text"] == record["text"]
     stats = json.loads((smoke / "stats.json").read_text())
@@ -164,7 +173,8 @@ def test_files_exist_and_decode(smoke: Path) -> None:
     spoken = Counter(r["task"] for r in speech)
     assert {t: sum(s.values()) for t, s in stats["records"].items()} == tasks | spoken
     assert set(spoken) == {"speak", "say"}
-    assert set(tasks) == {"spoken_qa", "transcribe", "text_qa", "image_qa", "video_qa"}
+    assert set(tasks) == {"spoken_qa", "transcribe", "text_qa", "image_qa", "video_qa", "video_word_at",
+                          "video_words", "video_digits"}
     assert tasks["transcribe"] == sum(r["task"] == "spoken_qa" and r["split"] == "train" for r in records(smoke))
     assert stats["records"]["image_qa"] == {"train": config.train_images, "eval": config.eval_images}
 
@@ -282,6 +292,27 @@ def test_video_answers_follow_the_timeline_and_the_narration(smoke: Path) -> Non
             image = Image.open(folder / meta["frames"][frame]).convert("RGB")
             assert decode_digit(image, segment["box"], COLOURS[segment["colour"]]) == segment["digit"]
         assert len({s["digit"] for s in meta["timeline"]}) == len(meta["timeline"])  # one answer per word
+    # The same videos' parts asked alone: the words said in order, the digits in order, the question turned round.
+    by_video: dict[str, list[dict]] = {}
+    for record in records(smoke):
+        if record["task"].startswith("video_"):
+            assert record["messages"][0]["content"][0]["audio"] == f"{record['video']}/narration.wav"
+            by_video.setdefault(record["video"], []).append(record)
+    for folder, asked in by_video.items():
+        meta = json.loads((smoke / folder / "video.json").read_text())
+        tasks = Counter(r["task"] for r in asked)
+        assert tasks == {"video_qa": len(meta["words"]), "video_word_at": len(meta["words"]), "video_words": 1,
+                         "video_digits": 1}
+        [words] = [r for r in asked if r["task"] == "video_words"]
+        said = " ".join(w["word"] for w in sorted(meta["words"], key=lambda w: w["start"]))
+        assert words["answer"] == words["text"] == said  # text: the words said, as for transcription
+        [digits] = [r for r in asked if r["task"] == "video_digits"]
+        assert digits["answer"] == " ".join(str(s["digit"]) for s in meta["timeline"])
+        # Turned round: the word said while a digit was shown is the word whose video_qa answer is that digit.
+        digit_of = {r["word"]: r["answer"] for r in asked if r["task"] == "video_qa"}
+        for record in (r for r in asked if r["task"] == "video_word_at"):
+            assert record["text"] == f"What did the voice say while {digit_of[record['word']]} was on screen?"
+            assert record["answer"] == record["word"]
     # The narration is silent except where the words are said.
     for folder in {r["video"] for r in videos}:
         meta = json.loads((smoke / folder / "video.json").read_text())

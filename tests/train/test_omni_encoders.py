@@ -29,7 +29,8 @@ def text_model(tmp_path: Path, tokenizer) -> Path:  # noqa: ANN001
 
 
 def write_speech_records(folder: Path) -> Path:
-    """Tones whose "words" follow from their pitch: a rising pair says "up", a falling pair "down"."""
+    """Tones whose "words" follow from their pitch: a rising pair says "up", a falling pair "down"; one is a video's
+    sound track (a narrated video's words are learnt alike)."""
     from omnilm.omni.audio import write_wav
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -40,8 +41,10 @@ def write_speech_records(folder: Path) -> Path:
         t = np.arange(half) / 16000
         tone = np.concatenate([np.sin(2 * np.pi * f * t) for f in pitches]) * 0.3
         write_wav(folder / f"tone{i}.wav", tone.astype(np.float32))
+        part = {"type": "video", "video": "frames", "audio": f"tone{i}.wav"} if i == 5 else \
+            {"type": "audio", "audio": f"tone{i}.wav"}
         records.append({"task": "transcribe", "text": "up up" if i % 2 == 0 else "down", "messages": [
-            {"role": "user", "content": [{"type": "audio", "audio": f"tone{i}.wav"}]},
+            {"role": "user", "content": [part]},
             {"role": "assistant", "content": "ok"}]})
     records.append({"task": "transcribe", "messages": [{"role": "user", "content": "no audio"}]})  # skipped
     path = folder / "speech.jsonl"
@@ -126,6 +129,7 @@ def test_ctc_log_probabilities_are_each_audio_alone_over_the_token_embeddings(to
     examples, report = speech_examples(config, tokenizer, strict=False)
     assert len(examples) == 8 and report.malformed == 1 and "speech.jsonl:9: a speech record" in report.problems[0]
     assert examples[1][1] == tokenizer.encode("down", special=False)
+    assert examples[5][0] == tmp_path / "media" / "tone5.wav"  # the video's sound track
     batch = speech_collate(examples, {})([3, 0, 5])
     with torch.no_grad():
         out = readouts(batch)

@@ -173,7 +173,8 @@ def excluded_layouts(path: str) -> set[str]:
 
 def speech_examples(config: StageConfig, tokenizer: Any, strict: bool) -> tuple[list[tuple[Path, list[int]]], Any]:
     """(audio path, transcript token ids) of every speech record of the stage's sources; a record without one audio
-    part and its words is skipped (or, ``strict``, fails the run) naming its file and line."""
+    part (or one video part with its ``audio`` track) and its words is skipped (or, ``strict``, fails the run)
+    naming its file and line."""
     from omnilm.data.chat_data import read_records
     from omnilm.data.sources import ReadReport
 
@@ -182,12 +183,13 @@ def speech_examples(config: StageConfig, tokenizer: Any, strict: bool) -> tuple[
     for source in config.data.values():
         for record, location in read_records([source.path], source.where, strict, report):
             messages = record.get("messages") if isinstance(record.get("messages"), list) else []
-            audio = [part["audio"] for message in messages if isinstance(message, dict)
-                     and message.get("role") == "user" and isinstance(message.get("content"), list)
-                     for part in message["content"] if isinstance(part, dict) and part.get("type") == "audio"]
+            parts = [part for message in messages if isinstance(message, dict) and message.get("role") == "user"
+                     and isinstance(message.get("content"), list) for part in message["content"]
+                     if isinstance(part, dict)]
+            audio = [part["audio"] for part in parts if part.get("type") in ("audio", "video") and "audio" in part]
             text = record.get("text")
             if len(audio) != 1 or not isinstance(text, str) or not text.strip():
-                report.skip(location, "a speech record needs one audio part and its words in 'text'", strict)
+                report.skip(location, "a speech record needs one audio track and its words in 'text'", strict)
                 continue
             examples.append((Path(source.path).parent / audio[0], tokenizer.encode(text, special=False)))
     return examples, report

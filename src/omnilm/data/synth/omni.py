@@ -33,6 +33,9 @@ Tasks (``task`` field) and what the evaluations compare:
 ``video_qa``   frames at ``video_fps`` with a digit that changes every second or two, and a narration that says
                distinct words at known times: "Which digit was on screen when the voice said WORD?" needs the
                audio and the frames aligned in time (the audio is the video's own track)
+``video_words``   the same videos' parts taken one at a time: the narration written down ("What did the voice
+``video_digits``  say?", ``text`` holds the words, as for ``transcribe``), the digits in the order shown, and the
+``video_word_at`` question turned round ("What did the voice say while 7 was on screen?")
 """
 
 from __future__ import annotations
@@ -94,6 +97,9 @@ IMAGE_QUESTIONS: dict[str, tuple[str, ...]] = {
 }
 POSITIONS = ("left", "right", "top", "bottom")
 VIDEO_QUESTION = "Which digit was on screen when the voice said {word}?"
+VIDEO_WORDS_QUESTION = "What did the voice say?"
+VIDEO_DIGITS_QUESTION = "Which digits were shown?"
+VIDEO_WORD_AT_QUESTION = "What did the voice say while {digit} was on screen?"
 
 
 @dataclass
@@ -856,15 +862,24 @@ def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Rand
     write_json_atomic(folder / "video.json", {
         "fps": fps, "size": size, "frames": frame_files, "duration": duration, "narration": "narration.wav",
         "sample_rate": SAMPLE_RATE, "voice": plan.voice.name, "timeline": timeline, "words": words})
-    for spoken in words:
-        text = VIDEO_QUESTION.format(word=spoken["word"])
-        answer = str(next(t["digit"] for t in timeline if t["start"] <= spoken["start"] < t["end"]))
+
+    def record(task: str, question: str, answer: str, **fields: Any) -> dict[str, Any]:
         content = [{"type": "video", "video": plan.folder, "audio": f"{plan.folder}/narration.wav"},
-                   {"type": "text", "text": text}]
-        records.append({"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}],
-                        "task": "video_qa", "split": plan.split, "voice": plan.voice.name, "text": text,
-                        "answer": answer, "word": spoken["word"], "time": [spoken["start"], spoken["end"]],
-                        "video": plan.folder, "use_audio_in_video": True})
+                   {"type": "text", "text": question}]
+        return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}],
+                "task": task, "split": plan.split, "voice": plan.voice.name, "text": question, "answer": answer,
+                **fields, "video": plan.folder, "use_audio_in_video": True}
+
+    for spoken in words:
+        digit = str(next(t["digit"] for t in timeline if t["start"] <= spoken["start"] < t["end"]))
+        span = {"word": spoken["word"], "time": [spoken["start"], spoken["end"]]}
+        records.append(record("video_qa", VIDEO_QUESTION.format(word=spoken["word"]), digit, **span))
+        records.append(record("video_word_at", VIDEO_WORD_AT_QUESTION.format(digit=digit), spoken["word"], **span))
+    # The parts the time alignment joins, asked alone: which words were said (the audio encoder never heard these
+    # words elsewhere) and which digits were shown.
+    said_text = " ".join(spoken["word"] for spoken in words)
+    records.append(record("video_words", VIDEO_WORDS_QUESTION, said_text) | {"text": said_text})
+    records.append(record("video_digits", VIDEO_DIGITS_QUESTION, " ".join(str(t["digit"]) for t in timeline)))
     return records
 
 
