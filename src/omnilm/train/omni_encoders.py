@@ -21,9 +21,9 @@ Only the encoders train; the decoder stays as it is. The stage starts from a tex
 new encoders, as in ``omni_sft``) or a thinker folder. Its ``final`` is a thinker folder for an ``omni_sft`` stage to
 start from; the read-outs are kept beside the weights (``readout.safetensors``) only so that a run can resume.
 
-Data: the stage's ``data`` sources hold the speech records: a user turn with an ``audio`` part, and the words said
-in the record's ``text`` field (``omnilm data synth omni``'s transcription records). Without sources only scenes
-are drawn.
+Data: the stage's ``data`` sources hold the speech records: a user turn with an ``audio`` part (or a ``video`` part
+with its ``audio`` track), and the words said in the record's ``text`` field (``omnilm data synth omni``'s
+``transcribe`` and ``video_words`` records). Without sources only scenes are drawn.
 
 Options:
 
