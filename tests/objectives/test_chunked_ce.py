@@ -51,10 +51,11 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(tokens, d, vocab, chunk
     # ours is no farther from the float64 truth than the plain path, plus 1e-6 of the truth, plus one float32
     # ulp of the magnitudes summed (where the gradient is a difference of near-equal sums, as with a 1-wide
     # hidden state, that floor is far above the result and no float32 path can do better).
-    scales = rounding_scales(*exact_inputs, targets, reduction, upstream)
+    scales = rounding_scales(*(x.detach() for x in exact_inputs), targets, reduction, upstream)
     for a, b, c, scale in zip((ours, *ours_grads), (plain, *plain_grads), (exact, *exact_grads), scales,
                               strict=True):
         assert a.dtype == b.dtype == torch.float32
+        c = c.detach()
         error, plain_error = (float((x.detach().double() - c).norm()) for x in (a, b))
         bound = REL * float(c.norm()) + plain_error + torch.finfo(torch.float32).eps * float(scale.norm())
         assert error <= bound, (error, plain_error, bound)
