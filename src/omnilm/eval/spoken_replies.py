@@ -6,6 +6,8 @@ language model over the domain's sentences):
 
 - ``espeak``: the recorded reply itself: the judge's floor (what it gets wrong on the source voice);
 - ``codec``: that recording → codec codes → the codec's mel → the vocoder: the ceiling the codes allow;
+- ``token2wav``: the same codes → Token2wav (DiT and vocoder): what the Token2wav loses on codes that are right,
+  so that the Talker's share of the ``talker`` WER is the rest;
 - ``talker``: the Thinker's own greedy reply to the question, spoken by Talker → Token2wav → vocoder; scored
   against the Thinker's text (does the speech say what the text says?).
 
@@ -45,8 +47,9 @@ def _greedy_reply(voice: Any, batch: dict[str, Any], max_tokens: int) -> list[in
 @torch.no_grad()
 def evaluate_spoken_replies(voice: Any, records: Sequence[dict[str, Any]], root: str | Path, judge: Any,
                             codec: Any = None, max_tokens: int = 32) -> dict[str, float]:
-    """WER of the floor (``espeak``), the codec ceiling (``codec``, when a codec is given) and the Talker's speech
-    (``talker``), first-chunk latency and real-time factor."""
+    """WER of the floor (``espeak``), the codec ceiling (``codec``) and the Token2wav on the same codes
+    (``token2wav``) when a codec is given, and of the Talker's speech (``talker``); first-chunk latency and real-time
+    factor."""
     from omnilm.omni.audio import load_audio
     from omnilm.omni.processor import OmniProcessor
     from omnilm.omni.vocoder import griffin_lim
@@ -54,15 +57,16 @@ def evaluate_spoken_replies(voice: Any, records: Sequence[dict[str, Any]], root:
     root = Path(root)
     tokenizer = voice.tokenizer
     processor = OmniProcessor(tokenizer, voice.thinker.config, voice.thinker.media_budget, root)
-    heard: dict[str, list[tuple[str, str]]] = {"espeak": [], "codec": [], "talker": []}
+    heard: dict[str, list[tuple[str, str]]] = {"espeak": [], "codec": [], "token2wav": [], "talker": []}
     first_chunk, compute, audio_seconds = [], 0.0, 0.0
     for record in records:
         reference = record["messages"][-1]["content"]
         recorded = load_audio(root / record["reply_audio"]).numpy()
         heard["espeak"].append((reference, judge.transcribe(recorded)))
         if codec is not None:
-            rebuilt = griffin_lim(codec.decode(codec.encode(torch.from_numpy(recorded)))).numpy()
-            heard["codec"].append((reference, judge.transcribe(rebuilt)))
+            codes = codec.encode(torch.from_numpy(recorded))
+            heard["codec"].append((reference, judge.transcribe(griffin_lim(codec.decode(codes)).numpy())))
+            heard["token2wav"].append((reference, judge.transcribe(voice.token2wav.synthesize(codes).numpy())))
         batch = processor.collate([processor.encode(record["messages"][:-1], add_generation_prompt=True)],
                                   tokenizer.pad_id or 0, left_pad=True)
         reply = _greedy_reply(voice, batch, max_tokens)
