@@ -162,3 +162,84 @@ def test_task_batches_hold_one_task_and_resume_exactly(sizes: dict[str, int], ba
     resumed = loader()
     resumed.load_state_dict(json.loads(json.dumps(state)))
     assert [resumed.next_batch() for _ in range(6)] == rest
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 1000), cut=st.integers(0, 4), rank=st.integers(0, 1), questions=st.integers(1, 4))
+def test_fresh_image_batches_resume_exactly_and_skip_excluded_layouts(seed: int, cut: int, rank: int,
+                                                                      questions: int) -> None:
+    """Fresh renders: step s draws the same conversations however the run got there; every conversation opens with
+    a picture and its question, asks at most ``questions`` and answers each as the scene says; excluded layouts
+    never come back."""
+    import random
+
+    from PIL import Image
+
+    from omnilm.data.synth.omni import draw_scenes, layout_key
+    from omnilm.train.omni_sft import FreshImageBatches
+
+    def batches(excluded: set[str] | None = None) -> FreshImageBatches:
+        return FreshImageBatches(3, 112, questions, lambda conversations: conversations, seed, rank, excluded)
+
+    whole = batches()
+    drawn = [whole.next_batch() for _ in range(5)]
+    resumed = batches()
+    resumed.load_state_dict(json.loads(json.dumps({"step": cut})))
+    again = [resumed.next_batch() for _ in range(5 - cut)]
+    for expected, got in zip(drawn[cut:], again, strict=True):
+        assert [[m["content"] if m["role"] == "assistant" else m for m in c] for c in got] == \
+            [[m["content"] if m["role"] == "assistant" else m for m in c] for c in expected]
+    for conversation in (c for batch in drawn for c in batch):
+        first = conversation[0]["content"]
+        assert isinstance(first[0]["image"], Image.Image) and first[0]["image"].size == (112, 112)
+        assert first[1]["type"] == "text" and len(conversation) % 2 == 0
+        assert len(conversation) // 2 <= questions
+        assert all(isinstance(m["content"], str) for m in conversation[1:] if m["role"] == "user")
+    # The scene behind step 0: its own question first, then further questions it answers, each answered right.
+    scene, text, answer = draw_scenes(random.Random(f"{seed}/{rank}/0/images"), whole.kinds, 112, 3, set())[0]
+    conversation = drawn[0][0]
+    assert conversation[0]["content"][1]["text"] == text and conversation[1]["content"] == answer
+    for user, reply in zip(conversation[2::2], conversation[3::2], strict=True):
+        words = set(user["content"].rstrip("?.").split())
+        if scene["kind"] == "count":
+            shape = next(o["shape"] for o in scene["objects"] if o["shape"] + "s" in words)
+            assert reply["content"] == str(sum(o["shape"] == shape for o in scene["objects"]))
+        else:
+            assert reply["content"] in {o["colour"] for o in scene["objects"] if o["shape"] in words} | \
+                {o["shape"] for o in scene["objects"] if o["colour"] in words}
+    excluded = {layout_key(s) for s, _, _ in draw_scenes(random.Random(f"{seed}/{rank}/0/images"), whole.kinds,
+                                                         112, 3, set())}
+    avoiding = batches(excluded).conversations(0)
+    assert len(avoiding) == 3
+    assert not excluded & {layout_key(s) for s, _, _ in draw_scenes(random.Random(f"{seed}/{rank}/0/images"),
+                                                                    whole.kinds, 112, 3, excluded)}
+
+
+def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:
+    from omnilm.config import ConfigError
+    from omnilm.train.omni_sft import TaskBatches
+
+    class Counter:
+        def __init__(self) -> None:
+            self.step = 0
+
+        def next_batch(self) -> str:
+            self.step += 1
+            return "fresh"
+
+        def state_dict(self) -> dict:
+            return {"step": self.step}
+
+        def load_state_dict(self, state: dict) -> None:
+            self.step = state["step"]
+
+    tasks = {"chat": [0, 1, 2, 3]}
+    mixed = TaskBatches(tasks, {"chat": 1, "image_qa": 3}, 2, lambda ids: ids, 0, 0, 1, {"image_qa": Counter()})
+    drawn = [mixed.next_batch() for _ in range(400)]
+    fresh = sum(b == "fresh" for b in drawn)
+    assert 0.68 < fresh / 400 < 0.82  # 3 : 1
+    assert mixed.state_dict()["sources"]["image_qa"] == {"step": fresh}
+    with pytest.raises(ConfigError, match="need a task_weights entry"):
+        TaskBatches(tasks, {}, 2, lambda ids: ids, 0, 0, 1, {"image_qa": Counter()})
+    with pytest.raises(ConfigError, match="leave their records out"):
+        TaskBatches(tasks | {"image_qa": [4]}, {"image_qa": 1}, 2, lambda ids: ids, 0, 0, 1, {"image_qa": Counter()})

@@ -4,7 +4,7 @@ import torch
 
 from helpers import small_model
 from omnilm.train.config import TrainConfig
-from omnilm.train.optim import build_optimizer, decay_groups
+from omnilm.train.optim import build_optimizer, decay_groups, freeze_modules
 
 
 def test_weight_decay_only_on_matrices(family):
@@ -96,3 +96,13 @@ def test_fused_kernel_only_for_contiguous_parameters(tmp_path: Path) -> None:
     assert not can_fuse([torch.nn.Parameter(torch.zeros(4, dtype=torch.float64))])
     folder = save_pretrained(small_model("gpt2", vocab_size=64), tmp_path / "gpt2")
     assert all(p.is_contiguous() for p in load_pretrained(folder).parameters())
+
+
+def test_a_longer_prefix_unfreezes_part_of_a_frozen_module() -> None:
+    """``{blocks.1: -1, blocks.1.attn: 0}``: the longest prefix decides, so attention trains inside a frozen block."""
+    model = small_model("llama", vocab_size=64)
+    freeze_modules(model, TrainConfig(max_steps=1, frozen_until={"blocks.1": -1, "blocks.1.attn": 0}))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    block = {n for n, _ in model.named_parameters() if n.startswith("blocks.1.")}
+    assert block and {n for n in block if n.startswith("blocks.1.attn.")} == trainable & block
+    assert any(n.startswith("blocks.0.") for n in trainable)

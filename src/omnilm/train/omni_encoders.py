@@ -41,7 +41,6 @@ Options:
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
@@ -74,14 +73,9 @@ class SceneBatches:
         self.excluded = excluded or set()
 
     def draw_scenes(self, rng: random.Random) -> list[dict[str, Any]]:
-        from omnilm.data.synth.omni import layout_key, make_scene
+        from omnilm.data.synth.omni import draw_scenes
 
-        scenes: list[dict[str, Any]] = []
-        while len(scenes) < self.batch_size:
-            scene = make_scene(self.kinds[rng.randrange(len(self.kinds))], rng, self.image_size)[0]
-            if layout_key(scene) not in self.excluded:
-                scenes.append(scene)
-        return scenes
+        return [scene for scene, _, _ in draw_scenes(rng, self.kinds, self.image_size, self.batch_size, self.excluded)]
 
     def next_batch(self) -> dict[str, torch.Tensor]:
         from omnilm.data.synth.omni import render_scene, scene_token_targets
@@ -154,21 +148,6 @@ class EncoderReadouts(nn.Module):
 
         thinker = {f"thinker.{k}": v for k, v in Thinker.read_state(folder).items()}
         return thinker | load_file(str(Path(folder) / READOUT_FILE))
-
-
-def excluded_layouts(path: str) -> set[str]:
-    """Layout keys of the scenes recorded in a jsonl file (none if ``path`` is empty)."""
-    from omnilm.data.synth.omni import layout_key
-
-    if not path:
-        return set()
-    keys = set()
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            scene = json.loads(line).get("scene") if line.strip() else None
-            if scene:
-                keys.add(layout_key(scene))
-    return keys
 
 
 def speech_examples(config: StageConfig, tokenizer: Any, strict: bool) -> tuple[list[tuple[Path, list[int]]], Any]:
@@ -244,7 +223,7 @@ def encoder_loss(positive_weight: float) -> Any:
 @register_stage("omni_encoders")
 def run_omni_encoders_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainResult:
     from omnilm.data.examples import ExampleLoader
-    from omnilm.data.synth.omni import IMAGE_KINDS, scene_target_count
+    from omnilm.data.synth.omni import IMAGE_KINDS, recorded_layouts, scene_target_count
     from omnilm.train.checkpoint import latest_checkpoint
     from omnilm.train.distributed import init_distributed
     from omnilm.train.sft import print_read_report
@@ -274,7 +253,7 @@ def run_omni_encoders_stage(config: StageConfig, out_dir: Path, resume: bool) ->
     model = EncoderReadouts(thinker, scene_target_count()).to(device)
     sources: dict[str, Any] = {"scenes": SceneBatches(train.batch_size, int(options["image_size"]), kinds,
                                                       thinker.media_budget, train.seed, info.rank,
-                                                      excluded_layouts(str(options["exclude_layouts"])))}
+                                                      recorded_layouts(str(options["exclude_layouts"])))}
     if config.data:
         examples, report = speech_examples(config, tokenizer, bool(options["strict"]))
         if info.is_main:

@@ -22,11 +22,19 @@ Options:
 ``cache_mb`` (2048)       media read and preprocessed once, kept in memory up to this size (0 = reread every time)
 ``task_weights`` ({})     how often each record ``task`` is drawn (default: in proportion to its records); every
                           batch holds records of one task, so lengths are alike and little is padding
+``fresh_images`` (false)  task ``image_qa`` drawn as fresh renders (:func:`omnilm.data.synth.omni.make_scene`) instead
+                          of records: no picture is seen twice. On 3,000 recorded pictures the Thinker learnt them by
+                          heart (0.97 of their questions right after 1,800 image steps, 0.73 of fresh ones); needs a
+                          ``task_weights`` entry for ``image_qa``
+``image_size`` (112)      side of the fresh renders in pixels
+``questions_per_image`` (4) questions asked about each fresh render, one turn each (the first is its own kind's)
+``exclude_layouts`` ("")  a jsonl file whose records' ``scene`` layouts are never drawn (the evaluation renders)
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +51,9 @@ from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 OMNI_OPTIONS = {"audio": {}, "vision": {}, "image_max_pixels": 112 * 112, "video_min_pixels": 56 * 56,
                 "video_max_pixels": 56 * 56, "video_fps": 2.0, "cache_mb": 2048,
-                "spec_augment": {}, "task_weights": {}, "strict": False}
+                "spec_augment": {}, "task_weights": {}, "fresh_images": False, "image_size": 112,
+                "questions_per_image": 4, "exclude_layouts": "", "strict": False}
+FRESH_IMAGE_TASK = "image_qa"
 
 def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
     """(Thinker, tokenizer) to start from: a thinker folder as it is, or a text model turned into one."""
@@ -128,21 +138,61 @@ class WeightedBatches:
             source.load_state_dict(state["sources"][name])
 
 
+class FreshImageBatches:
+    """Conversations about fresh scene renders, encoded by ``collate`` (a list of message lists -> batch): step ``s``
+    on process ``rank`` draws from its own seeded generator, so a resumed run draws the batches the uninterrupted
+    one would."""
+
+    def __init__(self, batch_size: int, image_size: int, questions: int, collate: Any, seed: int, rank: int = 0,
+                 excluded: set[str] | None = None) -> None:
+        from omnilm.data.synth.omni import IMAGE_KINDS
+
+        self.batch_size, self.image_size, self.questions, self.collate = batch_size, image_size, questions, collate
+        self.kinds, self.seed, self.rank, self.step = list(IMAGE_KINDS), seed, rank, 0
+        self.excluded = excluded or set()
+
+    def conversations(self, step: int) -> list[list[dict[str, Any]]]:
+        from omnilm.data.synth.omni import draw_scenes, image_conversation, render_scene
+
+        rng = random.Random(f"{self.seed}/{self.rank}/{step}/images")
+        return [image_conversation(render_scene(scene), scene, text, answer, rng, self.questions)
+                for scene, text, answer in draw_scenes(rng, self.kinds, self.image_size, self.batch_size,
+                                                       self.excluded)]
+
+    def next_batch(self) -> dict[str, Any]:
+        self.step += 1
+        return self.collate(self.conversations(self.step - 1))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
 class TaskBatches(WeightedBatches):
     """Batches of one task each: the task drawn at random per step (by ``weights``, default in proportion to its
     records), its records in a seeded, resumable order (an :class:`~omnilm.data.examples.ExampleLoader` per task,
     rank-sharded)."""
 
     def __init__(self, tasks: dict[str, list[int]], weights: dict[str, float], batch_size: int,
-                 collate: Any, seed: int, rank: int, world_size: int) -> None:
+                 collate: Any, seed: int, rank: int, world_size: int, generated: dict[str, Any] | None = None) -> None:
+        """``generated``: sources of tasks drawn without records (task -> source), each needing a weight."""
         from omnilm.data.examples import ExampleLoader
 
-        unknown = sorted(set(weights) - set(tasks))
+        generated = generated or {}
+        if both := sorted(set(tasks) & set(generated)):
+            raise ConfigError(f"task(s) {both} are drawn fresh: leave their records out of the data")
+        if unweighted := sorted(set(generated) - set(weights)):
+            raise ConfigError(f"task(s) {unweighted} are drawn fresh and need a task_weights entry")
+        unknown = sorted(set(weights) - set(tasks) - set(generated))
         if unknown:
             raise ConfigError(f"task_weights names task(s) {unknown} that no record has (tasks: {sorted(tasks)})")
         loaders = {name: ExampleLoader(len(ids), batch_size, lambda local, ids=ids: collate([ids[i] for i in local]),
                                        seed=seed, rank=rank, world_size=world_size) for name, ids in tasks.items()}
-        super().__init__(loaders, {name: float(weights.get(name, len(tasks[name]))) for name in tasks}, seed)
+        counts = {name: len(ids) for name, ids in tasks.items()}
+        super().__init__(loaders | generated, {name: float(weights.get(name, counts.get(name, 0)))
+                                               for name in loaders | generated}, seed)
 
 
 def thinker_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -188,13 +238,16 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
 
     augment = dict(options["spec_augment"] or {})
 
-    def collate(indices: list[int]) -> dict[str, Any]:
+    def collate_messages(conversations: list[list[dict[str, Any]]],
+                         roots: list[Path | None] | None = None) -> dict[str, Any]:
         examples = []
-        for i in indices:
-            record, root = records[i]
-            processor.root = root
-            examples.append(processor.encode(record["messages"]))
-        batch = processor.collate(examples, pad)
+        for index, messages in enumerate(conversations):
+            processor.root = roots[index] if roots else None
+            examples.append(processor.encode(messages))
+        return processor.collate(examples, pad)
+
+    def collate(indices: list[int]) -> dict[str, Any]:
+        batch = collate_messages([records[i][0]["messages"] for i in indices], [records[i][1] for i in indices])
         if augment and "input_features" in batch:
             # Seeded by the batch's records: a resumed run draws the same masks.
             generator = torch.Generator().manual_seed(hash((train.seed, *indices)) & 0x7FFFFFFF)
@@ -205,8 +258,15 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
     tasks: dict[str, list[int]] = {}
     for index, (record, _) in enumerate(records):
         tasks.setdefault(str(record.get("task", "chat")), []).append(index)
+    generated = {}
+    if options["fresh_images"]:
+        from omnilm.data.synth.omni import recorded_layouts
+
+        generated[FRESH_IMAGE_TASK] = FreshImageBatches(
+            train.batch_size, int(options["image_size"]), int(options["questions_per_image"]), collate_messages,
+            train.seed, info.rank, recorded_layouts(str(options["exclude_layouts"])))
     loader = TaskBatches(tasks, dict(options["task_weights"]), train.batch_size, collate, train.seed, info.rank,
-                         info.world_size)
+                         info.world_size, generated)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 

@@ -29,10 +29,11 @@ def module_prefix(name: str, prefixes: Iterable[str]) -> str:
 
 
 def freeze_modules(model: nn.Module, config: TrainConfig) -> None:
-    """Turn gradients off for the modules ``frozen_until`` freezes for the whole run (a negative step)."""
-    always = [prefix for prefix, step in config.frozen_until.items() if step < 0]
+    """Turn gradients off for the modules ``frozen_until`` freezes for the whole run (a negative step); the longest
+    prefix decides, so ``{visual: -1, visual.merger: 0}`` trains the merger of a frozen vision encoder."""
     for name, param in model.named_parameters():
-        if module_prefix(name, always):
+        prefix = module_prefix(name, config.frozen_until)
+        if prefix and config.frozen_until[prefix] < 0:
             param.requires_grad_(False)
 
 

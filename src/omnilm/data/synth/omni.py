@@ -680,6 +680,43 @@ def layout_key(scene: dict[str, Any]) -> str:
     return json.dumps({k: scene.get(k) for k in ("kind", "objects", "digit")}, sort_keys=True)
 
 
+def recorded_layouts(path: str | Path) -> set[str]:
+    """Layout keys of the scenes recorded in a jsonl file (none if ``path`` is empty): what fresh renders avoid."""
+    if not path:
+        return set()
+    keys = set()
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            scene = json.loads(line).get("scene") if line.strip() else None
+            if scene:
+                keys.add(layout_key(scene))
+    return keys
+
+
+def draw_scenes(rng: random.Random, kinds: list[str], size: int, count: int,
+                excluded: set[str]) -> list[tuple[dict[str, Any], str, str]]:
+    """``count`` fresh (scene, question, answer) of kinds drawn from ``kinds``, none with an ``excluded`` layout."""
+    drawn: list[tuple[dict[str, Any], str, str]] = []
+    while len(drawn) < count:
+        scene, text, answer = make_scene(kinds[rng.randrange(len(kinds))], rng, size)
+        if layout_key(scene) not in excluded:
+            drawn.append((scene, text, answer))
+    return drawn
+
+
+def image_conversation(image: Any, scene: dict[str, Any], text: str, answer: str, rng: random.Random,
+                       questions: int = 1) -> list[dict[str, Any]]:
+    """Chat messages about one picture (a path or an image): its question first, then up to ``questions`` - 1 more
+    of :func:`scene_questions`, each in its own turn."""
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]},
+                {"role": "assistant", "content": answer}]
+    if questions > 1:
+        extra = [(q, a) for q, a in scene_questions(scene, rng) if q != text]
+        for question, reply in extra[: questions - 1]:
+            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+    return messages
+
+
 def scene_questions(scene: dict[str, Any], rng: random.Random) -> list[tuple[str, str]]:
     """Every question a scene answers unambiguously: each object's colour and shape (their shapes and colours are
     distinct in colour and shape scenes), each shape's count in count scenes; shuffled."""
@@ -767,12 +804,8 @@ def image_records(config: OmniConfig, out: Path) -> list[dict[str, Any]]:
             seen.add(layout_key(scene))
             path = f"images/{split}/i{index:05d}.png"
             render_scene(scene).save(out / path, optimize=False)
-            messages = [{"role": "user", "content": [{"type": "image", "image": path}, {"type": "text", "text": text}]},
-                        {"role": "assistant", "content": answer}]
-            if split == "train":
-                extra = [(q, a) for q, a in scene_questions(scene, rng) if q != text]
-                for question, reply in extra[: config.train_questions_per_image - 1]:
-                    messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+            questions = config.train_questions_per_image if split == "train" else 1
+            messages = image_conversation(path, scene, text, answer, rng, questions)
             records.append({"messages": messages, "task": "image_qa", "split": split, "kind": kind, "text": text,
                             "answer": answer, "scene": scene})
     return records
