@@ -34,7 +34,7 @@ def test_omni_smoke_trains_a_thinker_with_evaluations(omni_smoke: Path) -> None:
     assert (omni_smoke / "final" / "talker" / "pacing.json").is_file()
     speech = json.loads((omni_smoke / "evals.json").read_text())["token2wav"]["speech"]
     assert speech["examples"] > 0 and speech["wer"] >= 0
-    assert {"wer_espeak", "wer_codec", "wer_token2wav", "wer_talker"} <= set(speech)
+    assert {"wer_espeak", "wer_codec", "wer_token2wav", "wer_talker", "wer_espeak_reply"} <= set(speech)
 
 
 def test_the_trained_thinker_loads_in_transformers(omni_smoke: Path) -> None:

@@ -9,7 +9,10 @@ language model over the domain's sentences):
 - ``token2wav``: the same codes → Token2wav (DiT and vocoder): what the Token2wav loses on codes that are right,
   so that the Talker's share of the ``talker`` WER is the rest;
 - ``talker``: the Thinker's own greedy reply to the question, spoken by Talker → Token2wav → vocoder; scored
-  against the Thinker's text (does the speech say what the text says?).
+  against the Thinker's text (does the speech say what the text says?);
+- ``espeak_reply``: that same reply of the Thinker spoken by espeak-ng in the record's voice (when espeak-ng is
+  installed): the judge's floor on the Thinker's words, which are not the recorded reply's (a held-out question
+  gets a guess, now and then a name the judge's language model never saw, or no words at all).
 
 Latency is measured on the ``talker`` path: seconds to the first audio chunk and the real-time factor (seconds of
 compute per second of audio).
@@ -48,16 +51,20 @@ def _greedy_reply(voice: Any, batch: dict[str, Any], max_tokens: int) -> list[in
 def evaluate_spoken_replies(voice: Any, records: Sequence[dict[str, Any]], root: str | Path, judge: Any,
                             codec: Any = None, max_tokens: int = 32) -> dict[str, float]:
     """WER of the floor (``espeak``), the codec ceiling (``codec``) and the Token2wav on the same codes
-    (``token2wav``) when a codec is given, and of the Talker's speech (``talker``); first-chunk latency and real-time
-    factor."""
+    (``token2wav``) when a codec is given, of the Talker's speech (``talker``) and of espeak-ng saying the same
+    replies (``espeak_reply``, when it is installed); first-chunk latency and real-time factor."""
+    from omnilm.data.synth.media import espeak_available, speak
+    from omnilm.data.synth.omni import parse_voice
     from omnilm.omni.audio import load_audio
     from omnilm.omni.processor import OmniProcessor
     from omnilm.omni.vocoder import griffin_lim
 
     root = Path(root)
     tokenizer = voice.tokenizer
+    with_espeak = espeak_available()
     processor = OmniProcessor(tokenizer, voice.thinker.config, voice.thinker.media_budget, root)
-    heard: dict[str, list[tuple[str, str]]] = {"espeak": [], "codec": [], "token2wav": [], "talker": []}
+    heard: dict[str, list[tuple[str, str]]] = {"espeak": [], "codec": [], "token2wav": [], "talker": [],
+                                               "espeak_reply": []}
     first_chunk, compute, audio_seconds = [], 0.0, 0.0
     for record in records:
         reference = record["messages"][-1]["content"]
@@ -71,6 +78,9 @@ def evaluate_spoken_replies(voice: Any, records: Sequence[dict[str, Any]], root:
                                   tokenizer.pad_id or 0, left_pad=True)
         reply = _greedy_reply(voice, batch, max_tokens)
         text = tokenizer.decode(reply, skip_special_tokens=True).strip()
+        if with_espeak and record.get("voice"):
+            said = judge.transcribe(speak(text, parse_voice(record["voice"]))) if text else ""
+            heard["espeak_reply"].append((text, said))
         began = time.perf_counter()
         chunks = []
         for chunk in voice.speak(batch, reply):
