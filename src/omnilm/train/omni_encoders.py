@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from omnilm.config import ConfigError
-from omnilm.train.omni_sft import OMNI_OPTIONS, WeightedBatches, media_budget, starting_thinker
+from omnilm.train.omni_sft import OMNI_OPTIONS, SeededDraws, WeightedBatches, media_budget, starting_thinker
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import Trainer, TrainResult
 
@@ -62,14 +62,13 @@ ENCODER_OPTIONS = {"audio": {}, "vision": {}, "task_weights": {}, "image_size": 
 TASKS = ("scenes", "speech")
 
 
-class SceneBatches:
-    """Batches of fresh scene renders: step ``s`` on process ``rank`` draws from its own seeded generator, so a
-    resumed run draws the very batches the uninterrupted one would."""
+class SceneBatches(SeededDraws):
+    """Batches of fresh scene renders with their labels per merged token."""
 
     def __init__(self, batch_size: int, image_size: int, kinds: list[str], budget: Any, seed: int, rank: int = 0,
                  excluded: set[str] | None = None) -> None:
+        super().__init__(seed, rank)
         self.batch_size, self.image_size, self.kinds, self.budget = batch_size, image_size, kinds, budget
-        self.seed, self.rank, self.step = seed, rank, 0
         self.excluded = excluded or set()
 
     def draw_scenes(self, rng: random.Random) -> list[dict[str, Any]]:
@@ -81,9 +80,8 @@ class SceneBatches:
         from omnilm.data.synth.omni import render_scene, scene_token_targets
         from omnilm.omni.vision import preprocess_images
 
-        rng = random.Random(f"{self.seed}/{self.rank}/{self.step}")
+        scenes = self.draw_scenes(self.generator(self.step))
         self.step += 1
-        scenes = self.draw_scenes(rng)
         features = preprocess_images([render_scene(s) for s in scenes], min_pixels=self.budget.image_min_pixels,
                                      max_pixels=self.budget.image_max_pixels)
         grids = features.image_grid_thw[:, 1:].tolist()
@@ -93,12 +91,6 @@ class SceneBatches:
         targets = np.concatenate([scene_token_targets(s, h // 2) for s, (h, _) in zip(scenes, grids, strict=True)])
         return {"task": "scenes", "pixel_values": features.pixel_values, "image_grid_thw": features.image_grid_thw,
                 "targets": torch.from_numpy(targets)}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
 
 
 class EncoderReadouts(nn.Module):

@@ -138,23 +138,43 @@ class WeightedBatches:
             source.load_state_dict(state["sources"][name])
 
 
-class FreshImageBatches:
-    """Conversations about fresh scene renders, encoded by ``collate`` (a list of message lists -> batch): step ``s``
-    on process ``rank`` draws from its own seeded generator, so a resumed run draws the batches the uninterrupted
-    one would."""
+class SeededDraws:
+    """A source that draws its batches afresh: step ``s`` on process ``rank`` draws from its own generator (seeded by
+    the stage seed, the rank, the step and the source's ``stream``), so a resumed run draws the very batches the
+    uninterrupted one would; the step is all its state."""
+
+    stream = ""
+
+    def __init__(self, seed: int, rank: int = 0) -> None:
+        self.seed, self.rank, self.step = seed, rank, 0
+
+    def generator(self, step: int) -> random.Random:
+        return random.Random(f"{self.seed}/{self.rank}/{step}{self.stream}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+
+
+class FreshImageBatches(SeededDraws):
+    """Conversations about fresh scene renders, encoded by ``collate`` (a list of message lists -> batch)."""
+
+    stream = "/images"
 
     def __init__(self, batch_size: int, image_size: int, questions: int, collate: Any, seed: int, rank: int = 0,
                  excluded: set[str] | None = None) -> None:
         from omnilm.data.synth.omni import IMAGE_KINDS
 
+        super().__init__(seed, rank)
         self.batch_size, self.image_size, self.questions, self.collate = batch_size, image_size, questions, collate
-        self.kinds, self.seed, self.rank, self.step = list(IMAGE_KINDS), seed, rank, 0
-        self.excluded = excluded or set()
+        self.kinds, self.excluded = list(IMAGE_KINDS), excluded or set()
 
     def conversations(self, step: int) -> list[list[dict[str, Any]]]:
         from omnilm.data.synth.omni import draw_scenes, image_conversation, render_scene
 
-        rng = random.Random(f"{self.seed}/{self.rank}/{step}/images")
+        rng = self.generator(step)
         return [image_conversation(render_scene(scene), scene, text, answer, rng, self.questions)
                 for scene, text, answer in draw_scenes(rng, self.kinds, self.image_size, self.batch_size,
                                                        self.excluded)]
@@ -162,12 +182,6 @@ class FreshImageBatches:
     def next_batch(self) -> dict[str, Any]:
         self.step += 1
         return self.collate(self.conversations(self.step - 1))
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.step = int(state["step"])
 
 
 class TaskBatches(WeightedBatches):
