@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from helpers import decode_digit
 from omnilm.cli import main
 from omnilm.config import ConfigError
 from omnilm.data.synth import media
@@ -34,24 +35,9 @@ from omnilm.recipe.jobs import job_inputs, run_job
 needs_espeak = pytest.mark.skipif(not media.espeak_available(),
                                   reason="espeak-ng is not installed (Debian package espeak-ng)")
 
-# Standard seven-segment encodings, written out here independently of the generator's table.
-DIGIT_OF_SEGMENTS = {"abcdef": 0, "bc": 1, "abdeg": 2, "abcdg": 3, "bcfg": 4, "acdfg": 5, "acdefg": 6, "abc": 7,
-                     "abcdefg": 8, "abcdfg": 9}
-
 
 def read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def decode_digit(image: Image.Image, box: list[int], colour: tuple[int, int, int]) -> int | None:
-    """The digit a seven-segment figure in ``box`` shows, from the pixels at the middle of each segment."""
-    x, y, w, h = box
-    t = w / 5
-    middles = {"a": (x + w / 2, y + t / 2), "b": (x + w - t / 2, y + h / 4), "c": (x + w - t / 2, y + 3 * h / 4),
-               "d": (x + w / 2, y + h - t / 2), "e": (x + t / 2, y + 3 * h / 4), "f": (x + t / 2, y + h / 4),
-               "g": (x + w / 2, y + h / 2)}
-    lit = "".join(s for s, (px, py) in sorted(middles.items()) if image.getpixel((int(px), int(py))) == colour)
-    return DIGIT_OF_SEGMENTS.get(lit)
 
 
 def wav_info(path: Path) -> tuple[int, int, int, int]:
@@ -323,6 +309,31 @@ def test_video_answers_follow_the_timeline_and_the_narration(smoke: Path) -> Non
             assert np.abs(span).max() > 0.05 and np.sqrt(np.mean(span ** 2)) > 0.01
             spoken[round(w["start"] * rate):round(w["end"] * rate)] = True
         assert not np.any(samples[~spoken])
+
+
+@needs_espeak
+def test_narration_clips_cover_every_word_in_every_training_voice(smoke: Path) -> None:
+    """narration.jsonl lists each narration word in each training voice, and its clips are the very sound the
+    training videos' narrations are made of (what fresh videos are assembled from)."""
+    from omnilm.data.synth.omni import WORDS, read_narration_clips
+
+    stats = json.loads((smoke / "stats.json").read_text())
+    listed = read(smoke / "narration.jsonl")
+    assert sorted((r["word"], r["voice"]) for r in listed) == sorted(
+        (w, v) for w in WORDS for v in stats["voices"]["train"])
+    assert {r["split"] for r in listed} == {"train"}
+    clips = read_narration_clips(smoke / "narration.jsonl")
+    assert all(len(clip) > 1600 and np.abs(clip).max() > 0.05 for words in clips.values() for clip in words.values())
+    checked = 0
+    for folder in sorted((smoke / "video" / "train").iterdir()):
+        meta = json.loads((folder / "video.json").read_text())
+        samples, rate = read_wav(folder / "narration.wav")
+        for said in meta["words"]:
+            clip = clips[meta["voice"]][said["word"]]
+            start = round(said["start"] * rate)
+            np.testing.assert_allclose(samples[start:start + len(clip)], clip, atol=1e-4)
+            checked += 1
+    assert checked >= 2
 
 
 @needs_espeak

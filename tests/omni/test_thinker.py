@@ -99,6 +99,15 @@ def test_a_transformers_thinker_loads_with_equal_logits(hf_folder: Path, case: s
     torch.testing.assert_close(logits[real], hf_logits(reference, inputs)[real], atol=1e-4, rtol=1e-4)
 
 
+def test_logits_at_selected_positions_are_those_of_the_whole_sequence(hf_folder: Path) -> None:
+    ours = load_thinker(hf_folder)
+    inputs = media_batch(ours.config, CASES["audio_in_video"][0], True)
+    chosen = torch.zeros_like(inputs["attention_mask"], dtype=torch.bool)
+    chosen[0, -3:], chosen[1, [-1, -5]] = True, True
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs, logits_at=chosen), ours(**inputs)[chosen], atol=1e-5, rtol=1e-5)
+
+
 def test_an_omnilm_thinker_folder_loads_in_transformers(tmp_path: Path, hf_thinker_config) -> None:  # noqa: ANN001
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 

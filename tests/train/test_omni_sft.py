@@ -100,6 +100,27 @@ def test_omni_sft_trains_a_thinker_and_resumes_exactly(omni_setup: dict, tmp_pat
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0, msg=name)
 
 
+def test_loss_scores_the_reply_tokens_alone(omni_setup: dict) -> None:
+    """The summed loss equals cross-entropy over the whole sequence's logits with every non-reply target ignored."""
+    import torch.nn.functional as F
+
+    from omnilm.omni.processor import OmniProcessor, media_arguments
+    from omnilm.train.omni_sft import OMNI_OPTIONS, media_budget, starting_thinker, thinker_loss_sums
+
+    options = OMNI_OPTIONS | stage(omni_setup, 1).options
+    thinker, tokenizer = starting_thinker(omni_setup["text"], options, seed=0)
+    processor = OmniProcessor(tokenizer, thinker.config, media_budget(options), root=omni_setup["data"].parent)
+    records = [json.loads(line) for line in omni_setup["data"].read_text().splitlines()]
+    batch = processor.collate([processor.encode(r["messages"]) for r in records[-3:]], 0)
+    with torch.no_grad():
+        sums, _ = thinker_loss_sums(thinker, batch)
+        logits = thinker(batch["input_ids"], batch["attention_mask"], **media_arguments(batch))
+    targets = batch["input_ids"][:, 1:].masked_fill(batch["loss_mask"][:, 1:] == 0, -100)
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="sum")
+    assert int((targets != -100).sum()) > 3
+    torch.testing.assert_close(sums["reply"], expected, atol=1e-4, rtol=1e-5)
+
+
 def test_evaluation_counts_exact_replies_per_task(omni_setup: dict, tmp_path: Path) -> None:
     """A thinker whose replies are forced right (by construction of the check) scores 1, and a wrong reference
     scores 0: the teacher-forced check equals greedy decoding."""
@@ -213,6 +234,63 @@ def test_fresh_image_batches_resume_exactly_and_skip_excluded_layouts(seed: int,
     assert len(avoiding) == 3
     assert not excluded & {layout_key(s) for s, _, _ in draw_scenes(random.Random(f"{seed}/{rank}/0/images"),
                                                                     whole.kinds, 112, 3, excluded)}
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 1000), cut=st.integers(0, 3), rank=st.integers(0, 1), questions=st.integers(1, 3))
+def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly(seed: int, cut: int, rank: int,
+                                                                                 questions: int) -> None:
+    """Fresh videos: each answer is the digit on screen (read off the pixels) while the asked word's clip sounds in
+    the narration (found by its length: each word a tone of its own length); step s draws the same videos however
+    the run got there."""
+    import hashlib
+
+    from PIL import Image
+
+    from helpers import read_digit
+    from omnilm.data.synth.omni import omni_config
+    from omnilm.train.omni_sft import FreshVideoBatches
+
+    config = omni_config(overrides={"video_segments": 4, "words_per_video": 3, "video_size": 56})
+    names = ["cat", "dog", "red", "blue", "frog"]
+    length = {name: 2400 + 800 * i for i, name in enumerate(names)}  # 0.15 s, 0.2 s, ... in distinct lengths
+    clips = {voice: {name: np.full(length[name], 0.5) for name in names} for voice in ("v1", "v2")}
+
+    def batches() -> FreshVideoBatches:
+        return FreshVideoBatches(2, clips, config, questions, lambda conversations: conversations, seed, rank)
+
+    def digest(conversation: list[dict]) -> str:
+        video = conversation[0]["content"][0]
+        frames = b"".join(np.asarray(frame).tobytes() for frame in video["video"])
+        return hashlib.sha1(frames + video["audio"].tobytes() + json.dumps(conversation[1:]).encode()).hexdigest()
+
+    whole = batches()
+    drawn = [whole.next_batch() for _ in range(4)]
+    resumed = batches()
+    resumed.load_state_dict(json.loads(json.dumps({"step": cut})))
+    assert [[digest(c) for c in b] for b in drawn[cut:]] == \
+        [[digest(c) for c in resumed.next_batch()] for _ in range(4 - cut)]
+    for conversation in (c for batch in drawn for c in batch):
+        video = conversation[0]["content"][0]
+        assert video["type"] == "video" and video["fps"] == config.video_fps
+        assert all(isinstance(f, Image.Image) and f.size == (56, 56) for f in video["video"])
+        assert len(video["audio"]) == round(len(video["video"]) / video["fps"] * 16000)
+        assert len(conversation) == 2 * questions and all(isinstance(m["content"], str) for m in conversation[2::2])
+        # Where each word sounds: the runs of non-silent samples, named by their length.
+        loud = np.concatenate([[0], (video["audio"] != 0).astype(int), [0]])
+        starts, ends = np.flatnonzero(np.diff(loud) == 1), np.flatnonzero(np.diff(loud) == -1)
+        heard = {next(n for n in names if length[n] == end - start): (start + end) / 2 / 16000
+                 for start, end in zip(starts, ends, strict=True)}
+        assert len(heard) == config.words_per_video
+        shown = [read_digit(frame) for frame in video["video"]]
+        assert len(set(shown)) == config.video_segments and None not in shown
+        asked = set()
+        for user, reply in zip(conversation[0::2], conversation[1::2], strict=True):
+            text = user["content"] if isinstance(user["content"], str) else user["content"][-1]["text"]
+            word = text.removeprefix("Which digit was on screen when the voice said ").removesuffix("?")
+            asked.add(word)
+            assert reply["content"] == str(shown[int(heard[word] * config.video_fps)])
+        assert len(asked) == questions
 
 
 def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:

@@ -115,11 +115,15 @@ class Thinker(nn.Module):
                 pixel_values_videos: torch.Tensor | None = None, video_grid_thw: torch.Tensor | None = None,
                 video_second_per_grid: torch.Tensor | None = None, use_audio_in_video: bool = False,
                 position_ids: torch.Tensor | None = None, cache: KVCache | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """Logits (B, T, vocab); the keyword arguments are those of transformers' thinker."""
+                last_only: bool = False, logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab); the keyword arguments are those of transformers' thinker. ``logits_at`` (B, T)
+        bool: only the logits of those positions, (N, vocab) in row-major order (training scores a few reply
+        tokens among hundreds of media placeholders, and the head over every position is most of its cost)."""
         h = self.hidden_states(input_ids, attention_mask, input_features, feature_attention_mask, pixel_values,
                                image_grid_thw, pixel_values_videos, video_grid_thw, video_second_per_grid,
                                use_audio_in_video, position_ids, cache)
+        if logits_at is not None:
+            return self.decoder.lm_head(h[logits_at])
         return self.decoder.lm_head(h[:, -1:] if last_only else h)
 
     def flops_per_token(self, seq_len: int) -> float:

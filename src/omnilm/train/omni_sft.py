@@ -29,6 +29,16 @@ Options:
 ``image_size`` (112)      side of the fresh renders in pixels
 ``questions_per_image`` (4) questions asked about each fresh render, one turn each (the first is its own kind's)
 ``exclude_layouts`` ("")  a jsonl file whose records' ``scene`` layouts are never drawn (the evaluation renders)
+``fresh_videos`` ("")     task ``video_qa`` drawn as fresh narrated videos instead of records: a narration clip file
+                          (``narration.jsonl`` of ``omnilm data synth omni``), whose folder's ``config.json`` sets the
+                          videos' size, timing and words per video; each video asks ``questions_per_video`` of its
+                          questions of the kinds ``video_tasks``, one turn each, in random order. Needs a
+                          ``task_weights`` entry for ``video_qa``
+``questions_per_video`` (3)
+``video_tasks`` ([video_qa]) which questions fresh videos ask: ``video_qa`` ("which digit was on screen when the voice
+                          said X", one per word), and the parts it joins, ``video_digits`` (the digits in order),
+                          ``video_words`` (the words said in order), ``video_word_at`` (the word said while a digit
+                          was shown)
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
@@ -44,7 +54,6 @@ from torch import nn
 
 from omnilm.config import ConfigError
 from omnilm.data.sources import ReadReport
-from omnilm.objectives.lm import IGNORE_INDEX
 from omnilm.omni.processor import media_arguments
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
@@ -52,8 +61,10 @@ from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 OMNI_OPTIONS = {"audio": {}, "vision": {}, "image_max_pixels": 112 * 112, "video_min_pixels": 56 * 56,
                 "video_max_pixels": 56 * 56, "video_fps": 2.0, "cache_mb": 2048,
                 "spec_augment": {}, "task_weights": {}, "fresh_images": False, "image_size": 112,
-                "questions_per_image": 4, "exclude_layouts": "", "strict": False}
+                "questions_per_image": 4, "exclude_layouts": "", "fresh_videos": "", "questions_per_video": 3,
+                "video_tasks": ["video_qa"], "strict": False}
 FRESH_IMAGE_TASK = "image_qa"
+FRESH_VIDEO_TASK = "video_qa"
 
 def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
     """(Thinker, tokenizer) to start from: a thinker folder as it is, or a text model turned into one."""
@@ -184,6 +195,36 @@ class FreshImageBatches(SeededDraws):
         return self.collate(self.conversations(self.step - 1))
 
 
+class FreshVideoBatches(SeededDraws):
+    """Conversations about fresh narrated digit videos (:func:`omnilm.data.synth.omni.compose_video`): a training
+    voice, digits and words drawn anew for every video, assembled from ``clips`` (voice -> word -> waveform)."""
+
+    stream = "/videos"
+
+    def __init__(self, batch_size: int, clips: dict[str, dict[str, Any]], config: Any, questions: int,
+                 collate: Any, seed: int, rank: int = 0, tasks: tuple[str, ...] = ("video_qa",)) -> None:
+        super().__init__(seed, rank)
+        self.batch_size, self.clips, self.config, self.questions = batch_size, clips, config, questions
+        self.tasks = tasks
+        self.voices, self.collate = sorted(clips), collate
+
+    def conversations(self, step: int) -> list[list[dict[str, Any]]]:
+        from omnilm.data.synth.omni import compose_video, draw_said, video_conversation
+
+        rng, drawn = self.generator(step), []
+        for _ in range(self.batch_size):
+            clips = self.clips[rng.choice(self.voices)]
+            digits = rng.sample(range(10), self.config.video_segments)
+            words, segments = draw_said(self.config, rng, sorted(clips))
+            video = compose_video(self.config, digits, dict(zip(segments, words, strict=True)), clips, rng)
+            drawn.append(video_conversation(video, rng, self.questions, self.tasks))
+        return drawn
+
+    def next_batch(self) -> dict[str, Any]:
+        self.step += 1
+        return self.collate(self.conversations(self.step - 1))
+
+
 class TaskBatches(WeightedBatches):
     """Batches of one task each: the task drawn at random per step (by ``weights``, default in proportion to its
     records), its records in a seeded, resumable order (an :class:`~omnilm.data.examples.ExampleLoader` per task,
@@ -209,13 +250,32 @@ class TaskBatches(WeightedBatches):
                                                for name in loaders | generated}, seed)
 
 
+def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], batch_size: int, collate: Any,
+                       seed: int, rank: int) -> FreshVideoBatches:
+    """Fresh videos like those of the synth run that wrote ``clip_file`` (its ``config.json``: size, timing)."""
+    import json
+
+    from omnilm.data.synth.omni import VIDEO_TASKS, omni_config, read_narration_clips
+
+    settings = clip_file.parent / "config.json"
+    if not clip_file.is_file() or not settings.is_file():
+        raise ConfigError(f"fresh_videos: {clip_file} and {settings} must exist (omnilm data synth omni writes them)")
+    config = omni_config(overrides=json.loads(settings.read_text(encoding="utf-8")))
+    clips = read_narration_clips(clip_file)
+    if short := sorted(voice for voice, words in clips.items() if len(words) < config.words_per_video):
+        raise ConfigError(f"fresh_videos: voice(s) {short} have fewer than {config.words_per_video} words")
+    if unknown := sorted(set(tasks) - set(VIDEO_TASKS)):
+        raise ConfigError(f"video_tasks: unknown {unknown} (known: {', '.join(VIDEO_TASKS)})")
+    return FreshVideoBatches(batch_size, clips, config, questions, collate, seed, rank, tasks)
+
+
 def thinker_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Summed next-token loss over the reply tokens of a batch (``loss_mask`` 1)."""
     ids, mask = batch["input_ids"], batch["loss_mask"]
-    logits = model(ids, batch["attention_mask"], **media_arguments(batch))
-    targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
-    loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+    scored = torch.zeros_like(mask, dtype=torch.bool)
+    scored[:, :-1] = mask[:, 1:] == 1  # the positions whose next token is a reply token
+    logits = model(ids, batch["attention_mask"], logits_at=scored, **media_arguments(batch))
+    loss = F.cross_entropy(logits.float(), ids[:, 1:][scored[:, :-1]], reduction="sum")
     return {"reply": loss}, {}
 
 
@@ -279,6 +339,10 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
         generated[FRESH_IMAGE_TASK] = FreshImageBatches(
             train.batch_size, int(options["image_size"]), int(options["questions_per_image"]), collate_messages,
             train.seed, info.rank, recorded_layouts(str(options["exclude_layouts"])))
+    if options["fresh_videos"]:
+        generated[FRESH_VIDEO_TASK] = fresh_video_source(
+            Path(str(options["fresh_videos"])), int(options["questions_per_video"]), tuple(options["video_tasks"]),
+            train.batch_size, collate_messages, train.seed, info.rank)
     loader = TaskBatches(tasks, dict(options["task_weights"]), train.batch_size, collate, train.seed, info.rank,
                          info.world_size, generated)
     if info.enabled:

@@ -11,6 +11,8 @@ Files written:
                   ``speak``; split by QA split), and ``say_texts`` fresh texts after "Repeat after me:" (task
                   ``say``, training split): the Talker's and Token2wav's data; replies spoken word by word carry
                   ``reply_words`` ([word, start s, end s])
+``narration.jsonl`` every video narration word spoken alone in every training voice (``word``, ``voice``,
+                  ``audio``): what fresh videos are assembled from while training (``omni_sft`` ``fresh_videos``)
 ``stats.json``    counts per task and split, the voices of each split, seconds of audio, generation time
 ``config.json``   the settings used
 ``audio/``        spoken questions (file name: a hash of text and voice, so reruns reuse them); ``audio/replies/``
@@ -83,6 +85,9 @@ TRANSCRIBE_PROMPT = "What did the voice say?"
 #: The user turn of a text-to-speech request: the reply is the text itself (``omnilm.omni.speech.Voice.speak_text``).
 SAY_PROMPT = "Repeat after me: {text}"
 
+#: Every narration word spoken alone in every training voice (word, voice, audio, split): the clips fresh videos
+#: are assembled from (:func:`read_narration_clips`).
+NARRATION_FILE = "narration.jsonl"
 #: Narration words of the videos: short, common and distinct in sound.
 WORDS = ("red", "green", "blue", "yellow", "purple", "cat", "dog", "horse", "tiger", "lion", "zebra", "rabbit",
          "monkey", "eagle", "whale", "snake", "mouse", "bear", "frog", "apple")
@@ -100,6 +105,7 @@ VIDEO_QUESTION = "Which digit was on screen when the voice said {word}?"
 VIDEO_WORDS_QUESTION = "What did the voice say?"
 VIDEO_DIGITS_QUESTION = "Which digits were shown?"
 VIDEO_WORD_AT_QUESTION = "What did the voice say while {digit} was on screen?"
+VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits")
 
 
 @dataclass
@@ -708,12 +714,18 @@ def image_conversation(image: Any, scene: dict[str, Any], text: str, answer: str
                        questions: int = 1) -> list[dict[str, Any]]:
     """Chat messages about one picture (a path or an image): its question first, then up to ``questions`` - 1 more
     of :func:`scene_questions`, each in its own turn."""
-    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]},
-                {"role": "assistant", "content": answer}]
+    asked = [(text, answer)]
     if questions > 1:
-        extra = [(q, a) for q, a in scene_questions(scene, rng) if q != text]
-        for question, reply in extra[: questions - 1]:
-            messages += [{"role": "user", "content": question}, {"role": "assistant", "content": reply}]
+        asked += [(q, a) for q, a in scene_questions(scene, rng) if q != text][: questions - 1]
+    return media_conversation({"type": "image", "image": image}, asked)
+
+
+def media_conversation(part: dict[str, Any], asked: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Chat messages asking the (question, answer) pairs of ``asked`` in turn, the media ``part`` in the first."""
+    messages: list[dict[str, Any]] = []
+    for turn, (question, answer) in enumerate(asked):
+        content = [part, {"type": "text", "text": question}] if turn == 0 else question
+        messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
     return messages
 
 
@@ -830,10 +842,16 @@ def plan_videos(config: OmniConfig, voices: dict[str, list[Voice]], rng: random.
     for split, count in (("train", config.train_videos), ("eval", config.eval_videos)):
         for index in range(count):
             digits = rng.sample(range(10), config.video_segments)  # distinct: each word has its own answer
-            plans.append(VideoPlan(split, f"video/{split}/v{index:04d}", rng.choice(voices[split]), digits,
-                                   rng.sample(WORDS, config.words_per_video),
-                                   sorted(rng.sample(range(config.video_segments), config.words_per_video))))
+            voice = rng.choice(voices[split])
+            plans.append(VideoPlan(split, f"video/{split}/v{index:04d}", voice, digits, *draw_said(config, rng)))
     return plans
+
+
+def draw_said(config: OmniConfig, rng: random.Random, words: list[str] | tuple[str, ...] = WORDS,
+              ) -> tuple[list[str], list[int]]:
+    """``words_per_video`` distinct narration words and the segments they are said in (ascending)."""
+    return (rng.sample(list(words), config.words_per_video),
+            sorted(rng.sample(range(config.video_segments), config.words_per_video)))
 
 
 def word_job(word: str, voice: Voice) -> SpeechJob:
@@ -842,31 +860,42 @@ def word_job(word: str, voice: Voice) -> SpeechJob:
     return SpeechJob(word, voice, 0.0, "audio/words")
 
 
-def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Random,
-                clips: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Frames, narration and ``video.json`` of one planned video; returns its question records."""
+@dataclass
+class NarratedVideo:
+    """A digit video in memory: ``frames`` (PIL images, one per frame at ``fps``), the ``narration`` waveform
+    (16 kHz), the ``timeline`` of digits shown and the ``words`` said (word, start and end in seconds)."""
+
+    fps: int
+    frames: list[Any]
+    narration: np.ndarray
+    timeline: list[dict[str, Any]]
+    words: list[dict[str, Any]]
+
+    @property
+    def duration(self) -> float:
+        return len(self.frames) / self.fps
+
+
+def compose_video(config: OmniConfig, digits: list[int], said: dict[int, str], clips: dict[str, np.ndarray],
+                  rng: random.Random) -> NarratedVideo:
+    """Digits shown in turn, each for ``segment_seconds_min..max`` (whole frames, longer where a word must fit),
+    ``said[i]`` spoken inside segment ``i`` with ``word_margin`` to spare; ``clips`` holds each word's waveform."""
     from PIL import Image, ImageDraw
 
     fps, size = config.video_fps, config.video_size
     lo = max(1, math.ceil(config.segment_seconds_min * fps - 1e-9))
     hi = max(lo, math.floor(config.segment_seconds_max * fps + 1e-9))
-    said = dict(zip(plan.word_segments, plan.words, strict=True))
     frames_per_segment = []
-    for segment in range(len(plan.digits)):
+    for segment in range(len(digits)):
         frames = rng.randint(lo, hi)
         if segment in said:  # long enough for the word with the margin on both sides
             need = len(clips[said[segment]]) / SAMPLE_RATE + 2 * config.word_margin
             frames = max(frames, math.ceil(need * fps - 1e-9))
         frames_per_segment.append(frames)
-    total_frames = sum(frames_per_segment)
-    duration = total_frames / fps
-    narration = np.zeros(round(duration * SAMPLE_RATE))
+    video = NarratedVideo(fps, [], np.zeros(round(sum(frames_per_segment) / fps * SAMPLE_RATE)), [], [])
     background = _background(rng)
-    folder = out / plan.folder
-    folder.mkdir(parents=True, exist_ok=True)
-    timeline, words, frame_files, records = [], [], [], []
-    first = 0
-    for segment, (digit, frames) in enumerate(zip(plan.digits, frames_per_segment, strict=True)):
+    for segment, (digit, frames) in enumerate(zip(digits, frames_per_segment, strict=True)):
+        first = len(video.frames)
         start, end = first / fps, (first + frames) / fps
         w = rng.randint(round(0.3 * size), round(0.42 * size))
         h = round(1.8 * w)
@@ -874,46 +903,82 @@ def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Rand
         colour = rng.choice(list(COLOURS))
         image = Image.new("RGB", (size, size), background)
         draw_digit(ImageDraw.Draw(image), digit, tuple(box), COLOURS[colour])
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        for frame in range(first, first + frames):  # a still digit: the same picture for each of its frames
-            name = f"frame_{frame:03d}.png"
-            (folder / name).write_bytes(buffer.getvalue())
-            frame_files.append(name)
-        timeline.append({"digit": digit, "start": start, "end": end, "first_frame": first, "frames": frames,
-                         "colour": colour, "box": box})
+        video.frames += [image] * frames  # a still digit: the same picture for each of its frames
+        video.timeline.append({"digit": digit, "start": start, "end": end, "first_frame": first, "frames": frames,
+                               "colour": colour, "box": box})
         if segment in said:
             clip = clips[said[segment]]
             earliest = round((start + config.word_margin) * SAMPLE_RATE)
             latest = round((end - config.word_margin) * SAMPLE_RATE) - len(clip)
             offset = rng.randint(earliest, max(earliest, latest))
-            narration[offset:offset + len(clip)] += clip
-            words.append({"word": said[segment], "start": offset / SAMPLE_RATE,
-                          "end": (offset + len(clip)) / SAMPLE_RATE})
-        first += frames
-    write_wav(folder / "narration.wav", narration)
-    write_json_atomic(folder / "video.json", {
-        "fps": fps, "size": size, "frames": frame_files, "duration": duration, "narration": "narration.wav",
-        "sample_rate": SAMPLE_RATE, "voice": plan.voice.name, "timeline": timeline, "words": words})
+            video.narration[offset:offset + len(clip)] += clip
+            video.words.append({"word": said[segment], "start": offset / SAMPLE_RATE,
+                                "end": (offset + len(clip)) / SAMPLE_RATE})
+    return video
 
-    def record(task: str, question: str, answer: str, **fields: Any) -> dict[str, Any]:
-        content = [{"type": "video", "video": plan.folder, "audio": f"{plan.folder}/narration.wav"},
-                   {"type": "text", "text": question}]
-        return {"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": answer}],
-                "task": task, "split": plan.split, "voice": plan.voice.name, "text": question, "answer": answer,
-                **fields, "video": plan.folder, "use_audio_in_video": True}
 
-    for spoken in words:
-        digit = str(next(t["digit"] for t in timeline if t["start"] <= spoken["start"] < t["end"]))
+def video_questions(video: NarratedVideo) -> list[tuple[str, str, str, dict[str, Any]]]:
+    """(task, question, answer, fields) of every question a video answers: for each word said, the digit on screen
+    then (``video_qa``) and the question turned round (``video_word_at``); then its parts asked alone: the words
+    said in order (``video_words``; the audio encoder hears these words nowhere else) and the digits shown."""
+    questions = []
+    for spoken in video.words:
+        digit = str(next(t["digit"] for t in video.timeline if t["start"] <= spoken["start"] < t["end"]))
         span = {"word": spoken["word"], "time": [spoken["start"], spoken["end"]]}
-        records.append(record("video_qa", VIDEO_QUESTION.format(word=spoken["word"]), digit, **span))
-        records.append(record("video_word_at", VIDEO_WORD_AT_QUESTION.format(digit=digit), spoken["word"], **span))
-    # The parts the time alignment joins, asked alone: which words were said (the audio encoder never heard these
-    # words elsewhere) and which digits were shown.
-    said_text = " ".join(spoken["word"] for spoken in words)
-    records.append(record("video_words", VIDEO_WORDS_QUESTION, said_text) | {"text": said_text})
-    records.append(record("video_digits", VIDEO_DIGITS_QUESTION, " ".join(str(t["digit"]) for t in timeline)))
-    return records
+        questions.append(("video_qa", VIDEO_QUESTION.format(word=spoken["word"]), digit, span))
+        questions.append(("video_word_at", VIDEO_WORD_AT_QUESTION.format(digit=digit), spoken["word"], span))
+    said_text = " ".join(spoken["word"] for spoken in video.words)
+    questions.append(("video_words", VIDEO_WORDS_QUESTION, said_text, {"text": said_text}))
+    questions.append(("video_digits", VIDEO_DIGITS_QUESTION, " ".join(str(t["digit"]) for t in video.timeline), {}))
+    return questions
+
+
+def read_narration_clips(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
+    """voice -> word -> waveform of the narration clips listed in ``path`` (a :data:`NARRATION_FILE`)."""
+    path = Path(path)
+    clips: dict[str, dict[str, np.ndarray]] = defaultdict(dict)
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        clips[record["voice"]][record["word"]] = read_wav(path.parent / record["audio"])[0].astype(np.float64)
+    if not clips:
+        raise UserError(f"{path}: no narration clips")
+    return dict(clips)
+
+
+def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Random,
+                clips: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Frames, narration and ``video.json`` of one planned video; returns its question records."""
+    video = compose_video(config, plan.digits, dict(zip(plan.word_segments, plan.words, strict=True)), clips, rng)
+    folder = out / plan.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    frame_files = []
+    for segment in video.timeline:
+        buffer = io.BytesIO()
+        video.frames[segment["first_frame"]].save(buffer, format="PNG")
+        for frame in range(segment["first_frame"], segment["first_frame"] + segment["frames"]):
+            frame_files.append(f"frame_{frame:03d}.png")
+            (folder / frame_files[-1]).write_bytes(buffer.getvalue())
+    write_wav(folder / "narration.wav", video.narration)
+    write_json_atomic(folder / "video.json", {
+        "fps": video.fps, "size": config.video_size, "frames": frame_files, "duration": video.duration,
+        "narration": "narration.wav", "sample_rate": SAMPLE_RATE, "voice": plan.voice.name,
+        "timeline": video.timeline, "words": video.words})
+    content = [{"type": "video", "video": plan.folder, "audio": f"{plan.folder}/narration.wav"}]
+    return [{"messages": [{"role": "user", "content": [*content, {"type": "text", "text": question}]},
+                          {"role": "assistant", "content": answer}],
+             "task": task, "split": plan.split, "voice": plan.voice.name, "text": question, "answer": answer,
+             **fields, "video": plan.folder, "use_audio_in_video": True}
+            for task, question, answer, fields in video_questions(video)]
+
+
+def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
+                       tasks: tuple[str, ...] = ("video_qa",)) -> list[dict[str, Any]]:
+    """A conversation about an in-memory video with its narration: up to ``questions`` of its questions of
+    ``tasks`` (:func:`video_questions`) in random order, one turn each, the video in the first."""
+    asked = [(q, a) for task, q, a, _ in video_questions(video) if task in tasks]
+    asked = rng.sample(asked, min(questions, len(asked)))
+    return media_conversation({"type": "video", "video": video.frames, "fps": video.fps, "audio": video.narration},
+                              asked)
 
 
 # ---------------------------------------------------------------------------------------------- all of it
@@ -937,6 +1002,9 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
     video_rng = random.Random(config.seed * 1_000_003 + 53)
     plans = plan_videos(config, voices, video_rng)
     word_jobs = {(w, p.voice.name): word_job(w, p.voice) for p in plans for w in p.words}
+    # Every narration word in every training voice: what fresh videos are assembled from while training.
+    narration = {(w, v.name): word_job(w, v) for v in voices["train"] for w in WORDS}
+    word_jobs |= narration
     prepare_audio_cache(out / "audio")
     speech_began = time.perf_counter()
     seconds, cached = synthesise(jobs + list(word_jobs.values()), out, config.workers)
@@ -965,6 +1033,8 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", [r for r in records if r["split"] == "eval"])
     write_jsonl(out / "speech.jsonl", speech_records)
+    write_jsonl(out / NARRATION_FILE, [{"word": w, "voice": v, "audio": job.path, "split": "train"}
+                                       for (w, v), job in narration.items()])
     write_json_atomic(out / "config.json", asdict(config))
 
     counts: dict[str, dict[str, int]] = defaultdict(Counter)
