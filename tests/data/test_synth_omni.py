@@ -322,6 +322,9 @@ def test_narration_clips_cover_every_word_in_every_training_voice(smoke: Path) -
     assert sorted((r["word"], r["voice"]) for r in listed) == sorted(
         (w, v) for w in WORDS for v in stats["voices"]["train"])
     assert {r["split"] for r in listed} == {"train"}
+    for record in listed:  # a transcription record of its clip: CTC data for the audio encoder
+        assert record["messages"][0]["content"][0] == {"type": "audio", "audio": record["audio"]}
+        assert record["messages"][1]["content"] == record["text"] == record["word"]
     clips = read_narration_clips(smoke / "narration.jsonl")
     assert all(len(clip) > 1600 and np.abs(clip).max() > 0.05 for words in clips.values() for clip in words.values())
     checked = 0

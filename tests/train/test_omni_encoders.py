@@ -112,6 +112,29 @@ def test_each_objective_learns(task: str, text_model: Path, tmp_path: Path) -> N
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:3])
 
 
+def test_each_speech_source_is_a_task_of_its_own_weight(text_model: Path, tmp_path: Path) -> None:
+    """A second speech source drawn alone (the others at weight 0) trains CTC on its records; a weight naming no
+    task, or a source named like the scenes, is refused."""
+    from omnilm.config import ConfigError
+    from omnilm.train.stage import StageConfig, run_stage
+
+    speech = write_speech_records(tmp_path / "media")
+    words = tmp_path / "media" / "words.jsonl"
+    words.write_text("".join(line + "\n" for line in speech.read_text().splitlines()[:3]))
+
+    def two_sources(weights: dict, names: tuple[str, str] = ("speech", "words")) -> StageConfig:
+        mapping = stage(text_model, 4, speech, kinds=["colour"], task_weights=weights).to_mapping()
+        return StageConfig.from_mapping(mapping | {"data": {names[0]: str(speech), names[1]: str(words)}})
+
+    run_stage(two_sources({"scenes": 0, "speech": 0, "words": 1}), tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert sum("ctc_loss" in r for r in records) == 4
+    with pytest.raises(ConfigError, match="unknown task_weights"):
+        run_stage(two_sources({"narration": 1}), tmp_path / "bad")
+    with pytest.raises(ConfigError, match="may not be named 'scenes'"):
+        run_stage(two_sources({}, ("scenes", "words")), tmp_path / "bad2")
+
+
 def test_ctc_log_probabilities_are_each_audio_alone_over_the_token_embeddings(tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     """The batched read-out equals, audio by audio, the encoder run on that audio alone scored against the decoder's
     embedding rows and the blank; padding frames past an audio's tokens are not read by the loss."""
@@ -126,7 +149,8 @@ def test_ctc_log_probabilities_are_each_audio_alone_over_the_token_embeddings(to
     with torch.no_grad():
         readouts.ctc_blank.normal_()
     config = stage(text, 1, write_speech_records(tmp_path / "media"))
-    examples, report = speech_examples(config, tokenizer, strict=False)
+    by_source, report = speech_examples(config, tokenizer, strict=False)
+    examples = by_source["speech"]
     assert len(examples) == 8 and report.malformed == 1 and "speech.jsonl:9: a speech record" in report.problems[0]
     assert examples[1][1] == tokenizer.encode("down", special=False)
     assert examples[5][0] == tmp_path / "media" / "tone5.wav"  # the video's sound track

@@ -23,13 +23,15 @@ start from; the read-outs are kept beside the weights (``readout.safetensors``) 
 
 Data: the stage's ``data`` sources hold the speech records: a user turn with an ``audio`` part (or a ``video`` part
 with its ``audio`` track), and the words said in the record's ``text`` field (``omnilm data synth omni``'s
-``transcribe`` and ``video_words`` records). Without sources only scenes are drawn.
+``transcribe``, ``video_words`` and ``narration.jsonl`` records). Each source is a CTC task of its own name, drawn
+as often as its ``task_weights`` entry says (e.g. the spoken questions and the videos' narration words apart).
+Without sources only scenes are drawn.
 
 Options:
 
 ``audio`` ({}) / ``vision`` ({})   encoder fields of a new Thinker (a text model start only), as in ``omni_sft``
-``task_weights`` ({})              how often each objective is drawn, e.g. ``{scenes: 1, speech: 1}`` (default: equal;
-                                   an objective of weight 0 is off)
+``task_weights`` ({})              how often each task is drawn: ``scenes`` and each data source by its name, e.g.
+                                   ``{scenes: 1, speech: 1}`` (default: equal; a task of weight 0 is off)
 ``image_size`` (112)              side of the rendered scenes in pixels
 ``kinds``                         scene kinds drawn in turn (default: every image question kind)
 ``exclude_layouts`` ("")          a jsonl file whose records' ``scene`` layouts are never drawn (the evaluation
@@ -59,7 +61,7 @@ READOUT_FILE = "readout.safetensors"
 ENCODER_OPTIONS = {"audio": {}, "vision": {}, "task_weights": {}, "image_size": 112, "kinds": [],
                    "exclude_layouts": "", "positive_weight": 4.0,
                    "image_max_pixels": OMNI_OPTIONS["image_max_pixels"], "strict": False}
-TASKS = ("scenes", "speech")
+SCENES = "scenes"  # the vision task; every data source is a speech task of its own name
 
 
 class SceneBatches(SeededDraws):
@@ -89,7 +91,7 @@ class SceneBatches(SeededDraws):
             raise ConfigError(f"scenes of {self.image_size} px became non-square grids {grids}")
         # Merged tokens are cells of 2 x 2 patches, in raster order per image.
         targets = np.concatenate([scene_token_targets(s, h // 2) for s, (h, _) in zip(scenes, grids, strict=True)])
-        return {"task": "scenes", "pixel_values": features.pixel_values, "image_grid_thw": features.image_grid_thw,
+        return {"task": SCENES, "pixel_values": features.pixel_values, "image_grid_thw": features.image_grid_thw,
                 "targets": torch.from_numpy(targets)}
 
 
@@ -106,7 +108,7 @@ class EncoderReadouts(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         """Scene logits (cells, labels), or CTC log-probabilities (audio tokens, B, vocab + 1; blank last)."""
-        if batch["task"] == "scenes":
+        if batch["task"] == SCENES:
             return self.scene_head(self.thinker.visual(batch["pixel_values"], batch["image_grid_thw"]))
         from omnilm.omni.audio import audio_token_lengths, pack_features
 
@@ -142,16 +144,18 @@ class EncoderReadouts(nn.Module):
         return thinker | load_file(str(Path(folder) / READOUT_FILE))
 
 
-def speech_examples(config: StageConfig, tokenizer: Any, strict: bool) -> tuple[list[tuple[Path, list[int]]], Any]:
-    """(audio path, transcript token ids) of every speech record of the stage's sources; a record without one audio
-    part (or one video part with its ``audio`` track) and its words is skipped (or, ``strict``, fails the run)
-    naming its file and line."""
+def speech_examples(config: StageConfig, tokenizer: Any, strict: bool,
+                    ) -> tuple[dict[str, list[tuple[Path, list[int]]]], Any]:
+    """Source name -> (audio path, transcript token ids) of every speech record of that source; a record without
+    one audio part (or one video part with its ``audio`` track) and its words is skipped (or, ``strict``, fails the
+    run) naming its file and line."""
     from omnilm.data.chat_data import read_records
     from omnilm.data.sources import ReadReport
 
     report = ReadReport()
-    examples = []
-    for source in config.data.values():
+    examples: dict[str, list[tuple[Path, list[int]]]] = {}
+    for name, source in config.data.items():
+        examples[name] = []
         for record, location in read_records([source.path], source.where, strict, report):
             messages = record.get("messages") if isinstance(record.get("messages"), list) else []
             parts = [part for message in messages if isinstance(message, dict) and message.get("role") == "user"
@@ -162,7 +166,7 @@ def speech_examples(config: StageConfig, tokenizer: Any, strict: bool) -> tuple[
             if len(audio) != 1 or not isinstance(text, str) or not text.strip():
                 report.skip(location, "a speech record needs one audio track and its words in 'text'", strict)
                 continue
-            examples.append((Path(source.path).parent / audio[0], tokenizer.encode(text, special=False)))
+            examples[name].append((Path(source.path).parent / audio[0], tokenizer.encode(text, special=False)))
     return examples, report
 
 
@@ -196,7 +200,7 @@ def encoder_loss(positive_weight: float) -> Any:
 
     def loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         out = model(batch)
-        if batch["task"] == "scenes":
+        if batch["task"] == SCENES:
             targets = batch["targets"]
             weight = torch.full((targets.shape[-1],), positive_weight, device=out.device)
             value = F.binary_cross_entropy_with_logits(out.float(), targets, pos_weight=weight)
@@ -230,8 +234,11 @@ def run_omni_encoders_stage(config: StageConfig, out_dir: Path, resume: bool) ->
     if unknown := sorted(set(kinds) - set(IMAGE_KINDS)):
         raise ConfigError(f"stage {config.name!r}: unknown scene kinds {unknown} (known: {list(IMAGE_KINDS)})")
     weights = dict(options["task_weights"])
-    if unknown := sorted(set(weights) - set(TASKS)):
-        raise ConfigError(f"stage {config.name!r}: unknown task_weights {unknown} (known: {list(TASKS)})")
+    if SCENES in config.data:
+        raise ConfigError(f"stage {config.name!r}: a data source may not be named {SCENES!r} (the scene renders)")
+    if unknown := sorted(set(weights) - {SCENES, *config.data}):
+        raise ConfigError(f"stage {config.name!r}: unknown task_weights {unknown} "
+                          f"(known: {[SCENES, *config.data]})")
     train = config.train
     device = resolve_device(train.device)
     info = init_distributed(device.type)
@@ -243,14 +250,16 @@ def run_omni_encoders_stage(config: StageConfig, out_dir: Path, resume: bool) ->
     thinker.audio_tower.requires_grad_(True)
     torch.manual_seed(train.seed)
     model = EncoderReadouts(thinker, scene_target_count()).to(device)
-    sources: dict[str, Any] = {"scenes": SceneBatches(train.batch_size, int(options["image_size"]), kinds,
+    sources: dict[str, Any] = {SCENES: SceneBatches(train.batch_size, int(options["image_size"]), kinds,
                                                       thinker.media_budget, train.seed, info.rank,
                                                       recorded_layouts(str(options["exclude_layouts"])))}
     if config.data:
-        examples, report = speech_examples(config, tokenizer, bool(options["strict"]))
+        by_source, report = speech_examples(config, tokenizer, bool(options["strict"]))
         if info.is_main:
-            print_read_report(config.name, report, len(examples))
-        sources["speech"] = ExampleLoader(len(examples), train.batch_size, speech_collate(examples, {}),
+            print_read_report(config.name, report, sum(map(len, by_source.values())))
+        cache: dict[Path, torch.Tensor] = {}
+        for name, examples in by_source.items():
+            sources[name] = ExampleLoader(len(examples), train.batch_size, speech_collate(examples, cache),
                                           seed=train.seed, rank=info.rank, world_size=info.world_size)
     # Stream 11: the draw the recipe's recorded run was made with.
     loader = WeightedBatches(sources, {name: float(weights.get(name, 1.0)) for name in sources}, train.seed, 11)

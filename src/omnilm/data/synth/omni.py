@@ -11,8 +11,9 @@ Files written:
                   ``speak``; split by QA split), and ``say_texts`` fresh texts after "Repeat after me:" (task
                   ``say``, training split): the Talker's and Token2wav's data; replies spoken word by word carry
                   ``reply_words`` ([word, start s, end s])
-``narration.jsonl`` every video narration word spoken alone in every training voice (``word``, ``voice``,
-                  ``audio``): what fresh videos are assembled from while training (``omni_sft`` ``fresh_videos``)
+``narration.jsonl`` every video narration word spoken alone in every training voice, as transcription records
+                  (task ``narration``; ``word``, ``voice``, ``audio``): what fresh videos are assembled from while
+                  training (``omni_sft`` ``fresh_videos``), and CTC data for the audio encoder
 ``stats.json``    counts per task and split, the voices of each split, seconds of audio, generation time
 ``config.json``   the settings used
 ``audio/``        spoken questions (file name: a hash of text and voice, so reruns reuse them); ``audio/replies/``
@@ -933,6 +934,15 @@ def video_questions(video: NarratedVideo) -> list[tuple[str, str, str, dict[str,
     return questions
 
 
+def narration_record(word: str, voice: str, audio: str) -> dict[str, Any]:
+    """A narration word spoken alone, as a transcription record (``text``: the word; CTC data for the audio encoder,
+    see ``omni_encoders``) that also names its clip (``audio``, ``word``, ``voice``) for fresh videos."""
+    return {"messages": [{"role": "user", "content": [{"type": "audio", "audio": audio},
+                                                      {"type": "text", "text": TRANSCRIBE_PROMPT}]},
+                         {"role": "assistant", "content": word}],
+            "task": "narration", "split": "train", "voice": voice, "word": word, "text": word, "audio": audio}
+
+
 def read_narration_clips(path: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """voice -> word -> waveform of the narration clips listed in ``path`` (a :data:`NARRATION_FILE`)."""
     path = Path(path)
@@ -1033,8 +1043,7 @@ def write_omni(config: OmniConfig, out: str | Path) -> dict[str, Any]:
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", [r for r in records if r["split"] == "eval"])
     write_jsonl(out / "speech.jsonl", speech_records)
-    write_jsonl(out / NARRATION_FILE, [{"word": w, "voice": v, "audio": job.path, "split": "train"}
-                                       for (w, v), job in narration.items()])
+    write_jsonl(out / NARRATION_FILE, [narration_record(w, v, job.path) for (w, v), job in narration.items()])
     write_json_atomic(out / "config.json", asdict(config))
 
     counts: dict[str, dict[str, int]] = defaultdict(Counter)
