@@ -291,6 +291,15 @@ def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly
             asked.add(word)
             assert reply["content"] == str(shown[int(heard[word] * config.video_fps)])
         assert len(asked) == questions
+    # Without the sound track: the frames alone, asked which digits were shown, in order.
+    silent = FreshVideoBatches(2, clips, config, 1, lambda conversations: conversations, seed, rank,
+                               ("video_digits",), sound=False)
+    for conversation in silent.next_batch():
+        video, question = conversation[0]["content"]
+        assert "audio" not in video and question["text"] == "Which digits were shown?" and len(conversation) == 2
+        shown = [read_digit(frame) for frame in video["video"]]
+        changes = [digit for i, digit in enumerate(shown) if i == 0 or digit != shown[i - 1]]
+        assert conversation[1]["content"] == " ".join(map(str, changes))
 
 
 def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:

@@ -39,6 +39,9 @@ Options:
                           said X", one per word), and the parts it joins, ``video_digits`` (the digits in order),
                           ``video_words`` (the words said in order), ``video_word_at`` (the word said while a digit
                           was shown)
+``silent_videos`` (false) also task ``video_silent``: fresh videos without their sound track asking "Which digits
+                          were shown?" (the frames alone, a step costs a fifth of one with the sound); needs
+                          ``fresh_videos`` and a ``task_weights`` entry for ``video_silent``
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
@@ -62,9 +65,10 @@ OMNI_OPTIONS = {"audio": {}, "vision": {}, "image_max_pixels": 112 * 112, "video
                 "video_max_pixels": 56 * 56, "video_fps": 2.0, "cache_mb": 2048,
                 "spec_augment": {}, "task_weights": {}, "fresh_images": False, "image_size": 112,
                 "questions_per_image": 4, "exclude_layouts": "", "fresh_videos": "", "questions_per_video": 3,
-                "video_tasks": ["video_qa"], "strict": False}
+                "video_tasks": ["video_qa"], "silent_videos": False, "strict": False}
 FRESH_IMAGE_TASK = "image_qa"
 FRESH_VIDEO_TASK = "video_qa"
+SILENT_VIDEO_TASK = "video_silent"
 
 def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
     """(Thinker, tokenizer) to start from: a thinker folder as it is, or a text model turned into one."""
@@ -197,15 +201,16 @@ class FreshImageBatches(SeededDraws):
 
 class FreshVideoBatches(SeededDraws):
     """Conversations about fresh narrated digit videos (:func:`omnilm.data.synth.omni.compose_video`): a training
-    voice, digits and words drawn anew for every video, assembled from ``clips`` (voice -> word -> waveform)."""
-
-    stream = "/videos"
+    voice, digits and words drawn anew for every video, assembled from ``clips`` (voice -> word -> waveform); with
+    ``sound`` false the videos are shown without it."""
 
     def __init__(self, batch_size: int, clips: dict[str, dict[str, Any]], config: Any, questions: int,
-                 collate: Any, seed: int, rank: int = 0, tasks: tuple[str, ...] = ("video_qa",)) -> None:
+                 collate: Any, seed: int, rank: int = 0, tasks: tuple[str, ...] = ("video_qa",),
+                 sound: bool = True) -> None:
         super().__init__(seed, rank)
         self.batch_size, self.clips, self.config, self.questions = batch_size, clips, config, questions
-        self.tasks = tasks
+        self.tasks, self.sound = tasks, sound
+        self.stream = "/videos" if sound else "/silent-videos"
         self.voices, self.collate = sorted(clips), collate
 
     def conversations(self, step: int) -> list[list[dict[str, Any]]]:
@@ -217,7 +222,7 @@ class FreshVideoBatches(SeededDraws):
             digits = rng.sample(range(10), self.config.video_segments)
             words, segments = draw_said(self.config, rng, sorted(clips))
             video = compose_video(self.config, digits, dict(zip(segments, words, strict=True)), clips, rng)
-            drawn.append(video_conversation(video, rng, self.questions, self.tasks))
+            drawn.append(video_conversation(video, rng, self.questions, self.tasks, self.sound))
         return drawn
 
     def next_batch(self) -> dict[str, Any]:
@@ -251,7 +256,7 @@ class TaskBatches(WeightedBatches):
 
 
 def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], batch_size: int, collate: Any,
-                       seed: int, rank: int) -> FreshVideoBatches:
+                       seed: int, rank: int, sound: bool = True) -> FreshVideoBatches:
     """Fresh videos like those of the synth run that wrote ``clip_file`` (its ``config.json``: size, timing)."""
     import json
 
@@ -266,7 +271,7 @@ def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], 
         raise ConfigError(f"fresh_videos: voice(s) {short} have fewer than {config.words_per_video} words")
     if unknown := sorted(set(tasks) - set(VIDEO_TASKS)):
         raise ConfigError(f"video_tasks: unknown {unknown} (known: {', '.join(VIDEO_TASKS)})")
-    return FreshVideoBatches(batch_size, clips, config, questions, collate, seed, rank, tasks)
+    return FreshVideoBatches(batch_size, clips, config, questions, collate, seed, rank, tasks, sound)
 
 
 def thinker_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -340,9 +345,15 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
             train.batch_size, int(options["image_size"]), int(options["questions_per_image"]), collate_messages,
             train.seed, info.rank, recorded_layouts(str(options["exclude_layouts"])))
     if options["fresh_videos"]:
+        clip_file = Path(str(options["fresh_videos"]))
         generated[FRESH_VIDEO_TASK] = fresh_video_source(
-            Path(str(options["fresh_videos"])), int(options["questions_per_video"]), tuple(options["video_tasks"]),
-            train.batch_size, collate_messages, train.seed, info.rank)
+            clip_file, int(options["questions_per_video"]), tuple(options["video_tasks"]), train.batch_size,
+            collate_messages, train.seed, info.rank)
+        if options["silent_videos"]:
+            generated[SILENT_VIDEO_TASK] = fresh_video_source(clip_file, 1, ("video_digits",), train.batch_size,
+                                                              collate_messages, train.seed, info.rank, sound=False)
+    elif options["silent_videos"]:
+        raise ConfigError(f"stage {config.name!r}: silent_videos draws fresh videos: it needs fresh_videos")
     loader = TaskBatches(tasks, dict(options["task_weights"]), train.batch_size, collate, train.seed, info.rank,
                          info.world_size, generated)
     if info.enabled:

@@ -982,13 +982,13 @@ def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Rand
 
 
 def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
-                       tasks: tuple[str, ...] = ("video_qa",)) -> list[dict[str, Any]]:
-    """A conversation about an in-memory video with its narration: up to ``questions`` of its questions of
-    ``tasks`` (:func:`video_questions`) in random order, one turn each, the video in the first."""
+                       tasks: tuple[str, ...] = ("video_qa",), sound: bool = True) -> list[dict[str, Any]]:
+    """A conversation about an in-memory video (with its narration unless not ``sound``): up to ``questions`` of its
+    questions of ``tasks`` (:func:`video_questions`) in random order, one turn each, the video in the first."""
     asked = [(q, a) for task, q, a, _ in video_questions(video) if task in tasks]
     asked = rng.sample(asked, min(questions, len(asked)))
-    return media_conversation({"type": "video", "video": video.frames, "fps": video.fps, "audio": video.narration},
-                              asked)
+    part = {"type": "video", "video": video.frames, "fps": video.fps} | ({"audio": video.narration} if sound else {})
+    return media_conversation(part, asked)
 
 
 # ---------------------------------------------------------------------------------------------- all of it
