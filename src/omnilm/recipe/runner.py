@@ -36,7 +36,8 @@ STAGE_EVALS = "evals.json"
 STALE_SUFFIX = ".stale"
 PATH_KEYS = ("init_from", "tokenizer")
 # options that name paths
-OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data", "codec", "eval_data", "exclude_layouts")
+OPTION_PATH_KEYS = ("teacher", "reward_model", "replay_data", "codec", "eval_data", "exclude_layouts",
+                    "fresh_videos")
 
 
 def _resolve(path: str, root: Path) -> str:

@@ -86,8 +86,8 @@ TRANSCRIBE_PROMPT = "What did the voice say?"
 #: The user turn of a text-to-speech request: the reply is the text itself (``omnilm.omni.speech.Voice.speak_text``).
 SAY_PROMPT = "Repeat after me: {text}"
 
-#: Every narration word spoken alone in every training voice (word, voice, audio, split): the clips fresh videos
-#: are assembled from (:func:`read_narration_clips`).
+#: Every narration word spoken alone in every training voice, as transcription records (:func:`narration_record`):
+#: the clips fresh videos are assembled from (:func:`read_narration_clips`).
 NARRATION_FILE = "narration.jsonl"
 #: Narration words of the videos: short, common and distinct in sound.
 WORDS = ("red", "green", "blue", "yellow", "purple", "cat", "dog", "horse", "tiger", "lion", "zebra", "rabbit",
@@ -921,7 +921,7 @@ def compose_video(config: OmniConfig, digits: list[int], said: dict[int, str], c
 def video_questions(video: NarratedVideo) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(task, question, answer, fields) of every question a video answers: for each word said, the digit on screen
     then (``video_qa``) and the question turned round (``video_word_at``); then its parts asked alone: the words
-    said in order (``video_words``; the audio encoder hears these words nowhere else) and the digits shown."""
+    said in order (``video_words``) and the digits shown (``video_digits``)."""
     questions = []
     for spoken in video.words:
         digit = str(next(t["digit"] for t in video.timeline if t["start"] <= spoken["start"] < t["end"]))
