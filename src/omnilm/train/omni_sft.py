@@ -40,7 +40,7 @@ Options:
                           ``video_words`` (the words said in order), ``video_word_at`` (the word said while a digit
                           was shown)
 ``silent_videos`` (false) also task ``video_silent``: fresh videos without their sound track asking "Which digits
-                          were shown?" (the frames alone, a step costs a fifth of one with the sound); needs
+                          were shown?" (the frames alone: a step costs a third of one with the sound); needs
                           ``fresh_videos`` and a ``task_weights`` entry for ``video_silent``
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
