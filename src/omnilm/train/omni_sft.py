@@ -255,12 +255,12 @@ class TaskBatches(WeightedBatches):
                                                for name in loaders | generated}, seed)
 
 
-def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], batch_size: int, collate: Any,
-                       seed: int, rank: int, sound: bool = True) -> FreshVideoBatches:
-    """Fresh videos like those of the synth run that wrote ``clip_file`` (its ``config.json``: size, timing)."""
+def fresh_video_material(clip_file: Path) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """(video settings, voice -> word -> clip) of the synth run that wrote ``clip_file``: fresh videos are drawn
+    like its recorded ones (its ``config.json``: size, timing, words per video)."""
     import json
 
-    from omnilm.data.synth.omni import VIDEO_TASKS, omni_config, read_narration_clips
+    from omnilm.data.synth.omni import omni_config, read_narration_clips
 
     settings = clip_file.parent / "config.json"
     if not clip_file.is_file() or not settings.is_file():
@@ -269,8 +269,19 @@ def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], 
     clips = read_narration_clips(clip_file)
     if short := sorted(voice for voice, words in clips.items() if len(words) < config.words_per_video):
         raise ConfigError(f"fresh_videos: voice(s) {short} have fewer than {config.words_per_video} words")
+    return config, clips
+
+
+def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], batch_size: int, collate: Any,
+                       seed: int, rank: int, sound: bool = True,
+                       material: tuple[Any, dict[str, dict[str, Any]]] | None = None) -> FreshVideoBatches:
+    """Fresh videos like those of the synth run that wrote ``clip_file`` (``material``: its settings and clips,
+    when already read)."""
+    from omnilm.data.synth.omni import VIDEO_TASKS
+
     if unknown := sorted(set(tasks) - set(VIDEO_TASKS)):
         raise ConfigError(f"video_tasks: unknown {unknown} (known: {', '.join(VIDEO_TASKS)})")
+    config, clips = material or fresh_video_material(clip_file)
     return FreshVideoBatches(batch_size, clips, config, questions, collate, seed, rank, tasks, sound)
 
 
@@ -346,12 +357,14 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
             train.seed, info.rank, recorded_layouts(str(options["exclude_layouts"])))
     if options["fresh_videos"]:
         clip_file = Path(str(options["fresh_videos"]))
+        material = fresh_video_material(clip_file)  # read once for both sources
         generated[FRESH_VIDEO_TASK] = fresh_video_source(
             clip_file, int(options["questions_per_video"]), tuple(options["video_tasks"]), train.batch_size,
-            collate_messages, train.seed, info.rank)
+            collate_messages, train.seed, info.rank, material=material)
         if options["silent_videos"]:
-            generated[SILENT_VIDEO_TASK] = fresh_video_source(clip_file, 1, ("video_digits",), train.batch_size,
-                                                              collate_messages, train.seed, info.rank, sound=False)
+            generated[SILENT_VIDEO_TASK] = fresh_video_source(
+                clip_file, 1, ("video_digits",), train.batch_size, collate_messages, train.seed, info.rank,
+                sound=False, material=material)
     elif options["silent_videos"]:
         raise ConfigError(f"stage {config.name!r}: silent_videos draws fresh videos: it needs fresh_videos")
     loader = TaskBatches(tasks, dict(options["task_weights"]), train.batch_size, collate, train.seed, info.rank,
