@@ -135,6 +135,39 @@ def test_each_speech_source_is_a_task_of_its_own_weight(text_model: Path, tmp_pa
         run_stage(two_sources({}, ("scenes", "words")), tmp_path / "bad2")
 
 
+def test_a_rotary_split_asked_for_builds_a_thinker_that_reads_text_as_the_decoder_did(text_model: Path,
+                                                                                       tmp_path: Path) -> None:
+    """``mrope_section`` changes only how media positions turn the rotary frequencies: text (three equal position
+    components) gets the decoder's own logits whatever the split, while positions of three different components (a
+    picture's, a video's) turn differently; the split is saved with the model; one that does not sum to head_dim / 2
+    is refused."""
+    from omnilm.config import ConfigError
+    from omnilm.model.hf import load_pretrained
+    from omnilm.omni.build import thinker_from_decoder
+    from omnilm.omni.thinker import load_thinker
+    from omnilm.train.stage import run_stage
+
+    decoder = load_pretrained(text_model, dtype=torch.float32).eval()
+    ids = torch.randint(0, 300, (2, 24))
+    default, _ = thinker_from_decoder(text_model, AUDIO, VISION, seed=0)
+    temporal, _ = thinker_from_decoder(text_model, AUDIO, VISION, seed=0, mrope_section=[4, 2, 2])
+    assert default.config.text.mrope_section == (2, 3, 3) and temporal.config.text.mrope_section == (4, 2, 2)
+    with torch.no_grad():
+        expected = decoder(ids)
+        for thinker in (default, temporal):
+            logits = thinker.eval()(ids, torch.ones_like(ids))[..., : expected.shape[-1]]  # past it: the markers
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        # Positions whose three components differ (as a picture's or a video's do) turn the frequencies apart.
+        grid = torch.stack([torch.arange(24) // 8 * 25, torch.arange(24) % 8 // 4, torch.arange(24) % 4])
+        positions = grid[:, None].expand(3, 2, 24)
+        assert not torch.allclose(default(ids, torch.ones_like(ids), position_ids=positions),
+                                  temporal(ids, torch.ones_like(ids), position_ids=positions), atol=1e-3)
+    with pytest.raises(ConfigError, match="mrope_section"):
+        thinker_from_decoder(text_model, AUDIO, VISION, seed=0, mrope_section=[5, 2, 2])
+    result = run_stage(stage(text_model, 1, mrope_section=[4, 2, 2]), tmp_path / "run")
+    assert load_thinker(result.final_dir).config.text.mrope_section == (4, 2, 2)
+
+
 def test_ctc_log_probabilities_are_each_audio_alone_over_the_token_embeddings(tokenizer, tmp_path: Path) -> None:  # noqa: ANN001
     """The batched read-out equals, audio by audio, the encoder run on that audio alone scored against the decoder's
     embedding rows and the blank; padding frames past an audio's tokens are not read by the loss."""

@@ -237,12 +237,13 @@ def test_fresh_image_batches_resume_exactly_and_skip_excluded_layouts(seed: int,
 
 
 @settings(max_examples=8, deadline=None)
-@given(seed=st.integers(0, 1000), cut=st.integers(0, 3), rank=st.integers(0, 1), questions=st.integers(1, 3))
+@given(seed=st.integers(0, 1000), cut=st.integers(0, 3), rank=st.integers(0, 1), questions=st.integers(1, 3),
+       words=st.integers(1, 3))
 def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly(seed: int, cut: int, rank: int,
-                                                                                 questions: int) -> None:
+                                                                                 questions: int, words: int) -> None:
     """Fresh videos: each answer is the digit on screen (read off the pixels) while the asked word's clip sounds in
     the narration (found by its length: each word a tone of its own length); step s draws the same videos however
-    the run got there."""
+    the run got there. One word per video is the ``one_word_videos`` source."""
     import hashlib
 
     from PIL import Image
@@ -251,7 +252,7 @@ def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly
     from omnilm.data.synth.omni import omni_config
     from omnilm.train.omni_sft import FreshVideoBatches
 
-    config = omni_config(overrides={"video_segments": 4, "words_per_video": 3, "video_size": 56})
+    config = omni_config(overrides={"video_segments": 4, "words_per_video": words, "video_size": 56})
     names = ["cat", "dog", "red", "blue", "frog"]
     length = {name: 2400 + 800 * i for i, name in enumerate(names)}  # 0.15 s, 0.2 s, ... in distinct lengths
     clips = {voice: {name: np.full(length[name], 0.5) for name in names} for voice in ("v1", "v2")}
@@ -275,7 +276,8 @@ def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly
         assert video["type"] == "video" and video["fps"] == config.video_fps
         assert all(isinstance(f, Image.Image) and f.size == (56, 56) for f in video["video"])
         assert len(video["audio"]) == round(len(video["video"]) / video["fps"] * 16000)
-        assert len(conversation) == 2 * questions and all(isinstance(m["content"], str) for m in conversation[2::2])
+        asks = min(questions, words)  # one question per word said
+        assert len(conversation) == 2 * asks and all(isinstance(m["content"], str) for m in conversation[2::2])
         # Where each word sounds: the runs of non-silent samples, named by their length.
         loud = np.concatenate([[0], (video["audio"] != 0).astype(int), [0]])
         starts, ends = np.flatnonzero(np.diff(loud) == 1), np.flatnonzero(np.diff(loud) == -1)
@@ -290,7 +292,7 @@ def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly
             word = text.removeprefix("Which digit was on screen when the voice said ").removesuffix("?")
             asked.add(word)
             assert reply["content"] == str(shown[int(heard[word] * config.video_fps)])
-        assert len(asked) == questions
+        assert len(asked) == asks
     # Without the sound track: the frames alone, asked which digits were shown, in order.
     silent = FreshVideoBatches(2, clips, config, 1, lambda conversations: conversations, seed, rank,
                                ("video_digits",), sound=False)

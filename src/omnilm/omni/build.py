@@ -3,7 +3,7 @@
 The conversion changes nothing the decoder computes on text: a Llama-family model becomes Qwen2-family with zero
 q/k/v biases (the Thinker's layout), multimodal RoPE with three equal position components is plain RoPE, and the
 new token rows (the markers) start at the mean of the existing embeddings. ``mrope_section`` splits the rotary
-frequencies as Qwen2.5-Omni does (a quarter temporal, the rest shared by height and width).
+frequencies as Qwen2.5-Omni does (a quarter temporal, the rest shared by height and width) unless told otherwise.
 """
 
 from __future__ import annotations
@@ -31,17 +31,19 @@ def mrope_sections(head_dim: int) -> tuple[int, int, int]:
 
 
 def thinker_from_decoder(folder: str | Path, audio: dict[str, Any] | None = None,
-                         vision: dict[str, Any] | None = None, seed: int = 0) -> tuple[Thinker, Tokenizer]:
+                         vision: dict[str, Any] | None = None, seed: int = 0,
+                         mrope_section: tuple[int, ...] | list[int] | None = None) -> tuple[Thinker, Tokenizer]:
     """A Thinker whose decoder is the model in ``folder`` (llama or qwen2 family) and whose encoders are new
     (``audio`` / ``vision``: AudioEncoderConfig / VisionEncoderConfig fields; output widths follow the decoder);
-    and the folder's tokenizer with the media markers added."""
+    and the folder's tokenizer with the media markers added. ``mrope_section``: the temporal/height/width split of
+    the rotary frequencies (default :func:`mrope_sections`)."""
     tokenizer = Tokenizer.from_dir(folder)
     decoder = load_pretrained(folder, dtype=torch.float32)
     if decoder.config.family == "gpt2":
         raise ValueError(f"{folder}: a GPT-2-family model has no rotary positions to extend into TMRoPE")
     ids = dict(zip(OMNI_TOKENS, tokenizer.add_special_tokens(list(OMNI_TOKENS.values())), strict=True))
     text = replace(decoder.config, family="qwen2", vocab_size=max(tokenizer.vocab_size, decoder.config.vocab_size),
-                   mrope_section=mrope_sections(decoder.config.dim_per_head))
+                   mrope_section=tuple(mrope_section or mrope_sections(decoder.config.dim_per_head)))
     width = text.d_model
     config = ThinkerConfig(text=text, audio=AudioEncoderConfig(**(audio or {}) | {"output_dim": width}),
                            vision=VisionEncoderConfig(**(vision or {}) | {"out_hidden_size": width}), **ids)

@@ -30,6 +30,7 @@ Without sources only scenes are drawn.
 Options:
 
 ``audio`` ({}) / ``vision`` ({})   encoder fields of a new Thinker (a text model start only), as in ``omni_sft``
+``mrope_section`` ([])             its decoder's rotary split, as in ``omni_sft``
 ``task_weights`` ({})              how often each task is drawn: ``scenes`` and each data source by its name, e.g.
                                    ``{scenes: 1, speech: 1}`` (default: equal; a task of weight 0 is off)
 ``image_size`` (112)              side of the rendered scenes in pixels
@@ -58,7 +59,7 @@ from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import Trainer, TrainResult
 
 READOUT_FILE = "readout.safetensors"
-ENCODER_OPTIONS = {"audio": {}, "vision": {}, "task_weights": {}, "image_size": 112, "kinds": [],
+ENCODER_OPTIONS = {"audio": {}, "vision": {}, "mrope_section": [], "task_weights": {}, "image_size": 112, "kinds": [],
                    "exclude_layouts": "", "positive_weight": 4.0,
                    "image_max_pixels": OMNI_OPTIONS["image_max_pixels"], "strict": False}
 SCENES = "scenes"  # the vision task; every data source is a speech task of its own name
@@ -242,8 +243,8 @@ def run_omni_encoders_stage(config: StageConfig, out_dir: Path, resume: bool) ->
     train = config.train
     device = resolve_device(train.device)
     info = init_distributed(device.type)
-    thinker, tokenizer = starting_thinker(config.init_from, OMNI_OPTIONS | {"audio": options["audio"],
-                                                                           "vision": options["vision"]}, train.seed)
+    built = {key: options[key] for key in ("audio", "vision", "mrope_section")}
+    thinker, tokenizer = starting_thinker(config.init_from, OMNI_OPTIONS | built, train.seed)
     thinker.media_budget = media_budget(OMNI_OPTIONS | {"image_max_pixels": options["image_max_pixels"]})
     thinker.requires_grad_(False)
     thinker.visual.requires_grad_(True)

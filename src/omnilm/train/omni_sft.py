@@ -11,6 +11,10 @@ Options:
 
 ``audio`` ({})            AudioEncoderConfig fields of a new audio encoder (a text model start only)
 ``vision`` ({})           VisionEncoderConfig fields of a new vision encoder (a text model start only)
+``mrope_section`` ([])    temporal/height/width split of the decoder's rotary frequencies (a text model start only;
+                          default Qwen2.5-Omni's: a quarter temporal). The temporal part holds the highest frequencies:
+                          with few of them no attention score can single out "the same second" (4 of head_dim 32's 16
+                          turn 1 s, 25 position ids, by 4.4 radians or more); 8 of 16 can (the slowest 0.44)
 ``image_max_pixels``      pixel budget of an image (default 112·112: tiny renders stay at their size)
 ``video_min_pixels``      pixel budget of a video frame, lower bound (default 56·56)
 ``video_max_pixels``      pixel budget of a video frame, upper bound (default 56·56)
@@ -42,11 +46,16 @@ Options:
 ``silent_videos`` (false) also task ``video_silent``: fresh videos without their sound track asking "Which digits
                           were shown?" (the frames alone: a step costs a third of one with the sound); needs
                           ``fresh_videos`` and a ``task_weights`` entry for ``video_silent``
+``one_word_videos`` (false) also task ``video_one_word``: fresh videos whose narration is a single word, asking which
+                          digit was on screen when it was said: the time join alone (which sound goes with which
+                          frames), without finding the word asked about among others; needs ``fresh_videos`` and a
+                          ``task_weights`` entry for ``video_one_word``
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 from typing import Any
@@ -61,14 +70,16 @@ from omnilm.omni.processor import media_arguments
 from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
-OMNI_OPTIONS = {"audio": {}, "vision": {}, "image_max_pixels": 112 * 112, "video_min_pixels": 56 * 56,
-                "video_max_pixels": 56 * 56, "video_fps": 2.0, "cache_mb": 2048,
+OMNI_OPTIONS = {"audio": {}, "vision": {}, "mrope_section": [], "image_max_pixels": 112 * 112,
+                "video_min_pixels": 56 * 56, "video_max_pixels": 56 * 56, "video_fps": 2.0, "cache_mb": 2048,
                 "spec_augment": {}, "task_weights": {}, "fresh_images": False, "image_size": 112,
                 "questions_per_image": 4, "exclude_layouts": "", "fresh_videos": "", "questions_per_video": 3,
-                "video_tasks": ["video_qa"], "silent_videos": False, "strict": False}
+                "video_tasks": ["video_qa"], "silent_videos": False, "one_word_videos": False,
+                "strict": False}
 FRESH_IMAGE_TASK = "image_qa"
 FRESH_VIDEO_TASK = "video_qa"
 SILENT_VIDEO_TASK = "video_silent"
+ONE_WORD_VIDEO_TASK = "video_one_word"
 
 def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
     """(Thinker, tokenizer) to start from: a thinker folder as it is, or a text model turned into one."""
@@ -78,7 +89,8 @@ def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> 
 
     if is_thinker_folder(folder):
         return load_thinker(folder, dtype=torch.float32).train(), Tokenizer.from_dir(folder)
-    thinker, tokenizer = thinker_from_decoder(folder, options["audio"], options["vision"], seed)
+    thinker, tokenizer = thinker_from_decoder(folder, options["audio"], options["vision"], seed,
+                                              options["mrope_section"])
     return thinker.train(), tokenizer
 
 
@@ -210,7 +222,7 @@ class FreshVideoBatches(SeededDraws):
         super().__init__(seed, rank)
         self.batch_size, self.clips, self.config, self.questions = batch_size, clips, config, questions
         self.tasks, self.sound = tasks, sound
-        self.stream = "/videos" if sound else "/silent-videos"
+        self.stream = f"/{'' if sound else 'silent-'}videos/{config.words_per_video}-words"
         self.voices, self.collate = sorted(clips), collate
 
     def conversations(self, step: int) -> list[list[dict[str, Any]]]:
@@ -365,8 +377,14 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
             generated[SILENT_VIDEO_TASK] = fresh_video_source(
                 clip_file, 1, ("video_digits",), train.batch_size, collate_messages, train.seed, info.rank,
                 sound=False, material=material)
-    elif options["silent_videos"]:
-        raise ConfigError(f"stage {config.name!r}: silent_videos draws fresh videos: it needs fresh_videos")
+        if options["one_word_videos"]:
+            settings, clips = material
+            generated[ONE_WORD_VIDEO_TASK] = fresh_video_source(
+                clip_file, 1, ("video_qa",), train.batch_size, collate_messages, train.seed, info.rank,
+                material=(dataclasses.replace(settings, words_per_video=1), clips))
+    elif options["silent_videos"] or options["one_word_videos"]:
+        raise ConfigError(f"stage {config.name!r}: silent_videos and one_word_videos draw fresh videos: "
+                          "they need fresh_videos")
     loader = TaskBatches(tasks, dict(options["task_weights"]), train.batch_size, collate, train.seed, info.rank,
                          info.world_size, generated)
     if info.enabled:
