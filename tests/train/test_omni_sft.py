@@ -66,16 +66,16 @@ def omni_setup(tmp_path: Path, tokenizer) -> dict:  # noqa: ANN001
     return {"text": text_dir, "data": write_media_records(data)}
 
 
-def stage(setup: dict, steps: int, **train: object) -> object:
+def stage(setup: dict, steps: int, data: dict | None = None, options: dict | None = None, **train: object) -> object:
     from omnilm.train.stage import StageConfig
 
     return StageConfig.from_mapping({
         "name": "omni", "type": "omni_sft", "init_from": str(setup["text"]),
-        "data": {"media": str(setup["data"])},
+        "data": {"media": str(setup["data"])} if data is None else data,
         "options": {"audio": {"d_model": 32, "encoder_layers": 1, "encoder_attention_heads": 2,
                               "encoder_ffn_dim": 64, "n_window": 50},
                     "vision": {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2,
-                               "fullatt_block_indexes": [0]}},
+                               "fullatt_block_indexes": [0]}} | (options or {}),
         "train": {"max_steps": steps, "batch_size": 4, "seq_len": 64, "lr": 3e-3, "log_every": 1,
                   "checkpoint_every": 2, "progress": False, "device": "cpu", "warmup_steps": 0,
                   "schedule": "constant"} | train})
@@ -332,3 +332,30 @@ def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:
         TaskBatches(tasks, {}, 2, lambda ids: ids, 0, 0, 1, {"image_qa": Counter()})
     with pytest.raises(ConfigError, match="leave their records out"):
         TaskBatches(tasks | {"image_qa": [4]}, {"image_qa": 1}, 2, lambda ids: ids, 0, 0, 1, {"image_qa": Counter()})
+
+
+def test_one_word_videos_train_as_a_task_of_their_own(omni_setup: dict, tmp_path: Path) -> None:
+    """``one_word_videos`` adds task ``video_one_word`` (fresh videos saying one word) beside ``video_qa``; without
+    ``fresh_videos`` it is refused."""
+    from omnilm.config import ConfigError
+    from omnilm.data.synth.omni import NARRATION_FILE, narration_record
+    from omnilm.train.stage import run_stage
+
+    clips = tmp_path / "clips"
+    (clips / "audio").mkdir(parents=True)
+    records = []
+    for voice in ("v1", "v2"):
+        for i, word in enumerate(("cat", "dog", "red")):
+            write_wav(clips / "audio" / f"{voice}-{word}.wav", np.full(2400 + 800 * i, 0.3, dtype=np.float32))
+            records.append(narration_record(word, voice, f"audio/{voice}-{word}.wav"))
+    (clips / NARRATION_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (clips / "config.json").write_text(json.dumps({"video_size": 56, "video_segments": 3, "words_per_video": 2}))
+
+    def videos(**options: object) -> object:
+        return stage(omni_setup, 2, data={}, options=options)
+
+    result = run_stage(videos(fresh_videos=str(clips / NARRATION_FILE), one_word_videos=True,
+                              task_weights={"video_qa": 0, "video_one_word": 1}), tmp_path / "run")
+    assert result.status == "complete"
+    with pytest.raises(ConfigError, match="one_word_videos"):
+        run_stage(videos(one_word_videos=True, task_weights={"video_one_word": 1}), tmp_path / "refused")
