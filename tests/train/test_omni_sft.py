@@ -302,6 +302,19 @@ def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly
         shown = [read_digit(frame) for frame in video["video"]]
         changes = [digit for i, digit in enumerate(shown) if i == 0 or digit != shown[i - 1]]
         assert conversation[1]["content"] == " ".join(map(str, changes))
+    # "Did the voice say X?": yes for each word heard in the narration, no for as many others (as there are), once.
+    heard_batches = FreshVideoBatches(2, clips, config, 8, lambda conversations: conversations, seed, rank,
+                                      ("video_heard",))
+    for conversation in heard_batches.next_batch():
+        loud = np.concatenate([[0], (conversation[0]["content"][0]["audio"] != 0).astype(int), [0]])
+        lengths = np.flatnonzero(np.diff(loud) == -1) - np.flatnonzero(np.diff(loud) == 1)
+        said = {n for n in names if length[n] in lengths}
+        answers = {}
+        for user, reply in zip(conversation[0::2], conversation[1::2], strict=True):
+            text = user["content"] if isinstance(user["content"], str) else user["content"][-1]["text"]
+            answers[text.removeprefix("Did the voice say ").removesuffix("?")] = reply["content"]
+        assert len(answers) == len(conversation) // 2 == words + min(words, len(names) - words)
+        assert answers == {word: "yes" if word in said else "no" for word in answers} and said <= set(answers)
 
 
 def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:

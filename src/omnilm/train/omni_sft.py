@@ -42,7 +42,8 @@ Options:
 ``video_tasks`` ([video_qa]) which questions fresh videos ask: ``video_qa`` ("which digit was on screen when the voice
                           said X", one per word), and the parts it joins, ``video_digits`` (the digits in order),
                           ``video_words`` (the words said in order), ``video_word_at`` (the word said while a digit
-                          was shown)
+                          was shown), ``video_heard`` ("Did the voice say X?", yes for the words said, no for as
+                          many words not said: finding a word among the sounds)
 ``silent_videos`` (false) also task ``video_silent``: fresh videos without their sound track asking "Which digits
                           were shown?" (the frames alone: a step costs a third of one with the sound); needs
                           ``fresh_videos`` and a ``task_weights`` entry for ``video_silent``
@@ -234,7 +235,7 @@ class FreshVideoBatches(SeededDraws):
             digits = rng.sample(range(10), self.config.video_segments)
             words, segments = draw_said(self.config, rng, sorted(clips))
             video = compose_video(self.config, digits, dict(zip(segments, words, strict=True)), clips, rng)
-            drawn.append(video_conversation(video, rng, self.questions, self.tasks, self.sound))
+            drawn.append(video_conversation(video, rng, self.questions, self.tasks, self.sound, sorted(clips)))
         return drawn
 
     def next_batch(self) -> dict[str, Any]:

@@ -106,7 +106,8 @@ VIDEO_QUESTION = "Which digit was on screen when the voice said {word}?"
 VIDEO_WORDS_QUESTION = "What did the voice say?"
 VIDEO_DIGITS_QUESTION = "Which digits were shown?"
 VIDEO_WORD_AT_QUESTION = "What did the voice say while {digit} was on screen?"
-VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits")
+VIDEO_HEARD_QUESTION = "Did the voice say {word}?"
+VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits", "video_heard")
 
 
 @dataclass
@@ -918,10 +919,13 @@ def compose_video(config: OmniConfig, digits: list[int], said: dict[int, str], c
     return video
 
 
-def video_questions(video: NarratedVideo) -> list[tuple[str, str, str, dict[str, Any]]]:
+def video_questions(video: NarratedVideo, unsaid: list[str] | tuple[str, ...] = (),
+                    ) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(task, question, answer, fields) of every question a video answers: for each word said, the digit on screen
     then (``video_qa``) and the question turned round (``video_word_at``); then its parts asked alone: the words
-    said in order (``video_words``) and the digits shown (``video_digits``)."""
+    said in order (``video_words``) and the digits shown (``video_digits``). Given ``unsaid`` words, also whether
+    the voice said each word said ("yes") and each of those ("no") (``video_heard``: finding a word among the
+    sounds, which the video question does before it looks at the frames)."""
     questions = []
     for spoken in video.words:
         digit = str(next(t["digit"] for t in video.timeline if t["start"] <= spoken["start"] < t["end"]))
@@ -931,6 +935,10 @@ def video_questions(video: NarratedVideo) -> list[tuple[str, str, str, dict[str,
     said_text = " ".join(spoken["word"] for spoken in video.words)
     questions.append(("video_words", VIDEO_WORDS_QUESTION, said_text, {"text": said_text}))
     questions.append(("video_digits", VIDEO_DIGITS_QUESTION, " ".join(str(t["digit"]) for t in video.timeline), {}))
+    if unsaid:
+        heard = [(spoken["word"], "yes") for spoken in video.words] + [(word, "no") for word in unsaid]
+        questions += [("video_heard", VIDEO_HEARD_QUESTION.format(word=word), answer, {"word": word})
+                      for word, answer in heard]
     return questions
 
 
@@ -982,10 +990,16 @@ def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Rand
 
 
 def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
-                       tasks: tuple[str, ...] = ("video_qa",), sound: bool = True) -> list[dict[str, Any]]:
+                       tasks: tuple[str, ...] = ("video_qa",), sound: bool = True,
+                       vocabulary: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
     """A conversation about an in-memory video (with its narration unless not ``sound``): up to ``questions`` of its
-    questions of ``tasks`` (:func:`video_questions`) in random order, one turn each, the video in the first."""
-    asked = [(q, a) for task, q, a, _ in video_questions(video) if task in tasks]
+    questions of ``tasks`` (:func:`video_questions`) in random order, one turn each, the video in the first. For
+    ``video_heard``, as many words not said as said are drawn from ``vocabulary``."""
+    unsaid: list[str] = []
+    if "video_heard" in tasks:
+        said = {spoken["word"] for spoken in video.words}
+        unsaid = rng.sample(sorted(set(vocabulary) - said), min(len(said), len(set(vocabulary) - said)))
+    asked = [(q, a) for task, q, a, _ in video_questions(video, unsaid) if task in tasks]
     asked = rng.sample(asked, min(questions, len(asked)))
     part = {"type": "video", "video": video.frames, "fps": video.fps} | ({"audio": video.narration} if sound else {})
     return media_conversation(part, asked)
