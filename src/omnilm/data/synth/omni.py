@@ -998,7 +998,8 @@ def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
     unsaid: list[str] = []
     if "video_heard" in tasks:
         said = {spoken["word"] for spoken in video.words}
-        unsaid = rng.sample(sorted(set(vocabulary) - said), min(len(said), len(set(vocabulary) - said)))
+        others = sorted(set(vocabulary) - said)
+        unsaid = rng.sample(others, min(len(said), len(others)))
     asked = [(q, a) for task, q, a, _ in video_questions(video, unsaid) if task in tasks]
     asked = rng.sample(asked, min(questions, len(asked)))
     part = {"type": "video", "video": video.frames, "fps": video.fps} | ({"audio": video.narration} if sound else {})
