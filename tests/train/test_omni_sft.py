@@ -271,6 +271,12 @@ def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly
     resumed.load_state_dict(json.loads(json.dumps({"step": cut})))
     assert [[digest(c) for c in b] for b in drawn[cut:]] == \
         [[digest(c) for c in resumed.next_batch()] for _ in range(4 - cut)]
+    # Question first: the same conversations with the first turn's text before the video.
+    flipped = FreshVideoBatches(2, clips, config, questions, lambda conversations: conversations, seed, rank,
+                                question_first=True).next_batch()
+    for before, after in zip(drawn[0], flipped, strict=True):
+        assert [part["type"] for part in after[0]["content"]] == ["text", "video"]
+        assert digest([after[0] | {"content": after[0]["content"][::-1]}, *after[1:]]) == digest(before)
     for conversation in (c for batch in drawn for c in batch):
         video = conversation[0]["content"][0]
         assert video["type"] == "video" and video["fps"] == config.video_fps

@@ -51,6 +51,8 @@ Options:
                           digit was on screen when it was said: the time join alone (which sound goes with which
                           frames), without finding the word asked about among others; needs ``fresh_videos`` and a
                           ``task_weights`` entry for ``video_one_word``
+``video_question_first`` (false) fresh videos' first question before the video instead of after it: the sounds
+                          then come after the words they are asked about (causal attention lets them look back)
 ``strict`` (false)        a bad record fails the run instead of being skipped and reported
 """
 
@@ -76,7 +78,7 @@ OMNI_OPTIONS = {"audio": {}, "vision": {}, "mrope_section": [], "image_max_pixel
                 "spec_augment": {}, "task_weights": {}, "fresh_images": False, "image_size": 112,
                 "questions_per_image": 4, "exclude_layouts": "", "fresh_videos": "", "questions_per_video": 3,
                 "video_tasks": ["video_qa"], "silent_videos": False, "one_word_videos": False,
-                "strict": False}
+                "video_question_first": False, "strict": False}
 FRESH_IMAGE_TASK = "image_qa"
 FRESH_VIDEO_TASK = "video_qa"
 SILENT_VIDEO_TASK = "video_silent"
@@ -219,10 +221,10 @@ class FreshVideoBatches(SeededDraws):
 
     def __init__(self, batch_size: int, clips: dict[str, dict[str, Any]], config: Any, questions: int,
                  collate: Any, seed: int, rank: int = 0, tasks: tuple[str, ...] = ("video_qa",),
-                 sound: bool = True) -> None:
+                 sound: bool = True, question_first: bool = False) -> None:
         super().__init__(seed, rank)
         self.batch_size, self.clips, self.config, self.questions = batch_size, clips, config, questions
-        self.tasks, self.sound = tasks, sound
+        self.tasks, self.sound, self.question_first = tasks, sound, question_first
         self.stream = f"/{'' if sound else 'silent-'}videos/{config.words_per_video}-words"
         self.voices, self.collate = sorted(clips), collate
 
@@ -235,7 +237,8 @@ class FreshVideoBatches(SeededDraws):
             digits = rng.sample(range(10), self.config.video_segments)
             words, segments = draw_said(self.config, rng, sorted(clips))
             video = compose_video(self.config, digits, dict(zip(segments, words, strict=True)), clips, rng)
-            drawn.append(video_conversation(video, rng, self.questions, self.tasks, self.sound, sorted(clips)))
+            drawn.append(video_conversation(video, rng, self.questions, self.tasks, self.sound, sorted(clips),
+                                            self.question_first))
         return drawn
 
     def next_batch(self) -> dict[str, Any]:
@@ -287,7 +290,8 @@ def fresh_video_material(clip_file: Path) -> tuple[Any, dict[str, dict[str, Any]
 
 def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], batch_size: int, collate: Any,
                        seed: int, rank: int, sound: bool = True,
-                       material: tuple[Any, dict[str, dict[str, Any]]] | None = None) -> FreshVideoBatches:
+                       material: tuple[Any, dict[str, dict[str, Any]]] | None = None,
+                       question_first: bool = False) -> FreshVideoBatches:
     """Fresh videos like those of the synth run that wrote ``clip_file`` (``material``: its settings and clips,
     when already read)."""
     from omnilm.data.synth.omni import VIDEO_TASKS
@@ -295,7 +299,7 @@ def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], 
     if unknown := sorted(set(tasks) - set(VIDEO_TASKS)):
         raise ConfigError(f"video_tasks: unknown {unknown} (known: {', '.join(VIDEO_TASKS)})")
     config, clips = material or fresh_video_material(clip_file)
-    return FreshVideoBatches(batch_size, clips, config, questions, collate, seed, rank, tasks, sound)
+    return FreshVideoBatches(batch_size, clips, config, questions, collate, seed, rank, tasks, sound, question_first)
 
 
 def thinker_loss_sums(model: nn.Module, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
@@ -370,19 +374,20 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
             train.seed, info.rank, recorded_layouts(str(options["exclude_layouts"])))
     if options["fresh_videos"]:
         clip_file = Path(str(options["fresh_videos"]))
-        material = fresh_video_material(clip_file)  # read once for both sources
+        material = fresh_video_material(clip_file)  # read once for every source
+        first = bool(options["video_question_first"])
         generated[FRESH_VIDEO_TASK] = fresh_video_source(
             clip_file, int(options["questions_per_video"]), tuple(options["video_tasks"]), train.batch_size,
-            collate_messages, train.seed, info.rank, material=material)
+            collate_messages, train.seed, info.rank, material=material, question_first=first)
         if options["silent_videos"]:
             generated[SILENT_VIDEO_TASK] = fresh_video_source(
                 clip_file, 1, ("video_digits",), train.batch_size, collate_messages, train.seed, info.rank,
-                sound=False, material=material)
+                sound=False, material=material, question_first=first)
         if options["one_word_videos"]:
             settings, clips = material
             generated[ONE_WORD_VIDEO_TASK] = fresh_video_source(
                 clip_file, 1, ("video_qa",), train.batch_size, collate_messages, train.seed, info.rank,
-                material=(dataclasses.replace(settings, words_per_video=1), clips))
+                material=(dataclasses.replace(settings, words_per_video=1), clips), question_first=first)
     elif options["silent_videos"] or options["one_word_videos"]:
         raise ConfigError(f"stage {config.name!r}: silent_videos and one_word_videos draw fresh videos: "
                           "they need fresh_videos")

@@ -722,11 +722,15 @@ def image_conversation(image: Any, scene: dict[str, Any], text: str, answer: str
     return media_conversation({"type": "image", "image": image}, asked)
 
 
-def media_conversation(part: dict[str, Any], asked: list[tuple[str, str]]) -> list[dict[str, Any]]:
-    """Chat messages asking the (question, answer) pairs of ``asked`` in turn, the media ``part`` in the first."""
+def media_conversation(part: dict[str, Any], asked: list[tuple[str, str]],
+                       question_first: bool = False) -> list[dict[str, Any]]:
+    """Chat messages asking the (question, answer) pairs of ``asked`` in turn, the media ``part`` in the first
+    (before its question, or after it with ``question_first``)."""
     messages: list[dict[str, Any]] = []
     for turn, (question, answer) in enumerate(asked):
-        content = [part, {"type": "text", "text": question}] if turn == 0 else question
+        content = question
+        if turn == 0:
+            content = [part, {"type": "text", "text": question}][::-1 if question_first else 1]
         messages += [{"role": "user", "content": content}, {"role": "assistant", "content": answer}]
     return messages
 
@@ -991,10 +995,12 @@ def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Rand
 
 def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
                        tasks: tuple[str, ...] = ("video_qa",), sound: bool = True,
-                       vocabulary: list[str] | tuple[str, ...] = ()) -> list[dict[str, Any]]:
+                       vocabulary: list[str] | tuple[str, ...] = (), question_first: bool = False,
+                       ) -> list[dict[str, Any]]:
     """A conversation about an in-memory video (with its narration unless not ``sound``): up to ``questions`` of its
-    questions of ``tasks`` (:func:`video_questions`) in random order, one turn each, the video in the first. For
-    ``video_heard``, as many words not said as said are drawn from ``vocabulary``."""
+    questions of ``tasks`` (:func:`video_questions`) in random order, one turn each, the video in the first (after
+    its question with ``question_first``). For ``video_heard``, as many words not said as said are drawn from
+    ``vocabulary``."""
     unsaid: list[str] = []
     if "video_heard" in tasks:
         said = {spoken["word"] for spoken in video.words}
@@ -1003,7 +1009,7 @@ def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
     asked = [(q, a) for task, q, a, _ in video_questions(video, unsaid) if task in tasks]
     asked = rng.sample(asked, min(questions, len(asked)))
     part = {"type": "video", "video": video.frames, "fps": video.fps} | ({"audio": video.narration} if sound else {})
-    return media_conversation(part, asked)
+    return media_conversation(part, asked, question_first)
 
 
 # ---------------------------------------------------------------------------------------------- all of it
