@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from omnilm.omni.processor import OmniProcessor, media_arguments
 from omnilm.omni.thinker import load_thinker
 from omnilm.tokenizer import Tokenizer
-from omnilm.train.omni_sft import FreshImageBatches, fresh_video_source, thinker_loss_sums
+from omnilm.train.omni_sft import FreshImageBatches, fresh_video_material, fresh_video_source, thinker_loss_sums
 
 
 def full_sequence_loss(model: Any, batch: dict[str, Any]) -> torch.Tensor:
@@ -54,7 +54,7 @@ def task_batches(model_dir: Path, media: Path, thinker: Any, batch_size: int) ->
 
     records = [json.loads(line) for line in (media / "train.jsonl").read_text(encoding="utf-8").splitlines()]
     spoken = [r["messages"] for r in records if r["task"] == "spoken_qa"][:batch_size]
-    narration = media / "narration.jsonl"
+    narration = fresh_video_material(media / "narration.jsonl")
     tasks = ("video_qa", "video_digits", "video_words")
     return {"image_qa": FreshImageBatches(batch_size, 112, 4, collate, seed=1).next_batch(),
             "spoken_qa": collate(spoken),

@@ -288,17 +288,15 @@ def fresh_video_material(clip_file: Path) -> tuple[Any, dict[str, dict[str, Any]
     return config, clips
 
 
-def fresh_video_source(clip_file: Path, questions: int, tasks: tuple[str, ...], batch_size: int, collate: Any,
-                       seed: int, rank: int, sound: bool = True,
-                       material: tuple[Any, dict[str, dict[str, Any]]] | None = None,
+def fresh_video_source(material: tuple[Any, dict[str, dict[str, Any]]], questions: int, tasks: tuple[str, ...],
+                       batch_size: int, collate: Any, seed: int, rank: int, sound: bool = True,
                        question_first: bool = False) -> FreshVideoBatches:
-    """Fresh videos like those of the synth run that wrote ``clip_file`` (``material``: its settings and clips,
-    when already read)."""
+    """Fresh videos from ``material`` (:func:`fresh_video_material`: a synth run's video settings and clips)."""
     from omnilm.data.synth.omni import VIDEO_TASKS
 
     if unknown := sorted(set(tasks) - set(VIDEO_TASKS)):
         raise ConfigError(f"video_tasks: unknown {unknown} (known: {', '.join(VIDEO_TASKS)})")
-    config, clips = material or fresh_video_material(clip_file)
+    config, clips = material
     return FreshVideoBatches(batch_size, clips, config, questions, collate, seed, rank, tasks, sound, question_first)
 
 
@@ -373,21 +371,20 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
             train.batch_size, int(options["image_size"]), int(options["questions_per_image"]), collate_messages,
             train.seed, info.rank, recorded_layouts(str(options["exclude_layouts"])))
     if options["fresh_videos"]:
-        clip_file = Path(str(options["fresh_videos"]))
-        material = fresh_video_material(clip_file)  # read once for every source
+        material = fresh_video_material(Path(str(options["fresh_videos"])))  # read once for every source
         first = bool(options["video_question_first"])
         generated[FRESH_VIDEO_TASK] = fresh_video_source(
-            clip_file, int(options["questions_per_video"]), tuple(options["video_tasks"]), train.batch_size,
-            collate_messages, train.seed, info.rank, material=material, question_first=first)
+            material, int(options["questions_per_video"]), tuple(options["video_tasks"]), train.batch_size,
+            collate_messages, train.seed, info.rank, question_first=first)
         if options["silent_videos"]:
             generated[SILENT_VIDEO_TASK] = fresh_video_source(
-                clip_file, 1, ("video_digits",), train.batch_size, collate_messages, train.seed, info.rank,
-                sound=False, material=material, question_first=first)
+                material, 1, ("video_digits",), train.batch_size, collate_messages, train.seed, info.rank,
+                sound=False, question_first=first)
         if options["one_word_videos"]:
             settings, clips = material
             generated[ONE_WORD_VIDEO_TASK] = fresh_video_source(
-                clip_file, 1, ("video_qa",), train.batch_size, collate_messages, train.seed, info.rank,
-                material=(dataclasses.replace(settings, words_per_video=1), clips), question_first=first)
+                (dataclasses.replace(settings, words_per_video=1), clips), 1, ("video_qa",), train.batch_size,
+                collate_messages, train.seed, info.rank, question_first=first)
     elif options["silent_videos"] or options["one_word_videos"]:
         raise ConfigError(f"stage {config.name!r}: silent_videos and one_word_videos draw fresh videos: "
                           "they need fresh_videos")
