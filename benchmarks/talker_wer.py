@@ -29,7 +29,7 @@ import torch
 from omnilm.eval.speech import SpeechJudge, wer
 from omnilm.omni.audio import load_audio
 from omnilm.omni.codec import Codec
-from omnilm.omni.pacing import aligned_counts, paced_inputs
+from omnilm.omni.pacing import aligned_counts
 from omnilm.omni.processor import OmniProcessor
 from omnilm.omni.speech import load_voice
 from omnilm.omni.talker import generate_codes, talker_inputs
@@ -67,12 +67,12 @@ def main() -> None:
             spoken = np.concatenate([np.asarray(c, dtype=np.float32) for c in voice.speak(batch, reply)])
             heard["talker"].append(judge.transcribe(spoken))
             if voice.pacing is not None and record.get("reply_words"):
-                counts, _ = aligned_counts(tokenizer, reply, record["reply_words"], len(true_codes),
+                counts, said = aligned_counts(tokenizer, reply, record["reply_words"], len(true_codes),
                                            codec.config.code_rate)
                 inputs = talker_inputs(voice.thinker, voice.talker.config, batch["input_ids"],
                                        reply + voice.eos_ids[:1], voice.speaker_bos_id, voice.eos_ids)
                 params = replace(voice.params, max_new_tokens=2 * sum(counts) + 25)
-                codes = list(generate_codes(voice.talker, paced_inputs(inputs, counts), params))
+                codes = list(generate_codes(voice.talker, voice.paced(inputs, reply, counts, said), params))
                 heard["talker-aligned"].append(judge.transcribe(voice.token2wav.synthesize(torch.tensor(codes)).numpy()))
         references = [r["messages"][-1]["content"] for r in chosen]
         cells = [f"{wer(references, heard[k]):.3f}" if len(heard[k]) == len(chosen) else "" for k in heard]

@@ -6,7 +6,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from omnilm.omni.pacing import DurationModel, aligned_counts, paced_inputs, token_spans, token_words
+from omnilm.omni.pacing import (
+    DurationModel,
+    aligned_counts,
+    letter_rows,
+    paced_inputs,
+    spelled_letters,
+    token_spans,
+    token_words,
+)
 from omnilm.omni.talker import TalkerInputs
 
 RATE = 50.0
@@ -109,3 +117,61 @@ def test_the_paced_track_reads_the_token_of_the_next_code(counts: list[int]) -> 
         torch.testing.assert_close(paced.reply[0, step], tokens[owner[step + 1]])
     torch.testing.assert_close(paced.reply[0, total - 1], track[0, -2])
     torch.testing.assert_close(paced.reply_rows(total, 3)[0], track[0, -1:].expand(3, -1))
+
+
+@settings(max_examples=60, deadline=None)
+@given(words=st.lists(WORD, min_size=1, max_size=6), data=st.data())
+def test_spelled_letters_follow_the_words_through_their_spoken_codes(tokenizer, words: list[str],  # noqa: ANN001
+                                                                     data: st.DataObject) -> None:
+    """One character (or None) per code; silence only outside the words' times; inside a word its letters come in
+    order, each as often as the even share gives it (±1), all of them when it has at least as many codes."""
+    durations = data.draw(st.lists(st.integers(1, 30), min_size=len(words), max_size=len(words)))
+    gap, lead, trail = data.draw(st.integers(0, 5)), data.draw(st.integers(0, 5)), data.draw(st.integers(0, 5))
+    timings, total = timed(words, durations, gap, lead, trail)
+    ids = tokenizer.encode(" ".join(words), special=False)
+    counts, spoken = aligned_counts(tokenizer, ids, timings, total, RATE)
+    letters = spelled_letters(tokenizer, ids, counts, spoken)
+    assert len(letters) == total
+    text, spans = token_spans(tokenizer, ids)
+    at = 0
+    for k, ((start, end), count) in enumerate(zip(spans, counts, strict=True)):
+        own = [c.lower() for c in text[start:end] if c.isalnum()]
+        piece = letters[at:at + count]
+        said = [c for c in piece if c is not None]
+        if own:
+            assert said == sorted(said, key=own.index), f"token {k}: letters out of order {said}"
+            assert len(said) == min(max(round(spoken[k]), 0), count)
+            if len(said) >= len(own):
+                assert set(said) == set(own) and all(abs(said.count(c) * len(own) / len(said)
+                                                         - own.count(c)) <= own.count(c) for c in own)
+            silence = piece[:count - len(said)] if k == 0 else piece[len(said):]
+            assert all(c is None for c in silence)
+        else:
+            assert not said
+        at += count
+    for w, (_, start, end) in enumerate(timings):  # every code well inside a word says a letter of that word
+        alnum = [c.lower() for c in words[w] if c.isalnum()]
+        inside = letters[round(start * RATE) + 1:round(end * RATE) - 1]
+        assert all(c in alnum for c in inside if c is not None)
+
+
+def test_spelled_track_adds_each_codes_letter_scaled_to_the_tokens(tokenizer) -> None:  # noqa: ANN001
+    """Step i reads code i + 1's token vector plus its letter's embedding at the size of the token vectors;
+    silent codes read the token alone."""
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(tokenizer.vocab_size, 6)
+    letters = [None, "a", "b", None, "7", "a"]
+    rows = letter_rows(embed, tokenizer, letters)
+    assert rows.shape == (1, 6, 6) and not rows[0, 0].any() and not rows[0, 3].any()
+    torch.testing.assert_close(rows[0, 1], embed.weight[tokenizer.encode("a", special=False)[0]])
+    torch.testing.assert_close(rows[0, 5], rows[0, 1])
+    prompt, track = torch.randn(1, 3, 6), torch.randn(1, 4, 6)  # tokens 1..2, text end, pad
+    counts = [2, 2, 2]
+    plain = paced_inputs(TalkerInputs(prompt, torch.zeros(3, 1, 3, dtype=torch.long), track), counts)
+    spelled = paced_inputs(TalkerInputs(prompt, torch.zeros(3, 1, 3, dtype=torch.long), track), counts, rows)
+    size = torch.cat([prompt[:, -1:], track[:, :2]], 1).pow(2).mean().sqrt()
+    for step in range(5):
+        letter = rows[0, step + 1]
+        expected = letter / letter.pow(2).mean().sqrt() * size if letter.any() else torch.zeros(6)
+        torch.testing.assert_close(spelled.reply[0, step] - plain.reply[0, step], expected)
+    torch.testing.assert_close(spelled.reply[0, 5:], plain.reply[0, 5:])

@@ -158,12 +158,13 @@ def test_the_batched_talker_loss_equals_the_sum_over_single_examples(speech_setu
     assert stats["code_accuracy"] == pytest.approx(expected_accuracy)
 
 
-def test_a_paced_talker_generates_the_codes_it_learnt_at_the_pace_it_learnt(speech_setup: dict) -> None:
-    """Trained on reply tracks laid out by word timings, a Talker given the same layout generates its codes; the
-    folder keeps the fitted duration model."""
+@pytest.mark.parametrize("spelled", [False, True])
+def test_a_paced_talker_generates_the_codes_it_learnt_at_the_pace_it_learnt(speech_setup: dict, spelled: bool) -> None:
+    """Trained on reply tracks laid out by word timings (spelled: with the letters said), a Talker given the same
+    layout generates its codes; the folder keeps the fitted duration model."""
     from omnilm.infer.sampling import SamplingParams
     from omnilm.omni.audio import load_audio
-    from omnilm.omni.pacing import DurationModel, aligned_counts, paced_inputs
+    from omnilm.omni.pacing import DurationModel, aligned_counts, paced_reply
     from omnilm.omni.processor import OmniProcessor, media_arguments
     from omnilm.omni.talker import generate_codes, load_talker, talker_inputs
     from omnilm.omni.thinker import load_thinker
@@ -172,14 +173,14 @@ def test_a_paced_talker_generates_the_codes_it_learnt_at_the_pace_it_learnt(spee
     from omnilm.train.stage import run_stage
     from omnilm.train.talker import read_speaker
 
-    out = speech_setup["root"] / "paced-talker-run"
+    out = speech_setup["root"] / f"paced-talker-run-{spelled}"
     run_stage(stage_config(speech_setup, "talker", speech_setup["thinker"], 150,
-                           {"talker": TINY_TALKER, "paced": True}), out)
+                           {"talker": TINY_TALKER, "paced": True, "spelled": spelled}), out)
     final = out / "final"
     thinker, tokenizer = load_thinker(final), Tokenizer.from_dir(final)
     talker = load_talker(final / "talker").eval()
     pacing = DurationModel.load(final / "talker")
-    assert pacing is not None and pacing.per_char > 0 and pacing.lead > 0
+    assert pacing is not None and pacing.per_char > 0 and pacing.lead > 0 and pacing.spelled == spelled
     processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget)
     codec = speech_setup["codec_obj"]
     records = [json.loads(line) for line in speech_setup["data"].read_text().splitlines()]
@@ -188,10 +189,10 @@ def test_a_paced_talker_generates_the_codes_it_learnt_at_the_pace_it_learnt(spee
         batch = processor.collate([processor.encode(messages, add_generation_prompt=True)], tokenizer.pad_id)
         text_ids = tokenizer.encode(reply, special=False)
         expected = codec.encode(load_audio(speech_setup["data"].parent / f"reply{i}.wav")).tolist()
-        counts, _ = aligned_counts(tokenizer, text_ids, records[i]["reply_words"], len(expected),
-                                   codec.config.code_rate)
+        counts, said = aligned_counts(tokenizer, text_ids, records[i]["reply_words"], len(expected),
+                                      codec.config.code_rate)
         inputs = talker_inputs(thinker, talker.config, batch["input_ids"], text_ids + [tokenizer.token_to_id(IM_END)],
                                read_speaker(final), eos_ids=[tokenizer.token_to_id(IM_END)], **media_arguments(batch))
-        codes = list(generate_codes(talker, paced_inputs(inputs, counts),
-                                    SamplingParams(max_new_tokens=200, temperature=0.0)))
+        paced = paced_reply(inputs, counts, said, spelled, thinker.decoder.tok_emb, tokenizer, text_ids)
+        codes = list(generate_codes(talker, paced, SamplingParams(max_new_tokens=200, temperature=0.0)))
         assert codes == expected, f"reply {i}: {len(codes)} codes vs {len(expected)}"

@@ -15,6 +15,12 @@ step, the vector of the token whose sound the next code belongs to, so what to s
   regulator does;
 - both: :func:`paced_inputs` lays out the reply track by the counts. Nothing else changes: the Talker and its
   checkpoints keep transformers' layout, and an unpaced Talker reads the track as before.
+
+A *spelled* Talker (``DurationModel.spelled``) also reads the letter being said: a token's spoken codes are shared
+evenly by its letters and digits (:func:`spelled_letters`), and each step's row gets the Thinker's input embedding of
+that character, scaled to the track's own size. A token vector says which word; the letters say how it sounds, so a
+rare word of several tokens ("Williamsbury") is spelled out rather than recalled as a whole. No new weights: the
+letters are Thinker embeddings, read through the Talker's projection like the rest of the track.
 """
 
 from __future__ import annotations
@@ -107,6 +113,8 @@ class DurationModel:
     lead: float = 0.0
     gap: float = 0.0
     trail: float = 0.0
+    #: Whether the Talker reads the letter being said as well (:func:`spelled_letters`).
+    spelled: bool = False
 
     @classmethod
     def fit(cls, replies: Sequence[tuple[Any, Sequence[int], Sequence[Sequence[Any]], int, float]]) -> DurationModel:
@@ -135,11 +143,17 @@ class DurationModel:
     def counts(self, tokenizer: Any, ids: Sequence[int]) -> list[int]:
         """Predicted codes per token of a reply (boundaries rounded from the running sum, so rounding does not
         drift; at least one code in all)."""
+        return self.plan(tokenizer, ids)[0]
+
+    def plan(self, tokenizer: Any, ids: Sequence[int]) -> tuple[list[int], list[float]]:
+        """(predicted codes per token, predicted spoken codes per token): :meth:`counts`, and the part of each count
+        that is speech rather than silence (as :func:`aligned_counts` returns them for a recorded reply)."""
         if not ids:
-            return []
+            return [], []
         text, spans = token_spans(tokenizer, ids)
         owner, chars = token_words(text, spans)
-        lengths = [self.per_token.get(int(t), self.per_char * c) for t, c in zip(ids, chars, strict=True)]
+        spoken = [self.per_token.get(int(t), self.per_char * c) for t, c in zip(ids, chars, strict=True)]
+        lengths = list(spoken)
         lengths[0] += self.lead
         for k in range(len(ids) - 1):
             if owner[k + 1] != owner[k]:
@@ -150,7 +164,7 @@ class DurationModel:
             at += length
             bounds.append(max(round(at), bounds[-1]))
         bounds[-1] = max(bounds[-1], 1)
-        return [bounds[k + 1] - bounds[k] for k in range(len(ids))]
+        return [bounds[k + 1] - bounds[k] for k in range(len(ids))], spoken
 
     def save(self, folder: str | Path) -> None:
         write_json_atomic(Path(folder) / PACING_FILE,
@@ -166,14 +180,63 @@ class DurationModel:
         return cls(**(data | {"per_token": {int(k): float(v) for k, v in data["per_token"].items()}}))
 
 
-def paced_inputs(inputs: TalkerInputs, counts: Sequence[int]) -> TalkerInputs:
+def spelled_letters(tokenizer: Any, ids: Sequence[int], counts: Sequence[int], spoken: Sequence[float],
+                    ) -> list[str | None]:
+    """The character said at each code of a reply laid out by ``counts`` (None in silence): token k's spoken
+    codes (``spoken[k]``, rounded, at most its count) open its slot, except token 0's, which close it (the
+    silence before the first word is its slot's start); its letters and digits, lower-cased, share them evenly."""
+    text, spans = token_spans(tokenizer, ids)
+    out: list[str | None] = []
+    for k, ((start, end), count) in enumerate(zip(spans, counts, strict=True)):
+        letters = [char.lower() for char in text[start:end] if char.isalnum()]
+        said = min(max(round(spoken[k]), 0), count) if letters else 0
+        silence: list[str | None] = [None] * (count - said)
+        sounds: list[str | None] = [letters[j * len(letters) // said] for j in range(said)]
+        out += silence + sounds if k == 0 else sounds + silence
+    return out
+
+
+def letter_rows(embed: Any, tokenizer: Any, letters: Sequence[str | None]) -> torch.Tensor:
+    """(1, N, E) the input embeddings (``embed``: the Thinker's token table) of the characters ``letters``, a
+    zero row where there is none or the character is not a single token."""
+    weight = embed.weight
+    rows = weight.new_zeros(1, len(letters), weight.shape[1])
+    single = {char: tokenizer.encode(char, special=False) for char in set(letters) if char is not None}
+    for i, char in enumerate(letters):
+        if char is not None and len(single[char]) == 1:
+            rows[0, i] = weight[single[char][0]]
+    return rows
+
+
+def paced_inputs(inputs: TalkerInputs, counts: Sequence[int], letters: torch.Tensor | None = None) -> TalkerInputs:
     """``inputs`` (from :func:`~omnilm.omni.talker.talker_inputs`, reply tokens 0..K−1) with the reply track laid out
     by ``counts`` (K codes per token, N in all): step i, which predicts code i + 1, reads the vector of the token code
     i + 1 is part of; step N − 1, which predicts the end, reads text end; then padding. Token 0's vector is the
-    prompt's last row, as in the unpaced track."""
+    prompt's last row, as in the unpaced track.
+
+    ``letters`` (1, N, E), a spelled Talker's letter embeddings per code (:func:`letter_rows`): step i's row also
+    gets code i + 1's, each scaled to the root mean square of the reply's token vectors (embeddings are an order
+    of magnitude smaller than the Thinker's hidden states, which make up most of a token's vector)."""
     tokens = torch.cat([inputs.prompt[:, -1:], inputs.reply[:, :-2]], dim=1)  # (1, K, E)
     if tokens.shape[1] != len(counts):
         raise ValueError(f"{len(counts)} counts for a reply of {tokens.shape[1]} tokens")
     owner = torch.repeat_interleave(torch.arange(len(counts), device=tokens.device),
                                     torch.as_tensor(list(counts), device=tokens.device))
-    return replace(inputs, reply=torch.cat([tokens[:, owner[1:]], inputs.reply[:, -2:]], dim=1))
+    rows = tokens[:, owner[1:]]
+    if letters is not None:
+        if letters.shape[1] != len(owner):
+            raise ValueError(f"{letters.shape[1]} letter rows for {len(owner)} codes")
+        said = letters[:, 1:]
+        rows = rows + said / said.pow(2).mean(-1, keepdim=True).sqrt().clamp(min=1e-12) * tokens.pow(2).mean().sqrt()
+    return replace(inputs, reply=torch.cat([rows, inputs.reply[:, -2:]], dim=1))
+
+
+def paced_reply(inputs: TalkerInputs, counts: Sequence[int], spoken: Sequence[float], spelled: bool, embed: Any,
+                tokenizer: Any, ids: Sequence[int]) -> TalkerInputs:
+    """:func:`paced_inputs` of reply ``ids``, codes per token ``counts`` of which ``spoken`` are speech; when
+    ``spelled``, the letters said at each code (:func:`spelled_letters`, embedded by the Thinker's ``embed``) read
+    along with the tokens."""
+    if not spelled:
+        return paced_inputs(inputs, counts)
+    letters = letter_rows(embed, tokenizer, spelled_letters(tokenizer, ids, counts, spoken))
+    return paced_inputs(inputs, counts, letters.to(inputs.reply))

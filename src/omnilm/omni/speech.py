@@ -78,9 +78,9 @@ from omnilm.omni.dit import (
     sample,
     sample_stream,
 )
-from omnilm.omni.pacing import DurationModel, paced_inputs
+from omnilm.omni.pacing import DurationModel, paced_reply
 from omnilm.omni.processor import OmniProcessor, media_arguments
-from omnilm.omni.talker import Talker, generate_codes, load_talker, save_talker, talker_inputs
+from omnilm.omni.talker import Talker, TalkerInputs, generate_codes, load_talker, save_talker, talker_inputs
 from omnilm.omni.thinker import Thinker, load_thinker
 from omnilm.omni.vocoder import (
     BigVGAN,
@@ -447,11 +447,19 @@ class Voice:
                                self.speaker_bos_id, eos, **media)
         params = params or self.params
         if self.pacing is not None:
-            inputs = paced_inputs(inputs, self.pacing.counts(self.tokenizer, reply))
+            inputs = self.paced(inputs, reply, *self.pacing.plan(self.tokenizer, reply))
             # A paced reply has a planned length: a Talker that misses the end code stops at twice that.
             planned = inputs.reply.shape[1] - 1
             params = replace(params, max_new_tokens=min(params.max_new_tokens, 2 * planned + 25))
         yield from generate_codes(self.talker, inputs, params)
+
+    def paced(self, inputs: TalkerInputs, reply: Sequence[int], counts: Sequence[int], spoken: Sequence[float],
+              ) -> TalkerInputs:
+        """A paced Talker's ``inputs`` for ``reply`` laid out by ``counts`` codes per token (``spoken`` of them
+        speech), spelled when its duration model says so (:func:`~omnilm.omni.pacing.paced_reply`)."""
+        assert self.pacing is not None, "only a paced Talker lays out its reply track"
+        return paced_reply(inputs, counts, spoken, self.pacing.spelled, self.thinker.decoder.tok_emb, self.tokenizer,
+                           reply)
 
     def speak(self, batch: dict[str, Any], reply_ids: Sequence[int],
               params: SamplingParams | None = None) -> Iterator[np.ndarray]:

@@ -19,6 +19,8 @@ Options:
 ``max_codes`` (400)       replies longer than this many codes (8 s) are skipped
 ``paced`` (false)         read each reply at the pace of its speech (:mod:`omnilm.omni.pacing`): records need
                           ``reply_words`` timings; the fitted duration model is saved as ``talker/pacing.json``
+``spelled`` (false)       (paced Talkers) also read the letter being said at each step
+                          (:func:`~omnilm.omni.pacing.spelled_letters`), saved in ``talker/pacing.json``
 ``code_dropout`` (0)      while training, this fraction of the codes the Talker reads back (not the ones it
                           predicts) is replaced by the codec mask code, drawn per batch from its examples: the
                           Talker cannot lean on its own last codes alone and must read the reply track
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,7 +46,7 @@ from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 TALKER_OPTIONS: dict[str, Any] = {"codec": "", "talker": {}, "max_codes": 400, "paced": False,
-                                  "code_dropout": 0.0, "strict": False}
+                                  "spelled": False, "code_dropout": 0.0, "strict": False}
 TALKER_DECODER = {"n_layer": 4, "d_model": 192, "n_head": 6, "n_kv_head": 2, "d_ff": 512, "max_seq_len": 1024,
                   "mrope_section": [4, 6, 6]}
 
@@ -132,11 +135,12 @@ def reply_audio_path(record: dict[str, Any], root: Path) -> Path:
 @torch.no_grad()
 def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, codec: Any,
                      records: list[tuple[dict[str, Any], Path]], max_codes: int, strict: bool, report: Any,
-                     paced: bool = False) -> tuple[list[dict[str, torch.Tensor]], Any]:
+                     paced: bool = False, spelled: bool = False) -> tuple[list[dict[str, torch.Tensor]], Any]:
     """Each record's Talker inputs (from the frozen Thinker) and the codes of its spoken reply; with ``paced``
-    the reply tracks laid out by the records' word timings, and the duration model fitted to them (else None)."""
+    the reply tracks laid out by the records' word timings (``spelled``: with the letters said), and the duration
+    model fitted to them (else None)."""
     from omnilm.omni.audio import load_audio
-    from omnilm.omni.pacing import DurationModel, aligned_counts, paced_inputs
+    from omnilm.omni.pacing import DurationModel, aligned_counts, paced_reply
     from omnilm.omni.processor import OmniProcessor, media_arguments
     from omnilm.omni.talker import talker_inputs
     from omnilm.tokenizer.tokenizer import IM_END
@@ -173,14 +177,15 @@ def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, cod
         if paced:
             timing = (tokenizer, reply[:-1], record["reply_words"], len(codes), codec.config.code_rate)
             try:
-                inputs = paced_inputs(inputs, aligned_counts(*timing)[0])
+                counts, said = aligned_counts(*timing)
             except ValueError as error:
                 report.skip(where, str(error), strict)
                 continue
+            inputs = paced_reply(inputs, counts, said, spelled, thinker.decoder.tok_emb, tokenizer, reply[:-1])
             timed.append(timing)
         examples.append({"prompt": inputs.prompt[0], "positions": inputs.positions(len(codes) + 1)[:, 0],
                          "reply": inputs.reply_rows(0, len(codes) + 1)[0], "codes": codes.long()})
-    return examples, (DurationModel.fit(timed) if paced else None)
+    return examples, (replace(DurationModel.fit(timed), spelled=spelled) if paced else None)
 
 
 def talker_loss_sums(model: nn.Module, batch: list[dict[str, torch.Tensor]], code_dropout: float = 0.0,
@@ -243,6 +248,8 @@ def run_talker_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainR
     from omnilm.train.trainer import resolve_device
 
     options = stage_options(config, TALKER_OPTIONS)
+    if options["spelled"] and not options["paced"]:
+        raise ConfigError(f"stage {config.name!r}: options.spelled reads letters at the pace of speech; set paced")
     if not config.init_from or not is_thinker_folder(config.init_from):
         raise ConfigError(f"stage {config.name!r}: a talker stage starts from a thinker folder (init_from)")
     if not options["codec"]:
@@ -263,7 +270,8 @@ def run_talker_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainR
         talker = Talker(new_talker_config(thinker, tokenizer, codec.codes, dict(options["talker"])))
     records, report = read_omni_records(config, bool(options["strict"]))
     examples, pacing = prepare_examples(thinker, tokenizer, talker.config, codec, records, int(options["max_codes"]),
-                                        bool(options["strict"]), report, bool(options["paced"]))
+                                        bool(options["strict"]), report, bool(options["paced"]),
+                                        bool(options["spelled"]))
     model = TalkerTrainee(talker.train(), Path(config.init_from), talker.config.tts_text_start_token_id, pacing)
     del thinker
     if info.is_main:
