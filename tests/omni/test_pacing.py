@@ -9,8 +9,10 @@ from hypothesis import strategies as st
 from omnilm.omni.pacing import (
     DurationModel,
     aligned_counts,
+    letter_code,
     letter_rows,
     paced_inputs,
+    reply_letters,
     spelled_letters,
     token_spans,
     token_words,
@@ -119,52 +121,63 @@ def test_the_paced_track_reads_the_token_of_the_next_code(counts: list[int]) -> 
     torch.testing.assert_close(paced.reply_rows(total, 3)[0], track[0, -1:].expand(3, -1))
 
 
+def test_reply_letters_keep_letters_and_digits_and_one_space_between_words() -> None:
+    letters, where = reply_letters("Alvarez-Perez, 12 May.")
+    assert letters == "alvarez perez 12 may"
+    assert [letters[at] for at in where if at is not None] == list("alvarezperez12may")
+    assert where[7] is None and letters[where[8]] == "p"
+
+
 @settings(max_examples=60, deadline=None)
 @given(words=st.lists(WORD, min_size=1, max_size=6), data=st.data())
 def test_spelled_letters_follow_the_words_through_their_spoken_codes(tokenizer, words: list[str],  # noqa: ANN001
                                                                      data: st.DataObject) -> None:
-    """One character (or None) per code; silence only outside the words' times; inside a word its letters come in
-    order, each as often as the even share gives it (±1), all of them when it has at least as many codes."""
+    """One letter (or None) per code; silence only outside the words' times; inside a token its letters come in
+    order, all of them when it has at least as many codes; every code well inside a word says one of its letters."""
     durations = data.draw(st.lists(st.integers(1, 30), min_size=len(words), max_size=len(words)))
     gap, lead, trail = data.draw(st.integers(0, 5)), data.draw(st.integers(0, 5)), data.draw(st.integers(0, 5))
     timings, total = timed(words, durations, gap, lead, trail)
     ids = tokenizer.encode(" ".join(words), special=False)
     counts, spoken = aligned_counts(tokenizer, ids, timings, total, RATE)
-    letters = spelled_letters(tokenizer, ids, counts, spoken)
-    assert len(letters) == total
+    letters, said = spelled_letters(tokenizer, ids, counts, spoken)
+    assert len(said) == total and letters == reply_letters(" ".join(words))[0]
     text, spans = token_spans(tokenizer, ids)
+    where = reply_letters(text)[1]
     at = 0
     for k, ((start, end), count) in enumerate(zip(spans, counts, strict=True)):
-        own = [c.lower() for c in text[start:end] if c.isalnum()]
-        piece = letters[at:at + count]
-        said = [c for c in piece if c is not None]
-        if own:
-            assert said == sorted(said, key=own.index), f"token {k}: letters out of order {said}"
-            assert len(said) == min(max(round(spoken[k]), 0), count)
-            if len(said) >= len(own):
-                assert set(said) == set(own) and all(abs(said.count(c) * len(own) / len(said)
-                                                         - own.count(c)) <= own.count(c) for c in own)
-            silence = piece[:count - len(said)] if k == 0 else piece[len(said):]
-            assert all(c is None for c in silence)
-        else:
-            assert not said
+        own = [i for i in where[start:end] if i is not None]
+        piece = said[at:at + count]
+        heard = [i for i in piece if i is not None]
+        assert heard == sorted(heard) and set(heard) <= set(own)
+        assert len(heard) == (min(max(round(spoken[k]), 0), count) if own else 0)
+        if own and len(heard) >= len(own):
+            assert set(heard) == set(own)
+        silence = piece[:count - len(heard)] if k == 0 else piece[len(heard):]
+        assert all(i is None for i in silence)
         at += count
-    for w, (_, start, end) in enumerate(timings):  # every code well inside a word says a letter of that word
-        alnum = [c.lower() for c in words[w] if c.isalnum()]
-        inside = letters[round(start * RATE) + 1:round(end * RATE) - 1]
-        assert all(c in alnum for c in inside if c is not None)
+    for w, (_, start, end) in enumerate(timings):
+        alnum = {c.lower() for c in words[w] if c.isalnum()}
+        inside = said[round(start * RATE) + 1:round(end * RATE) - 1]
+        assert all(letters[i] in alnum for i in inside if i is not None)
 
 
-def test_spelled_track_adds_each_codes_letter_scaled_to_the_tokens(tokenizer) -> None:  # noqa: ANN001
-    """Step i reads code i + 1's token vector plus its letter's embedding at the size of the token vectors;
-    silent codes read the token alone."""
+def test_letter_rows_sum_the_codes_of_the_letter_said_and_those_ahead() -> None:
+    letters, said = "ab 12", [None, 0, 0, 1, None, 3, 4]
+    rows = letter_rows(letters, said, 16, 3)
+    assert rows.shape == (1, 7, 16) and not rows[0, 0].any() and not rows[0, 4].any()
+    code = letter_code
+    torch.testing.assert_close(rows[0, 1], code("a", 0, 16) + code("b", 1, 16) + code(" ", 2, 16))
+    torch.testing.assert_close(rows[0, 2], rows[0, 1])
+    torch.testing.assert_close(rows[0, 6], code("2", 0, 16))  # nothing after the last letter
+    assert not torch.allclose(code("a", 0, 16), code("a", 1, 16))  # the same letter ahead reads differently
+    torch.testing.assert_close(letter_rows(letters, said, 16, 1)[0, 3], code("b", 0, 16))
+
+
+def test_the_spelled_track_adds_each_codes_letters_scaled_to_the_tokens() -> None:
+    """Step i reads code i + 1's token vector plus its letter vector at the size of the token vectors; silent
+    codes read the token alone."""
     torch.manual_seed(0)
-    embed = torch.nn.Embedding(tokenizer.vocab_size, 6)
-    letters = [None, "a", "b", None, "7", "a"]
-    rows = letter_rows(embed, tokenizer, letters)
-    assert rows.shape == (1, 6, 6) and not rows[0, 0].any() and not rows[0, 3].any()
-    torch.testing.assert_close(rows[0, 1], embed.weight[tokenizer.encode("a", special=False)[0]])
-    torch.testing.assert_close(rows[0, 5], rows[0, 1])
+    rows = letter_rows("ab", [None, 0, 1, None, 1, 0], 6, 2)
     prompt, track = torch.randn(1, 3, 6), torch.randn(1, 4, 6)  # tokens 1..2, text end, pad
     counts = [2, 2, 2]
     plain = paced_inputs(TalkerInputs(prompt, torch.zeros(3, 1, 3, dtype=torch.long), track), counts)

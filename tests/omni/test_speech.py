@@ -244,6 +244,31 @@ def test_a_saved_voice_loads_and_speaks_the_same(voice_parts: tuple[Path, Voice]
     assert load_voice(plain_dir) is None
 
 
+def test_a_paced_voice_reads_its_track_as_its_duration_model_says(voice_parts: tuple[Path, Voice],
+                                                                 tmp_path: Path) -> None:
+    """A folder's pacing.json makes its Voice paced (spelled when it says so): the codes are the Talker's on the
+    track that paced_reply lays out from the duration model's plan; the letters change what it reads."""
+    from omnilm.omni.pacing import DurationModel, paced_reply
+    from omnilm.omni.talker import generate_codes, talker_inputs
+
+    folder, voice = voice_parts
+    batch, reply = voice.text_prompt("Ann 12")
+    said: dict[int, list[int]] = {}
+    for spelled in (0, 2):
+        copy = shutil.copytree(folder, tmp_path / f"spelled{spelled}")
+        DurationModel(per_char=3.0, lead=2.0, gap=1.0, trail=2.0, spelled=spelled).save(copy / "talker")
+        loaded = load_voice(copy)
+        assert loaded is not None and loaded.pacing is not None and loaded.pacing.spelled == spelled
+        counts, spoken = loaded.pacing.plan(loaded.tokenizer, reply)
+        inputs = talker_inputs(loaded.thinker, loaded.talker.config, batch["input_ids"], reply + loaded.eos_ids[:1],
+                               loaded.speaker_bos_id, loaded.eos_ids)
+        expected = list(generate_codes(loaded.talker, paced_reply(inputs, counts, spoken, spelled, loaded.tokenizer,
+                                                                  reply), greedy(30)))
+        said[spelled] = list(loaded.codes(batch, reply, greedy(30)))
+        assert said[spelled] == expected and len(expected) > 5
+    assert said[0] != said[2]
+
+
 def test_speech_starts_before_the_talker_finishes(voice_parts: tuple[Path, Voice],
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """40 codes, 80 frames, 10 blocks: block 0's mel needs the codes up to block 1 (look-ahead), its waveform

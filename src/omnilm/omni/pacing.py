@@ -16,19 +16,24 @@ step, the vector of the token whose sound the next code belongs to, so what to s
 - both: :func:`paced_inputs` lays out the reply track by the counts. Nothing else changes: the Talker and its
   checkpoints keep transformers' layout, and an unpaced Talker reads the track as before.
 
-A *spelled* Talker (``DurationModel.spelled``) also reads the letter being said: a token's spoken codes are shared
-evenly by its letters and digits (:func:`spelled_letters`), and each step's row gets the Thinker's input embedding of
-that character, scaled to the track's own size. A token vector says which word; the letters say how it sounds, so a
-rare word of several tokens ("Williamsbury") is spelled out rather than recalled as a whole. No new weights: the
-letters are Thinker embeddings, read through the Talker's projection like the rest of the track.
+A *spelled* Talker (``DurationModel.spelled``) also reads the letters: a token's spoken codes are shared evenly by
+its letters and digits (:func:`spelled_letters`), and each step's row gets a fixed vector for the character being
+said plus one for each of the next few, one vector per character and offset (:func:`letter_rows`), scaled to the
+track's own size. A token vector says which word, and the Thinker's hidden state behind it has seen only the text
+before it: at the "1" of "12" it cannot know that "twelve" is coming. The letters ahead say what comes, and how it
+sounds, so a rare word of several tokens ("Williamsbury") is spelled out rather than recalled as a whole. No new
+weights: the vectors are drawn from fixed seeds and read through the Talker's projection like the rest of the
+track.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -113,8 +118,9 @@ class DurationModel:
     lead: float = 0.0
     gap: float = 0.0
     trail: float = 0.0
-    #: Whether the Talker reads the letter being said as well (:func:`spelled_letters`).
-    spelled: bool = False
+    #: Characters a spelled Talker reads at each step: the one being said and those after it (:func:`paced_reply`);
+    #: 0 for none.
+    spelled: int = 0
 
     @classmethod
     def fit(cls, replies: Sequence[tuple[Any, Sequence[int], Sequence[Sequence[Any]], int, float]]) -> DurationModel:
@@ -180,31 +186,55 @@ class DurationModel:
         return cls(**(data | {"per_token": {int(k): float(v) for k, v in data["per_token"].items()}}))
 
 
+def reply_letters(text: str) -> tuple[str, list[int | None]]:
+    """(the letters and digits of ``text``, lower-cased, each run of other characters one space; the index in
+    them of each character of ``text``, None for characters that are not letters or digits)."""
+    letters, where = "", []
+    for char in text:
+        if char.isalnum():
+            where.append(len(letters))
+            letters += char.lower()
+        else:
+            where.append(None)
+            if letters and letters[-1] != " ":
+                letters += " "
+    return letters.rstrip(), where
+
+
 def spelled_letters(tokenizer: Any, ids: Sequence[int], counts: Sequence[int], spoken: Sequence[float],
-                    ) -> list[str | None]:
-    """The character said at each code of a reply laid out by ``counts`` (None in silence): token k's spoken
-    codes (``spoken[k]``, rounded, at most its count) open its slot, except token 0's, which close it (the
-    silence before the first word is its slot's start); its letters and digits, lower-cased, share them evenly."""
+                    ) -> tuple[str, list[int | None]]:
+    """(the reply's letters, :func:`reply_letters`; the index in them of the character said at each code of the
+    reply laid out by ``counts``, None in silence). Token k's spoken codes (``spoken[k]``, rounded, at most its
+    count) open its slot, except token 0's, which close it (the silence before the first word is its slot's
+    start); its letters and digits share them evenly."""
     text, spans = token_spans(tokenizer, ids)
-    out: list[str | None] = []
+    letters, where = reply_letters(text)
+    out: list[int | None] = []
     for k, ((start, end), count) in enumerate(zip(spans, counts, strict=True)):
-        letters = [char.lower() for char in text[start:end] if char.isalnum()]
-        said = min(max(round(spoken[k]), 0), count) if letters else 0
-        silence: list[str | None] = [None] * (count - said)
-        sounds: list[str | None] = [letters[j * len(letters) // said] for j in range(said)]
+        own = [at for at in where[start:end] if at is not None]
+        said = min(max(round(spoken[k]), 0), count) if own else 0
+        silence: list[int | None] = [None] * (count - said)
+        sounds: list[int | None] = [own[j * len(own) // said] for j in range(said)]
         out += silence + sounds if k == 0 else sounds + silence
-    return out
+    return letters, out
 
 
-def letter_rows(embed: Any, tokenizer: Any, letters: Sequence[str | None]) -> torch.Tensor:
-    """(1, N, E) the input embeddings (``embed``: the Thinker's token table) of the characters ``letters``, a
-    zero row where there is none or the character is not a single token."""
-    weight = embed.weight
-    rows = weight.new_zeros(1, len(letters), weight.shape[1])
-    single = {char: tokenizer.encode(char, special=False) for char in set(letters) if char is not None}
-    for i, char in enumerate(letters):
-        if char is not None and len(single[char]) == 1:
-            rows[0, i] = weight[single[char][0]]
+@lru_cache(maxsize=4096)
+def letter_code(char: str, offset: int, width: int) -> torch.Tensor:
+    """A fixed random vector (width ``width``, unit root mean square in expectation) for ``char`` read ``offset``
+    characters ahead of the one being said: seeded by the pair, so every process draws the same one."""
+    seed = zlib.crc32(f"{offset}:{char}".encode())
+    return torch.randn(width, generator=torch.Generator().manual_seed(seed))
+
+
+def letter_rows(letters: str, said: Sequence[int | None], width: int, ahead: int) -> torch.Tensor:
+    """(1, N, width): for each code, the sum of :func:`letter_code` of the character said (``said``: its index in
+    ``letters``) and the ``ahead`` − 1 after it, each at its offset; a zero row in silence."""
+    rows = torch.zeros(1, len(said), width)
+    for i, at in enumerate(said):
+        if at is not None:
+            for offset, char in enumerate(letters[at:at + ahead]):
+                rows[0, i] += letter_code(char, offset, width)
     return rows
 
 
@@ -214,9 +244,8 @@ def paced_inputs(inputs: TalkerInputs, counts: Sequence[int], letters: torch.Ten
     i + 1 is part of; step N − 1, which predicts the end, reads text end; then padding. Token 0's vector is the
     prompt's last row, as in the unpaced track.
 
-    ``letters`` (1, N, E), a spelled Talker's letter embeddings per code (:func:`letter_rows`): step i's row also
-    gets code i + 1's, each scaled to the root mean square of the reply's token vectors (embeddings are an order
-    of magnitude smaller than the Thinker's hidden states, which make up most of a token's vector)."""
+    ``letters`` (1, N, E), a spelled Talker's letter vectors per code (:func:`letter_rows`): step i's row also
+    gets code i + 1's, scaled to the root mean square of the reply's token vectors."""
     tokens = torch.cat([inputs.prompt[:, -1:], inputs.reply[:, :-2]], dim=1)  # (1, K, E)
     if tokens.shape[1] != len(counts):
         raise ValueError(f"{len(counts)} counts for a reply of {tokens.shape[1]} tokens")
@@ -231,12 +260,13 @@ def paced_inputs(inputs: TalkerInputs, counts: Sequence[int], letters: torch.Ten
     return replace(inputs, reply=torch.cat([rows, inputs.reply[:, -2:]], dim=1))
 
 
-def paced_reply(inputs: TalkerInputs, counts: Sequence[int], spoken: Sequence[float], spelled: bool, embed: Any,
-                tokenizer: Any, ids: Sequence[int]) -> TalkerInputs:
-    """:func:`paced_inputs` of reply ``ids``, codes per token ``counts`` of which ``spoken`` are speech; when
-    ``spelled``, the letters said at each code (:func:`spelled_letters`, embedded by the Thinker's ``embed``) read
-    along with the tokens."""
+def paced_reply(inputs: TalkerInputs, counts: Sequence[int], spoken: Sequence[float], spelled: int, tokenizer: Any,
+                ids: Sequence[int]) -> TalkerInputs:
+    """:func:`paced_inputs` of reply ``ids``, codes per token ``counts`` of which ``spoken`` are speech; a
+    ``spelled`` Talker also reads, at each code, the character said and the ``spelled`` − 1 after it
+    (:func:`spelled_letters`, :func:`letter_rows`)."""
     if not spelled:
         return paced_inputs(inputs, counts)
-    letters = letter_rows(embed, tokenizer, spelled_letters(tokenizer, ids, counts, spoken))
-    return paced_inputs(inputs, counts, letters.to(inputs.reply))
+    letters, said = spelled_letters(tokenizer, ids, counts, spoken)
+    rows = letter_rows(letters, said, inputs.reply.shape[-1], spelled)
+    return paced_inputs(inputs, counts, rows.to(inputs.reply))

@@ -458,8 +458,7 @@ class Voice:
         """A paced Talker's ``inputs`` for ``reply`` laid out by ``counts`` codes per token (``spoken`` of them
         speech), spelled when its duration model says so (:func:`~omnilm.omni.pacing.paced_reply`)."""
         assert self.pacing is not None, "only a paced Talker lays out its reply track"
-        return paced_reply(inputs, counts, spoken, self.pacing.spelled, self.thinker.decoder.tok_emb, self.tokenizer,
-                           reply)
+        return paced_reply(inputs, counts, spoken, self.pacing.spelled, self.tokenizer, reply)
 
     def speak(self, batch: dict[str, Any], reply_ids: Sequence[int],
               params: SamplingParams | None = None) -> Iterator[np.ndarray]:

@@ -19,8 +19,9 @@ Options:
 ``max_codes`` (400)       replies longer than this many codes (8 s) are skipped
 ``paced`` (false)         read each reply at the pace of its speech (:mod:`omnilm.omni.pacing`): records need
                           ``reply_words`` timings; the fitted duration model is saved as ``talker/pacing.json``
-``spelled`` (false)       (paced Talkers) also read the letter being said at each step
-                          (:func:`~omnilm.omni.pacing.spelled_letters`), saved in ``talker/pacing.json``
+``spelled`` (0)           (paced Talkers) characters read at each step along with the token: the letter or
+                          digit being said and the ones after it (:func:`~omnilm.omni.pacing.paced_reply`); saved
+                          in ``talker/pacing.json``
 ``code_dropout`` (0)      while training, this fraction of the codes the Talker reads back (not the ones it
                           predicts) is replaced by the codec mask code, drawn per batch from its examples: the
                           Talker cannot lean on its own last codes alone and must read the reply track
@@ -46,7 +47,7 @@ from omnilm.train.stage import StageConfig, register_stage, stage_options
 from omnilm.train.trainer import SummedObjective, Trainer, TrainResult
 
 TALKER_OPTIONS: dict[str, Any] = {"codec": "", "talker": {}, "max_codes": 400, "paced": False,
-                                  "spelled": False, "code_dropout": 0.0, "strict": False}
+                                  "spelled": 0, "code_dropout": 0.0, "strict": False}
 TALKER_DECODER = {"n_layer": 4, "d_model": 192, "n_head": 6, "n_kv_head": 2, "d_ff": 512, "max_seq_len": 1024,
                   "mrope_section": [4, 6, 6]}
 
@@ -135,7 +136,7 @@ def reply_audio_path(record: dict[str, Any], root: Path) -> Path:
 @torch.no_grad()
 def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, codec: Any,
                      records: list[tuple[dict[str, Any], Path]], max_codes: int, strict: bool, report: Any,
-                     paced: bool = False, spelled: bool = False) -> tuple[list[dict[str, torch.Tensor]], Any]:
+                     paced: bool = False, spelled: int = 0) -> tuple[list[dict[str, torch.Tensor]], Any]:
     """Each record's Talker inputs (from the frozen Thinker) and the codes of its spoken reply; with ``paced``
     the reply tracks laid out by the records' word timings (``spelled``: with the letters said), and the duration
     model fitted to them (else None)."""
@@ -181,7 +182,7 @@ def prepare_examples(thinker: nn.Module, tokenizer: Any, talker_config: Any, cod
             except ValueError as error:
                 report.skip(where, str(error), strict)
                 continue
-            inputs = paced_reply(inputs, counts, said, spelled, thinker.decoder.tok_emb, tokenizer, reply[:-1])
+            inputs = paced_reply(inputs, counts, said, spelled, tokenizer, reply[:-1])
             timed.append(timing)
         examples.append({"prompt": inputs.prompt[0], "positions": inputs.positions(len(codes) + 1)[:, 0],
                          "reply": inputs.reply_rows(0, len(codes) + 1)[0], "codes": codes.long()})
@@ -271,7 +272,7 @@ def run_talker_stage(config: StageConfig, out_dir: Path, resume: bool) -> TrainR
     records, report = read_omni_records(config, bool(options["strict"]))
     examples, pacing = prepare_examples(thinker, tokenizer, talker.config, codec, records, int(options["max_codes"]),
                                         bool(options["strict"]), report, bool(options["paced"]),
-                                        bool(options["spelled"]))
+                                        int(options["spelled"]))
     model = TalkerTrainee(talker.train(), Path(config.init_from), talker.config.tts_text_start_token_id, pacing)
     del thinker
     if info.is_main:
