@@ -68,7 +68,7 @@ def main() -> None:
             heard["talker"].append(judge.transcribe(spoken))
             if voice.pacing is not None and record.get("reply_words"):
                 counts, said = aligned_counts(tokenizer, reply, record["reply_words"], len(true_codes),
-                                           codec.config.code_rate)
+                                              codec.config.code_rate)
                 inputs = talker_inputs(voice.thinker, voice.talker.config, batch["input_ids"],
                                        reply + voice.eos_ids[:1], voice.speaker_bos_id, voice.eos_ids)
                 params = replace(voice.params, max_new_tokens=2 * sum(counts) + 25)

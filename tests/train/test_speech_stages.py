@@ -158,6 +158,14 @@ def test_the_batched_talker_loss_equals_the_sum_over_single_examples(speech_setu
     assert stats["code_accuracy"] == pytest.approx(expected_accuracy)
 
 
+def test_spelling_is_refused_without_pacing(speech_setup: dict, tmp_path: Path) -> None:
+    from omnilm.config import ConfigError
+    from omnilm.train.stage import run_stage
+
+    with pytest.raises(ConfigError, match="spelled reads letters at the pace of speech"):
+        run_stage(stage_config(speech_setup, "talker", speech_setup["thinker"], 2, {"spelled": 3}), tmp_path / "x")
+
+
 @pytest.mark.parametrize("spelled", [0, 3])
 def test_a_paced_talker_generates_the_codes_it_learnt_at_the_pace_it_learnt(speech_setup: dict, spelled: int) -> None:
     """Trained on reply tracks laid out by word timings (spelled: with the letters said), a Talker given the same
