@@ -121,11 +121,15 @@ def test_the_paced_track_reads_the_token_of_the_next_code(counts: list[int]) -> 
     torch.testing.assert_close(paced.reply_rows(total, 3)[0], track[0, -1:].expand(3, -1))
 
 
-def test_reply_letters_keep_letters_and_digits_and_one_space_between_words() -> None:
-    letters, where = reply_letters("Alvarez-Perez, 12 May.")
-    assert letters == "alvarez perez 12 may"
-    assert [letters[at] for at in where if at is not None] == list("alvarezperez12may")
-    assert where[7] is None and letters[where[8]] == "p"
+def test_reply_letters_keep_letters_say_numbers_and_one_space_between_words() -> None:
+    text = "Alvarez-Perez, 12 May 1986 or 3,000."
+    letters, where = reply_letters(text)
+    assert letters == "alvarez perez twelve may nineteen hundred and eighty six or three thousand"
+    assert "".join(letters[at] for said in where for at in said) == letters.replace(" ", "")
+    assert where[7] == [] and letters[where[8][0]] == "p"
+    assert [len(where[text.index("1986") + k]) for k in range(4)] == [6, 7, 7, 7]  # 27 letters in even shares
+    assert where[text.index(",000")] == []
+    assert reply_letters("A4b")[0] == "a four b"
 
 
 @settings(max_examples=60, deadline=None)
@@ -145,7 +149,7 @@ def test_spelled_letters_follow_the_words_through_their_spoken_codes(tokenizer, 
     where = reply_letters(text)[1]
     at = 0
     for k, ((start, end), count) in enumerate(zip(spans, counts, strict=True)):
-        own = [i for i in where[start:end] if i is not None]
+        own = [i for said in where[start:end] for i in said]
         piece = said[at:at + count]
         heard = [i for i in piece if i is not None]
         assert heard == sorted(heard) and set(heard) <= set(own)
@@ -156,7 +160,7 @@ def test_spelled_letters_follow_the_words_through_their_spoken_codes(tokenizer, 
         assert all(i is None for i in silence)
         at += count
     for w, (_, start, end) in enumerate(timings):
-        alnum = {c.lower() for c in words[w] if c.isalnum()}
+        alnum = set(reply_letters(words[w])[0])
         inside = said[round(start * RATE) + 1:round(end * RATE) - 1]
         assert all(letters[i] in alnum for i in inside if i is not None)
 

@@ -17,18 +17,19 @@ step, the vector of the token whose sound the next code belongs to, so what to s
   checkpoints keep transformers' layout, and an unpaced Talker reads the track as before.
 
 A *spelled* Talker (``DurationModel.spelled``) also reads the letters: a token's spoken codes are shared evenly by
-its letters and digits (:func:`spelled_letters`), and each step's row gets a fixed vector for the character being
-said plus one for each of the next few, one vector per character and offset (:func:`letter_rows`), scaled to the
-track's own size. A token vector says which word, and the Thinker's hidden state behind it has seen only the text
-before it: at the "1" of "12" it cannot know that "twelve" is coming. The letters ahead say what comes, and how it
-sounds, so a rare word of several tokens ("Williamsbury") is spelled out rather than recalled as a whole. No new
-weights: the vectors are drawn from fixed seeds and read through the Talker's projection like the rest of the
-track.
+the letters it is said as (:func:`spelled_letters`; a number's are its words as the voice reads them, "12" →
+"twelve": :func:`reply_letters`), and each step's row gets a fixed vector for the letter being said plus one for
+each of the next few, one vector per letter and offset (:func:`letter_rows`), scaled to the track's own size. A
+token vector says which word, and the Thinker's hidden state behind it has seen only the text before it: at the
+"1" of "12" it cannot know that "twelve" is coming. The letters ahead say what comes, and how it sounds, so a rare
+word of several tokens ("Williamsbury") is spelled out rather than recalled as a whole. No new weights: the
+vectors are drawn from fixed seeds and read through the Talker's projection like the rest of the track.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
@@ -39,6 +40,7 @@ from typing import Any
 
 import torch
 
+from omnilm.eval.speech import number_words
 from omnilm.omni.talker import TalkerInputs
 from omnilm.utils.atomic import write_json_atomic
 
@@ -186,18 +188,36 @@ class DurationModel:
         return cls(**(data | {"per_token": {int(k): float(v) for k, v in data["per_token"].items()}}))
 
 
-def reply_letters(text: str) -> tuple[str, list[int | None]]:
-    """(the letters and digits of ``text``, lower-cased, each run of other characters one space; the index in
-    them of each character of ``text``, None for characters that are not letters or digits)."""
+def reply_letters(text: str) -> tuple[str, list[list[int]]]:
+    """(the letters of ``text`` as it is said, lower-cased, numbers written out in the words the voice says
+    (:func:`~omnilm.eval.speech.number_words`, with espeak-ng's "and": "1986" → "nineteen hundred and eighty six"),
+    each run of other characters one space; for each character of ``text``, the indices in them of the letters it
+    is said as: its own for a letter, an even share of its number's letters (spaces aside) for a digit, none for
+    the rest; the comma of "3,000" is not said)."""
     letters, where = "", []
-    for char in text:
-        if char.isalnum():
-            where.append(len(letters))
-            letters += char.lower()
+
+    def space() -> None:
+        nonlocal letters
+        if letters and letters[-1] != " ":
+            letters += " "
+
+    for run in re.finditer(r"(?P<number>\d{1,3}(?:,\d{3})+(?!\d)|\d+)|(?P<word>[^\W\d_]+)|[\W_]+", text):
+        chunk = run.group()
+        if run.group("number"):
+            space()
+            digits = chunk.replace(",", "")  # thousands separators are not said
+            words = " ".join(number_words(digits, british=True))
+            said = [len(letters) + i for i, char in enumerate(words) if char != " "]
+            letters += words + " "  # a number is words of its own
+            shares = iter(said[j * len(said) // len(digits):(j + 1) * len(said) // len(digits)]
+                          for j in range(len(digits)))
+            where += [[] if char == "," else next(shares) for char in chunk]
+        elif run.group("word"):
+            where += [[len(letters) + i] for i in range(len(chunk))]
+            letters += chunk.lower()
         else:
-            where.append(None)
-            if letters and letters[-1] != " ":
-                letters += " "
+            where += [[] for _ in chunk]
+            space()
     return letters.rstrip(), where
 
 
@@ -211,7 +231,7 @@ def spelled_letters(tokenizer: Any, ids: Sequence[int], counts: Sequence[int], s
     letters, where = reply_letters(text)
     out: list[int | None] = []
     for k, ((start, end), count) in enumerate(zip(spans, counts, strict=True)):
-        own = [at for at in where[start:end] if at is not None]
+        own = [at for said in where[start:end] for at in said]
         said = min(max(round(spoken[k]), 0), count) if own else 0
         silence: list[int | None] = [None] * (count - said)
         sounds: list[int | None] = [own[j * len(own) // said] for j in range(said)]
