@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -14,6 +15,7 @@ from omnilm.omni.pacing import (
     paced_inputs,
     reply_letters,
     spelled_letters,
+    token_readings,
     token_spans,
     token_words,
 )
@@ -102,6 +104,28 @@ def test_duration_model_round_trip_and_unseen_tokens(tmp_path, tokenizer) -> Non
     assert DurationModel.load(tmp_path / "elsewhere") is None
     unseen = tokenizer.encode("zebra", special=False)
     assert sum(model.counts(tokenizer, unseen)) == round(model.lead + model.trail + model.per_char * 5)
+
+
+def test_a_digit_lasts_as_long_as_it_did_where_it_was_said_the_same_way(tokenizer) -> None:  # noqa: ANN001
+    """The "5" of "5 May" ("five") and the "5"s of "1955" ("edandfi", "ftyfive") each keep their own duration; a
+    reading never seen falls back to the token's mean over all of them."""
+    replies = [("5 May", [["5", 0.1, 0.3], ["May", 0.36, 0.6]]), ("1955", [["1955", 0.1, 1.7]])]
+    fitted = []
+    for text, words in replies:
+        ids = tokenizer.encode(text, special=False)
+        total = round(words[-1][2] * RATE) + 3
+        fitted.append((tokenizer, ids, words, total, RATE))
+    model = DurationModel.fit(fitted)
+    for _, ids, words, total, _ in fitted:
+        _, spoken = aligned_counts(tokenizer, ids, words, total, RATE)
+        assert model.plan(tokenizer, ids)[1] == pytest.approx(spoken)
+    five = tokenizer.encode("5", special=False)
+    assert token_readings(tokenizer, five) == ["five"]
+    said = {reading: model.per_reading[f"{five[0]}:{reading}"] for reading in ("five", "edandfi", "ftyfive")}
+    assert said == pytest.approx({"five": 10.0, "edandfi": 20.0, "ftyfive": 20.0})
+    fifteen = tokenizer.encode("15", special=False)  # its "5" is said "teen", never fitted
+    assert token_readings(tokenizer, fifteen)[-1] == "teen"
+    assert model.plan(tokenizer, fifteen)[1][-1] == pytest.approx((10.0 + 20.0 + 20.0) / 3)
 
 
 @settings(max_examples=40, deadline=None)

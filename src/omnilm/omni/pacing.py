@@ -109,13 +109,25 @@ def aligned_counts(tokenizer: Any, ids: Sequence[int], words: Sequence[Sequence[
     return [bounds[k + 1] - bounds[k] for k in range(len(ids))], spoken
 
 
+def token_readings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
+    """The letters each token of ``ids`` is said as (:func:`reply_letters`; "" for a token of spaces or
+    punctuation): "Al" → "al", the "9" of "1986" → "enhundr"."""
+    text, spans = token_spans(tokenizer, ids)
+    letters, where = reply_letters(text)
+    return ["".join(letters[at] for said in where[start:end] for at in said) for start, end in spans]
+
+
 @dataclass
 class DurationModel:
-    """Codes per reply token when speaking: each token's mean spoken codes (``per_char`` × its characters for a
-    token never seen), the silence before the first word (``lead``), between words (``gap``) and after the last
-    (``trail``), in codes."""
+    """Codes per reply token when speaking: each token's mean spoken codes as it is said there (``per_reading``),
+    else anywhere (``per_token``), else ``per_char`` × its characters (a token never seen); the silence before the
+    first word (``lead``), between words (``gap``) and after the last (``trail``), in codes."""
 
     per_token: dict[int, float] = field(default_factory=dict)
+    #: Mean spoken codes of a token said as given letters, keyed "token:letters" (:func:`token_readings`): a digit
+    #: is said differently by its place in a number (the "5" of "1957" is "dandfi", of "5 May" "five"), and its
+    #: mean over every number misplaces the words after it; a reading never seen falls back to ``per_token``.
+    per_reading: dict[str, float] = field(default_factory=dict)
     per_char: float = 0.0
     lead: float = 0.0
     gap: float = 0.0
@@ -128,14 +140,16 @@ class DurationModel:
     def fit(cls, replies: Sequence[tuple[Any, Sequence[int], Sequence[Sequence[Any]], int, float]]) -> DurationModel:
         """From (tokenizer, ids, words, total codes, rate) of each training reply."""
         sums: dict[int, list[float]] = defaultdict(list)
+        reading_sums: dict[str, list[float]] = defaultdict(list)
         chars_total = codes_total = 0.0
         leads, gaps, trails = [], [], []
         for tokenizer, ids, words, total, rate in replies:
             _, spoken = aligned_counts(tokenizer, ids, words, total, rate)
             text, spans = token_spans(tokenizer, ids)
             _, chars = token_words(text, spans)
-            for token, codes, count in zip(ids, spoken, chars, strict=True):
+            for token, codes, count, reading in zip(ids, spoken, chars, token_readings(tokenizer, ids), strict=True):
                 sums[int(token)].append(codes)
+                reading_sums[f"{int(token)}:{reading}"].append(codes)
                 chars_total += count
                 codes_total += codes
             leads.append(float(words[0][1]) * rate)
@@ -145,7 +159,8 @@ class DurationModel:
         def mean(values: Sequence[float]) -> float:
             return sum(values) / len(values) if values else 0.0
 
-        return cls({token: mean(values) for token, values in sums.items()}, codes_total / max(chars_total, 1.0),
+        return cls({token: mean(values) for token, values in sums.items()},
+                   {key: mean(values) for key, values in reading_sums.items()}, codes_total / max(chars_total, 1.0),
                    mean(leads), mean(gaps), mean(trails))
 
     def counts(self, tokenizer: Any, ids: Sequence[int]) -> list[int]:
@@ -160,7 +175,8 @@ class DurationModel:
             return [], []
         text, spans = token_spans(tokenizer, ids)
         owner, chars = token_words(text, spans)
-        spoken = [self.per_token.get(int(t), self.per_char * c) for t, c in zip(ids, chars, strict=True)]
+        spoken = [self.per_reading.get(f"{int(t)}:{reading}", self.per_token.get(int(t), self.per_char * c))
+                  for t, c, reading in zip(ids, chars, token_readings(tokenizer, ids), strict=True)]
         lengths = list(spoken)
         lengths[0] += self.lead
         for k in range(len(ids) - 1):
