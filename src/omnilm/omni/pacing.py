@@ -125,7 +125,7 @@ class DurationModel:
 
     per_token: dict[int, float] = field(default_factory=dict)
     #: Mean spoken codes of a token said as given letters, keyed "token:letters" (:func:`token_readings`): a digit
-    #: is said differently by its place in a number (the "5" of "1957" is "dandfi", of "5 May" "five"), and its
+    #: is said differently by its place in a number (the "5" of "1957" is "edandfi", of "5 May" "five"), and its
     #: mean over every number misplaces the words after it; a reading never seen falls back to ``per_token``.
     per_reading: dict[str, float] = field(default_factory=dict)
     per_char: float = 0.0
