@@ -114,7 +114,7 @@ def token_readings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     punctuation): "Al" → "al", the "9" of "1986" → "enhundr"."""
     text, spans = token_spans(tokenizer, ids)
     letters, where = reply_letters(text)
-    return ["".join(letters[at] for said in where[start:end] for at in said) for start, end in spans]
+    return ["".join(letters[at] for share in where[start:end] for at in share) for start, end in spans]
 
 
 @dataclass
@@ -247,7 +247,7 @@ def spelled_letters(tokenizer: Any, ids: Sequence[int], counts: Sequence[int], s
     letters, where = reply_letters(text)
     out: list[int | None] = []
     for k, ((start, end), count) in enumerate(zip(spans, counts, strict=True)):
-        own = [at for said in where[start:end] for at in said]
+        own = [at for share in where[start:end] for at in share]
         said = min(max(round(spoken[k]), 0), count) if own else 0
         silence: list[int | None] = [None] * (count - said)
         sounds: list[int | None] = [own[j * len(own) // said] for j in range(said)]
