@@ -109,12 +109,22 @@ def aligned_counts(tokenizer: Any, ids: Sequence[int], words: Sequence[Sequence[
     return [bounds[k + 1] - bounds[k] for k in range(len(ids))], spoken
 
 
+def token_letters(text: str, spans: Sequence[tuple[int, int]]) -> tuple[str, list[list[int]]]:
+    """(:func:`reply_letters` of ``text``; for each token span, the indices in them of the letters it is said as)."""
+    letters, where = reply_letters(text)
+    return letters, [[at for share in where[start:end] for at in share] for start, end in spans]
+
+
+def readings(text: str, spans: Sequence[tuple[int, int]]) -> list[str]:
+    """The letters each token span is said as (:func:`token_letters`), joined."""
+    letters, own = token_letters(text, spans)
+    return ["".join(letters[at] for at in indices) for indices in own]
+
+
 def token_readings(tokenizer: Any, ids: Sequence[int]) -> list[str]:
     """The letters each token of ``ids`` is said as (:func:`reply_letters`; "" for a token of spaces or
     punctuation): "Al" → "al", the "9" of "1986" → "enhundr"."""
-    text, spans = token_spans(tokenizer, ids)
-    letters, where = reply_letters(text)
-    return ["".join(letters[at] for share in where[start:end] for at in share) for start, end in spans]
+    return readings(*token_spans(tokenizer, ids))
 
 
 @dataclass
@@ -147,7 +157,7 @@ class DurationModel:
             _, spoken = aligned_counts(tokenizer, ids, words, total, rate)
             text, spans = token_spans(tokenizer, ids)
             _, chars = token_words(text, spans)
-            for token, codes, count, reading in zip(ids, spoken, chars, token_readings(tokenizer, ids), strict=True):
+            for token, codes, count, reading in zip(ids, spoken, chars, readings(text, spans), strict=True):
                 sums[int(token)].append(codes)
                 reading_sums[f"{int(token)}:{reading}"].append(codes)
                 chars_total += count
@@ -176,7 +186,7 @@ class DurationModel:
         text, spans = token_spans(tokenizer, ids)
         owner, chars = token_words(text, spans)
         spoken = [self.per_reading.get(f"{int(t)}:{reading}", self.per_token.get(int(t), self.per_char * c))
-                  for t, c, reading in zip(ids, chars, token_readings(tokenizer, ids), strict=True)]
+                  for t, c, reading in zip(ids, chars, readings(text, spans), strict=True)]
         lengths = list(spoken)
         lengths[0] += self.lead
         for k in range(len(ids) - 1):
@@ -244,10 +254,9 @@ def spelled_letters(tokenizer: Any, ids: Sequence[int], counts: Sequence[int], s
     count) open its slot, except token 0's, which close it (the silence before the first word is its slot's
     start); its letters and digits share them evenly."""
     text, spans = token_spans(tokenizer, ids)
-    letters, where = reply_letters(text)
+    letters, token_own = token_letters(text, spans)
     out: list[int | None] = []
-    for k, ((start, end), count) in enumerate(zip(spans, counts, strict=True)):
-        own = [at for share in where[start:end] for at in share]
+    for k, (own, count) in enumerate(zip(token_own, counts, strict=True)):
         said = min(max(round(spoken[k]), 0), count) if own else 0
         silence: list[int | None] = [None] * (count - said)
         sounds: list[int | None] = [own[j * len(own) // said] for j in range(said)]
