@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from omnilm.omni import Thinker, load_thinker, save_thinker  # the public import the docs name
 from omnilm.omni.audio import audio_features
-from omnilm.omni.thinker import Thinker, load_thinker, save_thinker
 from omnilm.omni.vision import preprocess_images, preprocess_videos
 from tests_omni_layouts import build_batch
 
@@ -148,3 +148,19 @@ def test_greedy_generation_equals_transformers_generate(hf_folder: Path, case: s
                                       pad_token_id=0)[:, inputs["input_ids"].shape[1]:]
     assert (tokens != FINISHED).all()
     assert torch.equal(tokens, expected)
+
+
+def test_the_package_exports_the_thinker_lazily() -> None:
+    """``omnilm.omni`` names the Thinker's loader without importing torch-heavy modules until asked."""
+    import subprocess
+    import sys
+
+    code = ("import sys, omnilm.omni as o; assert 'omnilm.omni.thinker' not in sys.modules; "
+            "from omnilm.omni import load_thinker; from omnilm.omni.thinker import load_thinker as direct; "
+            "assert load_thinker is direct; print(sorted(o.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "load_thinker" in out
+    with pytest.raises(AttributeError, match="no attribute 'missing'"):
+        import omnilm.omni
+
+        omnilm.omni.missing  # noqa: B018
