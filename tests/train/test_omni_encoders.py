@@ -6,6 +6,7 @@ a thinker folder an omni_sft stage starts from."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,14 @@ def test_each_speech_source_is_a_task_of_its_own_weight(text_model: Path, tmp_pa
         run_stage(two_sources({"narration": 1}), tmp_path / "bad")
     with pytest.raises(ConfigError, match="may not be named 'scenes'"):
         run_stage(two_sources({}, ("scenes", "words")), tmp_path / "bad2")
+    # Pauses around the words: the same run trains with them; a range that is not [lo, hi] is refused.
+    paused = StageConfig.from_mapping(two_sources({"scenes": 0, "speech": 1, "words": 0}).to_mapping()
+                                      | {"options": two_sources({}).options | {"silence": [0.1, 0.4]}})
+    run_stage(paused, tmp_path / "paused")
+    for bad in ([0.5, 0.1], [-1, 1], [1], "0.5"):
+        broken = StageConfig.from_mapping(paused.to_mapping() | {"options": paused.options | {"silence": bad}})
+        with pytest.raises(ConfigError, match="silence is"):
+            run_stage(broken, tmp_path / "bad3")
 
 
 def test_a_rotary_split_asked_for_builds_a_thinker_that_reads_text_as_the_decoder_did(text_model: Path,
@@ -195,6 +204,43 @@ def test_ctc_log_probabilities_are_each_audio_alone_over_the_token_embeddings(to
             alone = pack_features(*audio_features([load_audio(examples[index][0])], trim=True))
             expected = (thinker.audio_tower(*alone) @ classes.T).log_softmax(-1)
             torch.testing.assert_close(out[: len(expected), column], expected, atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=6, deadline=None)
+@given(lo=st.floats(0.0, 0.5), width=st.floats(0.0, 0.7), seed=st.integers(0, 100),
+       indices=st.lists(st.integers(0, 7), min_size=1, max_size=4))
+def test_silence_around_each_audio_is_drawn_per_batch_and_computed_from_the_padded_waveform(
+        tokenizer, tmp_path_factory, lo: float, width: float, seed: int, indices: list[int]) -> None:  # noqa: ANN001
+    """With ``silence`` each audio's features are those of the waveform with lo..hi seconds of zeros before and after
+    it (not a copy of the unpadded frames); the same indices draw the same pauses (a resumed run), other seeds
+    others, and no pause is outside the range."""
+    from omnilm.omni.audio import HOP_LENGTH, SAMPLE_RATE, audio_features, load_audio
+    from omnilm.train.omni_encoders import speech_collate, speech_examples
+
+    folder = tmp_path_factory.mktemp("media")
+    config = stage(folder, 1, write_speech_records(folder))
+    examples = speech_examples(config, tokenizer, strict=False)[0]["speech"]
+    hi = lo + width
+    collate = speech_collate(examples, {}, (lo, hi), seed)
+    batch, again = collate(indices), collate(indices)
+    rng = random.Random(hash((seed, *indices)))
+    draws = [round(rng.uniform(lo, hi) * SAMPLE_RATE) for _ in range(2 * len(indices))]
+    torch.testing.assert_close(batch["input_features"], again["input_features"], atol=0, rtol=0)
+    for row, index in enumerate(indices):
+        wave = load_audio(examples[index][0])
+        frames = int(batch["feature_attention_mask"][row].sum())
+        extra = frames * HOP_LENGTH - len(wave)  # pause samples before + after, to within one hop
+        assert 2 * lo * SAMPLE_RATE - 2 * HOP_LENGTH <= extra <= 2 * hi * SAMPLE_RATE + 2 * HOP_LENGTH
+        # The pauses drawn as the stage draws them (seeded by the batch's indices, before then after, audio by audio).
+        pauses = draws[2 * row: 2 * row + 2]
+        padded = torch.cat([torch.zeros(pauses[0]), wave, torch.zeros(pauses[1])])
+        expected = audio_features([padded], trim=True)[0][0]
+        assert expected.shape[-1] == frames
+        torch.testing.assert_close(batch["input_features"][row, :, :frames], expected, atol=1e-6, rtol=1e-6)
+    if hi - lo > 0.2 and len(indices) > 1:
+        other = speech_collate(examples, {}, (lo, hi), seed + 1)(indices)
+        assert not torch.equal(other["feature_attention_mask"].sum(-1), batch["feature_attention_mask"].sum(-1)) or \
+            not torch.equal(other["input_features"], batch["input_features"])
 
 
 @settings(max_examples=8, deadline=None)

@@ -40,6 +40,8 @@ Options:
 ``positive_weight`` (4.0)         weight of the scene labels that are set: a cell holds few of the 80 labels
 ``image_max_pixels``              pixel budget of an image, as in ``omni_sft`` (saved with the model)
 ``strict`` (false)                a bad speech record fails the run instead of being skipped and reported
+``silence`` ([0, 0])              seconds of silence drawn before and after each audio of the CTC tasks (lo, hi):
+                                  an encoder that never heard a pause reads one as words (see ``speech_collate``)
 """
 
 from __future__ import annotations
@@ -61,7 +63,7 @@ from omnilm.train.trainer import Trainer, TrainResult
 READOUT_FILE = "readout.safetensors"
 ENCODER_OPTIONS = {"audio": {}, "vision": {}, "mrope_section": [], "task_weights": {}, "image_size": 112, "kinds": [],
                    "exclude_layouts": "", "positive_weight": 4.0,
-                   "image_max_pixels": OMNI_OPTIONS["image_max_pixels"], "strict": False}
+                   "image_max_pixels": OMNI_OPTIONS["image_max_pixels"], "strict": False, "silence": [0.0, 0.0]}
 SCENES = "scenes"  # the vision task; every data source is a speech task of its own name
 
 
@@ -171,19 +173,35 @@ def speech_examples(config: StageConfig, tokenizer: Any, strict: bool,
     return examples, report
 
 
-def speech_collate(examples: list[tuple[Path, list[int]]], cache: dict[Path, torch.Tensor]) -> Any:
+def speech_collate(examples: list[tuple[Path, list[int]]], cache: dict[Path, torch.Tensor],
+                   silence: tuple[float, float] = (0.0, 0.0), seed: int = 0) -> Any:
     """A function from example indices to a padded CTC batch; each audio's log-mel frames are computed once, then
-    kept in ``cache`` (the features of a batch are those of each audio alone, padded: see ``audio_features``)."""
-    from omnilm.omni.audio import audio_features, load_audio
+    kept in ``cache`` (the features of a batch are those of each audio alone, padded: see ``audio_features``).
 
-    def collate(indices: list[int]) -> dict[str, Any]:
-        frames = []
-        for i in indices:
-            path = examples[i][0]
+    With ``silence`` (lo, hi) seconds, each audio is drawn with lo..hi seconds of silence before it and, drawn again,
+    after it (uniformly, seeded by the batch's indices, so a resumed run draws the same), and its features are
+    computed every time from the waveform kept in ``cache`` instead: the audio tokens of a pause are then trained to
+    be blanks. Trimmed utterances alone leave the encoder blind to silence: a narration word it reads alone came out
+    as '?' once 0.1 s of silence was put around it, and a video's narration, mostly silence, as question text."""
+    from omnilm.omni.audio import SAMPLE_RATE, audio_features, load_audio
+
+    lo, hi = silence
+
+    def frames_of(path: Path, rng: random.Random) -> torch.Tensor:
+        if hi <= 0:
             if path not in cache:
                 features, mask = audio_features([load_audio(path)], trim=True)
                 cache[path] = features[0, :, : int(mask.sum())]
-            frames.append(cache[path])
+            return cache[path]
+        if path not in cache:
+            cache[path] = load_audio(path)
+        before, after = (torch.zeros(round(rng.uniform(lo, hi) * SAMPLE_RATE)) for _ in range(2))
+        features, mask = audio_features([torch.cat([before, cache[path], after])], trim=True)
+        return features[0, :, : int(mask.sum())]
+
+    def collate(indices: list[int]) -> dict[str, Any]:
+        rng = random.Random(hash((seed, *indices)))
+        frames = [frames_of(examples[i][0], rng) for i in indices]
         longest = max(f.shape[1] for f in frames)
         features = torch.stack([F.pad(f, (0, longest - f.shape[1])) for f in frames])
         mask = torch.stack([(torch.arange(longest) < f.shape[1]).to(torch.int32) for f in frames])
@@ -235,6 +253,11 @@ def run_omni_encoders_stage(config: StageConfig, out_dir: Path, resume: bool) ->
     if unknown := sorted(set(kinds) - set(IMAGE_KINDS)):
         raise ConfigError(f"stage {config.name!r}: unknown scene kinds {unknown} (known: {list(IMAGE_KINDS)})")
     weights = dict(options["task_weights"])
+    silence = options["silence"]
+    if (not isinstance(silence, list | tuple) or len(silence) != 2
+            or not all(isinstance(x, int | float) for x in silence) or not 0 <= silence[0] <= silence[1]):
+        raise ConfigError(f"stage {config.name!r}: silence is [lo, hi] seconds with 0 <= lo <= hi, got {silence!r}")
+    silence = (float(silence[0]), float(silence[1]))
     if SCENES in config.data:
         raise ConfigError(f"stage {config.name!r}: a data source may not be named {SCENES!r} (the scene renders)")
     if unknown := sorted(set(weights) - {SCENES, *config.data}):
@@ -260,7 +283,8 @@ def run_omni_encoders_stage(config: StageConfig, out_dir: Path, resume: bool) ->
             print_read_report(config.name, report, sum(map(len, by_source.values())))
         cache: dict[Path, torch.Tensor] = {}
         for name, examples in by_source.items():
-            sources[name] = ExampleLoader(len(examples), train.batch_size, speech_collate(examples, cache),
+            collate = speech_collate(examples, cache, silence, train.seed)
+            sources[name] = ExampleLoader(len(examples), train.batch_size, collate,
                                           seed=train.seed, rank=info.rank, world_size=info.world_size)
     # Stream 11: the draw the recipe's recorded run was made with.
     loader = WeightedBatches(sources, {name: float(weights.get(name, 1.0)) for name in sources}, train.seed, 11)
