@@ -301,7 +301,7 @@ def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly
         assert len(asked) == asks
     # Without the sound track: the frames alone, asked which digits were shown, in order.
     silent = FreshVideoBatches(2, clips, config, 1, lambda conversations: conversations, seed, rank,
-                               ("video_digits",), sound=False)
+                               ("video_digits",), show="frames")
     for conversation in silent.next_batch():
         video, question = conversation[0]["content"]
         assert "audio" not in video and question["text"] == "Which digits were shown?" and len(conversation) == 2
@@ -321,6 +321,59 @@ def test_fresh_video_batches_answer_from_frames_and_narration_and_resume_exactly
             answers[text.removeprefix("Did the voice say ").removesuffix("?")] = reply["content"]
         assert len(answers) == len(conversation) // 2 == words + min(words, len(names) - words)
         assert answers == {word: "yes" if word in said else "no" for word in answers} and said <= set(answers)
+
+
+@given(seed=st.integers(0, 1000), words=st.integers(1, 3))
+def test_fresh_videos_shown_as_words_sound_or_timeline_answer_what_was_said(seed: int, words: int) -> None:
+    """``show``: a fresh video's narration as the words said written out, or as its sound alone (an audio part);
+    "Did the voice say X?" is answered from what is shown, yes for the words said and no for as many others. Its
+    timeline written out answers the video question. The frames alone and the whole video draw what the earlier
+    streams drew (a resumed run keeps its batches)."""
+    from omnilm.config import ConfigError
+    from omnilm.data.synth.omni import VIDEO_SHOWN, omni_config, shown_part
+    from omnilm.train.omni_sft import FreshVideoBatches, fresh_video_source
+
+    config = omni_config(overrides={"video_segments": 4, "words_per_video": words, "video_size": 56})
+    names = ["cat", "dog", "red", "blue", "frog"]
+    length = {name: 2400 + 800 * i for i, name in enumerate(names)}
+    clips = {voice: {name: np.full(length[name], 0.5) for name in names} for voice in ("v1", "v2")}
+
+    def draw(show: str, tasks: tuple[str, ...] = ("video_heard",)) -> FreshVideoBatches:
+        return FreshVideoBatches(3, clips, config, 1, lambda conversations: conversations, seed, 0, tasks, show)
+
+    assert [draw(show).stream for show in VIDEO_SHOWN] == [
+        f"/{prefix}videos/{words}-words" for prefix in ("", "silent-", "sound-", "words-", "timeline-")]
+    # The timeline: each digit shown, then the word said while it was; the video question reads the digit off it.
+    for conversation in draw("timeline", ("video_qa",)).next_batch():
+        part, question = conversation[0]["content"]
+        assert part["type"] == "text" and part["text"].startswith("Shown, then said: ") and len(conversation) == 2
+        segments = [s.split(" ") for s in part["text"].removeprefix("Shown, then said: ")[:-1].split(", ")]
+        assert len(segments) == config.video_segments and all(1 <= len(s) <= 2 for s in segments)
+        assert len({s[0] for s in segments}) == config.video_segments and all(s[0].isdigit() for s in segments)
+        digit_of = {s[1]: s[0] for s in segments if len(s) == 2}
+        assert len(digit_of) == words and set(digit_of) <= set(names)
+        asked = question["text"].removeprefix("Which digit was on screen when the voice said ").removesuffix("?")
+        assert conversation[1]["content"] == digit_of[asked]
+    for show in ("words", "sound"):
+        for conversation in draw(show).next_batch():
+            part, question = conversation[0]["content"]
+            assert len(conversation) == 2
+            asked = question["text"].removeprefix("Did the voice say ").removesuffix("?")
+            if show == "words":
+                assert part["type"] == "text" and part["text"].startswith("The voice said: ")
+                said = part["text"].removeprefix("The voice said: ").removesuffix(".").split(" ")
+            else:
+                assert set(part) == {"type", "audio"} and part["type"] == "audio"
+                loud = np.concatenate([[0], (part["audio"] != 0).astype(int), [0]])
+                lengths = np.flatnonzero(np.diff(loud) == -1) - np.flatnonzero(np.diff(loud) == 1)
+                said = [n for n in names if length[n] in lengths]
+            assert len(set(said)) == words and set(said) <= set(names)
+            assert conversation[1]["content"] == ("yes" if asked in said else "no")
+    with pytest.raises(ValueError, match="show: unknown 'smell'"):
+        shown_part(None, "smell")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="video_show: unknown 'smell'"):
+        fresh_video_source((config, clips), 1, ("video_qa",), 2, lambda conversations: conversations, seed, 0,
+                           show="smell")
 
 
 def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:
@@ -378,3 +431,9 @@ def test_one_word_videos_train_as_a_task_of_their_own(omni_setup: dict, tmp_path
     assert result.status == "complete"
     with pytest.raises(ConfigError, match="one_word_videos"):
         run_stage(videos(one_word_videos=True, task_weights={"video_one_word": 1}), tmp_path / "refused")
+    # The heard question about narrations written out or heard alone: tasks of their own, refused the same way.
+    heard = run_stage(videos(fresh_videos=str(clips / NARRATION_FILE), heard_words=True, heard_sound=True,
+                             task_weights={"video_qa": 0, "heard_words": 1, "heard_sound": 1}), tmp_path / "heard")
+    assert heard.status == "complete"
+    with pytest.raises(ConfigError, match="heard_sound draw fresh videos"):
+        run_stage(videos(heard_sound=True, task_weights={"heard_sound": 1}), tmp_path / "refused-heard")

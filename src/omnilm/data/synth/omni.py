@@ -108,6 +108,12 @@ VIDEO_DIGITS_QUESTION = "Which digits were shown?"
 VIDEO_WORD_AT_QUESTION = "What did the voice say while {digit} was on screen?"
 VIDEO_HEARD_QUESTION = "Did the voice say {word}?"
 VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits", "video_heard")
+#: What a conversation shows of a video: all of it (frames and narration), the frames alone, the narration alone
+#: (an audio part), the words said written out (:data:`NARRATION_WORDS`: the heard question as a look-up in text), or
+#: its timeline written out (:data:`VIDEO_TIMELINE`: each digit shown, then the word said while it was, if any).
+VIDEO_SHOWN = ("video", "frames", "sound", "words", "timeline")
+NARRATION_WORDS = "The voice said: {words}."
+VIDEO_TIMELINE = "Shown, then said: {segments}."
 
 
 @dataclass
@@ -994,13 +1000,13 @@ def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Rand
 
 
 def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
-                       tasks: tuple[str, ...] = ("video_qa",), sound: bool = True,
+                       tasks: tuple[str, ...] = ("video_qa",), show: str = "video",
                        vocabulary: list[str] | tuple[str, ...] = (), question_first: bool = False,
                        ) -> list[dict[str, Any]]:
-    """A conversation about an in-memory video (with its narration unless not ``sound``): up to ``questions`` of its
-    questions of ``tasks`` (:func:`video_questions`) in random order, one turn each, the video in the first (after
-    its question with ``question_first``). For ``video_heard``, as many words not said as said are drawn from
-    ``vocabulary``."""
+    """A conversation about an in-memory video: up to ``questions`` of its questions of ``tasks``
+    (:func:`video_questions`) in random order, one turn each, what is shown of it (``show``, one of
+    :data:`VIDEO_SHOWN`) in the first (after its question with ``question_first``). For ``video_heard``, as many
+    words not said as said are drawn from ``vocabulary``."""
     unsaid: list[str] = []
     if "video_heard" in tasks:
         said = {spoken["word"] for spoken in video.words}
@@ -1008,8 +1014,25 @@ def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
         unsaid = rng.sample(others, min(len(said), len(others)))
     asked = [(q, a) for task, q, a, _ in video_questions(video, unsaid) if task in tasks]
     asked = rng.sample(asked, min(questions, len(asked)))
-    part = {"type": "video", "video": video.frames, "fps": video.fps} | ({"audio": video.narration} if sound else {})
-    return media_conversation(part, asked, question_first)
+    return media_conversation(shown_part(video, show), asked, question_first)
+
+
+def shown_part(video: NarratedVideo, show: str) -> dict[str, Any]:
+    """The content part that shows ``video`` as ``show`` says (:data:`VIDEO_SHOWN`)."""
+    if show == "video":
+        return {"type": "video", "video": video.frames, "fps": video.fps, "audio": video.narration}
+    if show == "frames":
+        return {"type": "video", "video": video.frames, "fps": video.fps}
+    if show == "sound":
+        return {"type": "audio", "audio": video.narration}
+    if show == "words":
+        return {"type": "text", "text": NARRATION_WORDS.format(words=" ".join(w["word"] for w in video.words))}
+    if show == "timeline":
+        segments = [" ".join([str(shown["digit"]), *(w["word"] for w in video.words
+                                                     if shown["start"] <= w["start"] < shown["end"])])
+                    for shown in video.timeline]
+        return {"type": "text", "text": VIDEO_TIMELINE.format(segments=", ".join(segments))}
+    raise ValueError(f"show: unknown {show!r} (known: {', '.join(VIDEO_SHOWN)})")
 
 
 # ---------------------------------------------------------------------------------------------- all of it
