@@ -160,7 +160,7 @@ def test_files_exist_and_decode(smoke: Path) -> None:
     assert {t: sum(s.values()) for t, s in stats["records"].items()} == tasks | spoken
     assert set(spoken) == {"speak", "say"}
     assert set(tasks) == {"spoken_qa", "transcribe", "text_qa", "image_qa", "video_qa", "video_word_at",
-                          "video_words", "video_digits"}
+                          "video_words", "video_digits", "video_timeline"}
     assert tasks["transcribe"] == sum(r["task"] == "spoken_qa" and r["split"] == "train" for r in records(smoke))
     assert stats["records"]["image_qa"] == {"train": config.train_images, "eval": config.eval_images}
 
@@ -288,12 +288,19 @@ def test_video_answers_follow_the_timeline_and_the_narration(smoke: Path) -> Non
         meta = json.loads((smoke / folder / "video.json").read_text())
         tasks = Counter(r["task"] for r in asked)
         assert tasks == {"video_qa": len(meta["words"]), "video_word_at": len(meta["words"]), "video_words": 1,
-                         "video_digits": 1}
+                         "video_digits": 1, "video_timeline": 1}
         [words] = [r for r in asked if r["task"] == "video_words"]
         said = " ".join(w["word"] for w in sorted(meta["words"], key=lambda w: w["start"]))
         assert words["answer"] == words["text"] == said  # text: the words said, as for transcription
         [digits] = [r for r in asked if r["task"] == "video_digits"]
         assert digits["answer"] == " ".join(str(s["digit"]) for s in meta["timeline"])
+        # Both in time order: each segment's digit, then the word whose sound starts while it is shown.
+        [timeline] = [r for r in asked if r["task"] == "video_timeline"]
+        segments = [s.split(" ") for s in timeline["answer"].split(", ")]
+        assert [s[0] for s in segments] == digits["answer"].split(" ")
+        for shown, segment in zip(meta["timeline"], segments, strict=True):
+            heard = [w["word"] for w in meta["words"] if shown["start"] < w["start"] < shown["end"]]
+            assert segment[1:] == heard
         # Turned round: the word said while a digit was shown is the word whose video_qa answer is that digit.
         digit_of = {r["word"]: r["answer"] for r in asked if r["task"] == "video_qa"}
         for record in (r for r in asked if r["task"] == "video_word_at"):

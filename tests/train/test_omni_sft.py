@@ -159,6 +159,57 @@ def test_evaluation_counts_exact_replies_per_task(omni_setup: dict, tmp_path: Pa
     assert evaluate_omni(thinker, tokenizer, wrong, omni_setup["data"].parent)["accuracy"] == 0.0
 
 
+def test_timeline_replies_read_as_word_digit_pairs() -> None:
+    from omnilm.eval.omni import timeline_digits
+
+    assert timeline_digits("3 cat, 7, 1 dog, 5 red") == {"cat": "3", "dog": "1", "red": "5"}
+    assert timeline_digits(" 3 cat,,dog 4, 8 cat owl") == {"cat": "3", "owl": "8"}  # first digit kept
+    assert timeline_digits("") == {} and timeline_digits("no digits here") == {}
+
+
+def test_video_question_answered_from_the_thinkers_own_timeline(omni_setup: dict, tmp_path: Path) -> None:
+    """A Thinker taught one video's timeline answers that video's questions from it: right where the reply pairs the
+    word with the digit asked for, wrong where it pairs it otherwise or does not name the word; the batched
+    greedy replies are those each video gets alone."""
+    from omnilm.data.synth.omni import VIDEO_TIMELINE_QUESTION
+    from omnilm.eval.omni import evaluate_video_timeline, greedy_replies, timeline_digits
+    from omnilm.omni.processor import OmniProcessor
+    from omnilm.omni.thinker import load_thinker
+    from omnilm.tokenizer import Tokenizer
+    from omnilm.train.stage import run_stage
+
+    folder = omni_setup["data"].parent
+    part = {"type": "video", "video": "video0", "audio": "video0/narration.wav"}
+    asked = {"messages": [{"role": "user", "content": [part, {"type": "text", "text": VIDEO_TIMELINE_QUESTION}]},
+                          {"role": "assistant", "content": "3 cat, 7, 1 dog, 5"}], "task": "video_timeline"}
+    (folder / "timeline.jsonl").write_text(json.dumps(asked) + "\n")
+    result = run_stage(stage(omni_setup, 40, data={"timeline": str(folder / "timeline.jsonl")}, lr=1e-2),
+                       tmp_path / "run")
+    thinker, tokenizer = load_thinker(result.final_dir), Tokenizer.from_dir(result.final_dir)
+    processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget, folder)
+    alone = processor.collate([processor.encode(asked["messages"][:1], add_generation_prompt=True)], 0, left_pad=True)
+    [reply] = greedy_replies(thinker, tokenizer, alone, 32)
+    assert reply == "3 cat, 7, 1 dog, 5"
+
+    def question(word: str, answer: str, video: str = "video0", media: dict = part) -> dict:
+        return {"task": "video_qa", "video": video, "word": word, "answer": answer,
+                "messages": [{"role": "user", "content": [media, {"type": "text", "text": f"... {word}?"}]},
+                             {"role": "assistant", "content": answer}]}
+
+    records = [question("cat", "3"), question("dog", "1"), question("dog", "7"), question("owl", "5")]
+    assert evaluate_video_timeline(thinker, tokenizer, records, folder) == {
+        "accuracy": 0.5, "timeline_read": 0.75, "examples": 4.0}
+    # A shorter prompt in the same batch (left-padded) is answered as it is alone.
+    tone = {"type": "audio", "audio": "tone0.wav"}
+    prompt = [{"role": "user", "content": [tone, {"type": "text", "text": VIDEO_TIMELINE_QUESTION}]}]
+    [other] = greedy_replies(thinker, tokenizer, processor.collate(
+        [processor.encode(prompt, add_generation_prompt=True)], 0, left_pad=True), 32)
+    more = [question(word, digit, "tone", tone) for word, digit in (("cat", "3"), ("dog", "1"), ("owl", "5"))]
+    expected = 2 + sum(timeline_digits(other).get(r["word"]) == r["answer"] for r in more)
+    mixed = evaluate_video_timeline(thinker, tokenizer, records + more, folder, batch_size=2)
+    assert mixed["accuracy"] == expected / 7
+
+
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(1, 9), min_size=1),
        batch=st.integers(1, 4), cut=st.integers(0, 12))
@@ -374,6 +425,41 @@ def test_fresh_videos_shown_as_words_sound_or_timeline_answer_what_was_said(seed
     with pytest.raises(ConfigError, match="video_show: unknown 'smell'"):
         fresh_video_source((config, clips), 1, ("video_qa",), 2, lambda conversations: conversations, seed, 0,
                            show="smell")
+
+
+@given(seed=st.integers(0, 1000), words=st.integers(1, 3))
+def test_fresh_videos_timeline_pairs_each_digit_with_the_word_heard_while_it_was_shown(seed: int, words: int) -> None:
+    """``video_timeline``: the reply lists the digits in the order the frames show them, each followed by the word
+    whose sound starts while its picture is on screen: checked against the frames (a segment is a run of equal
+    pictures) and the narration (each word's clip has a length of its own), not against the drawn timeline."""
+    from omnilm.data.synth.media import SAMPLE_RATE
+    from omnilm.data.synth.omni import VIDEO_DIGITS_QUESTION, VIDEO_TIMELINE_QUESTION, omni_config
+    from omnilm.train.omni_sft import FreshVideoBatches
+
+    config = omni_config(overrides={"video_segments": 4, "words_per_video": words, "video_size": 56})
+    names = ["cat", "dog", "red", "blue", "frog"]
+    length = {2400 + 800 * i: name for i, name in enumerate(names)}
+    clips = {voice: {name: np.full(n, 0.5) for n, name in length.items()} for voice in ("v1", "v2")}
+    tasks = ("video_timeline", "video_digits")
+    for conversation in FreshVideoBatches(3, clips, config, 2, lambda c: c, seed, 0, tasks).next_batch():
+        video = conversation[0]["content"][0]
+        questions = [t["content"] if isinstance(t["content"], str) else t["content"][-1]["text"]
+                     for t in conversation[::2]]
+        replies = dict(zip(questions, [reply["content"] for reply in conversation[1::2]], strict=True))
+        assert set(replies) == {VIDEO_TIMELINE_QUESTION, VIDEO_DIGITS_QUESTION}
+        pictures = [np.asarray(frame) for frame in video["video"]]
+        first_frames = [0] + [f for f in range(1, len(pictures)) if not np.array_equal(pictures[f], pictures[f - 1])]
+        assert len(first_frames) == config.video_segments
+        loud = np.concatenate([[0], (video["audio"] != 0).astype(int), [0]])
+        starts, ends = np.flatnonzero(np.diff(loud) == 1), np.flatnonzero(np.diff(loud) == -1)
+        heard: list[list[str]] = [[] for _ in first_frames]
+        for start, end in zip(starts, ends, strict=True):
+            frame = int(start / SAMPLE_RATE * video["fps"])
+            heard[max(k for k, first in enumerate(first_frames) if first <= frame)].append(length[int(end - start)])
+        segments = [s.split(" ") for s in replies[VIDEO_TIMELINE_QUESTION].split(", ")]
+        assert [s[1:] for s in segments] == heard and sum(map(len, heard)) == words
+        assert [s[0] for s in segments] == replies[VIDEO_DIGITS_QUESTION].split(" ")
+        assert len(set(replies[VIDEO_DIGITS_QUESTION].split(" "))) == config.video_segments
 
 
 def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:

@@ -60,3 +60,71 @@ def evaluate_omni(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]
     for task, items in sorted(by_task.items()):
         out[f"{task}/accuracy"] = sum(c for _, c in items) / len(items)
     return out
+
+
+def timeline_digits(reply: str) -> dict[str, str]:
+    """word -> digit read off a timeline reply ("3 cat, 7, 1 dog, 5 red": each digit shown, then the word said while
+    it was); segments that do not start with a digit are skipped, and a word named twice keeps its first digit."""
+    digits: dict[str, str] = {}
+    for segment in reply.split(","):
+        digit, *words = segment.split() or [""]
+        if digit.isdigit():
+            for word in words:
+                digits.setdefault(word, digit)
+    return digits
+
+
+@torch.inference_mode()
+def greedy_replies(thinker: Any, tokenizer: Any, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
+    """The greedy reply of every row of a left-padded prompt batch, decoded, up to the end of the turn."""
+    from omnilm.infer.generate import FINISHED
+    from omnilm.infer.sampling import SamplingParams
+    from omnilm.omni.generate import generate_thinker
+    from omnilm.tokenizer.chat import IM_END
+
+    eos = sorted({i for i in (tokenizer.eos_id, thinker.config.text.eos_token_id, tokenizer.token_to_id(IM_END))
+                  if i is not None})
+    replies: list[list[int]] = [[] for _ in range(batch["input_ids"].shape[0])]
+    ended = [False] * len(replies)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    for step in generate_thinker(thinker, batch, params, eos, 0):
+        for row, token in enumerate(step.tolist()):
+            ended[row] = ended[row] or token == FINISHED or token in eos
+            if not ended[row]:
+                replies[row].append(token)
+        if all(ended):
+            break
+    return [tokenizer.decode(reply).strip() for reply in replies]
+
+
+def evaluate_video_timeline(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]], root: str | Path,
+                            batch_size: int = 16, max_new_tokens: int = 32) -> dict[str, float]:
+    """The video question ("which digit was on screen when the voice said X", ``video_qa`` records) answered from
+    the Thinker's own timeline: each video is asked once for what was shown and said in time order
+    (:data:`omnilm.data.synth.omni.VIDEO_TIMELINE_QUESTION`), greedily, and each of its questions is answered with
+    the digit the reply pairs the word with. ``timeline_read`` is the share of questions whose word the reply
+    names at all."""
+    from omnilm.data.synth.omni import VIDEO_TIMELINE_QUESTION
+
+    processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget or MediaBudget(), root)
+    by_video: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for record in records:
+        by_video[str(record["video"])].append(record)
+    was_training = thinker.training
+    thinker.eval()
+    right = named = 0
+    videos = sorted(by_video)
+    for begin in range(0, len(videos), batch_size):
+        chunk = videos[begin:begin + batch_size]
+        prompts = [[{"role": "user", "content": [by_video[v][0]["messages"][0]["content"][0],
+                                                 {"type": "text", "text": VIDEO_TIMELINE_QUESTION}]}] for v in chunk]
+        batch = processor.collate([processor.encode(p, add_generation_prompt=True) for p in prompts], 0,
+                                  left_pad=True)
+        for video, reply in zip(chunk, greedy_replies(thinker, tokenizer, batch, max_new_tokens), strict=True):
+            digits = timeline_digits(reply)
+            for record in by_video[video]:
+                named += record["word"] in digits
+                right += digits.get(record["word"]) == record["answer"]
+    thinker.train(was_training)
+    total = max(len(records), 1)
+    return {"accuracy": right / total, "timeline_read": named / total, "examples": float(len(records))}

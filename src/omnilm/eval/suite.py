@@ -9,6 +9,8 @@ Types:
                   (:mod:`omnilm.rag`), and the result adds retrieval ``recall_at_k``
   ``omni_qa``     exact greedy answers of a Thinker to questions with audio, images and video (``data``: jsonl
                   of ``messages`` with media parts, paths relative to it; ``where``; ``max_examples``)
+  ``omni_video_timeline`` the video question (``video_qa`` records of such a file) answered from the Thinker's own
+                  greedy timeline of each video, "3 cat, 7, 1 dog, 5 red" (``where``; ``max_examples``)
   ``speech_wer``  word error rate of a Thinker's spoken replies (its folder's talker/ and token2wav/), of the
                   recorded replies (the judge's floor) and of their codec round trip (``codec``: the ceiling);
                   latency (``data``: jsonl with ``reply_audio``; ``where``; ``max_examples``)
@@ -107,6 +109,17 @@ def omni_qa_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, 
     where = spec.get("where") or {}
     records = [r for r in read_jsonl(spec["data"]) if all(r.get(k) == v for k, v in where.items())]
     return evaluate_omni(model, tokenizer, _limit(records, spec.get("max_examples")), Path(spec["data"]).parent)
+
+
+@register_eval("omni_video_timeline", "accuracy")
+def omni_video_timeline_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.eval.attributes import read_jsonl
+    from omnilm.eval.omni import evaluate_video_timeline
+
+    where = {"task": "video_qa"} | (spec.get("where") or {})
+    records = [r for r in read_jsonl(spec["data"]) if all(r.get(k) == v for k, v in where.items())]
+    return evaluate_video_timeline(model, tokenizer, _limit(records, spec.get("max_examples")),
+                                   Path(spec["data"]).parent)
 
 
 @register_eval("speech_wer", "wer")

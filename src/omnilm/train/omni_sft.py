@@ -43,7 +43,9 @@ Options:
                           said X", one per word), and the parts it joins, ``video_digits`` (the digits in order),
                           ``video_words`` (the words said in order), ``video_word_at`` (the word said while a digit
                           was shown), ``video_heard`` ("Did the voice say X?", yes for the words said, no for as
-                          many words not said: finding a word among the sounds)
+                          many words not said: finding a word among the sounds), ``video_timeline`` (each digit
+                          shown, then the word said while it was, "3 cat, 7, 1 dog, 5 red": the time join written
+                          out segment by segment; the video question can be read off the Thinker's own timeline)
 ``silent_videos`` (false) also task ``video_silent``: fresh videos without their sound track asking "Which digits
                           were shown?" (the frames alone: a step costs a third of one with the sound); needs
                           ``fresh_videos`` and a ``task_weights`` entry for ``video_silent``

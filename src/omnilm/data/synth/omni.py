@@ -107,7 +107,9 @@ VIDEO_WORDS_QUESTION = "What did the voice say?"
 VIDEO_DIGITS_QUESTION = "Which digits were shown?"
 VIDEO_WORD_AT_QUESTION = "What did the voice say while {digit} was on screen?"
 VIDEO_HEARD_QUESTION = "Did the voice say {word}?"
-VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits", "video_heard")
+#: The video written out in time order, each digit shown, then the word said while it was ("3 cat, 7, 1 dog, 5 red").
+VIDEO_TIMELINE_QUESTION = "What was shown, and what was said while it was?"
+VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits", "video_heard", "video_timeline")
 #: What a conversation shows of a video: all of it (frames and narration), the frames alone, the narration alone
 #: (an audio part), the words said written out (:data:`NARRATION_WORDS`: the heard question as a look-up in text), or
 #: its timeline written out (:data:`VIDEO_TIMELINE`: each digit shown, then the word said while it was, if any).
@@ -933,9 +935,10 @@ def video_questions(video: NarratedVideo, unsaid: list[str] | tuple[str, ...] = 
                     ) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(task, question, answer, fields) of every question a video answers: for each word said, the digit on screen
     then (``video_qa``) and the question turned round (``video_word_at``); then its parts asked alone: the words
-    said in order (``video_words``) and the digits shown (``video_digits``). Given ``unsaid`` words, also whether
-    the voice said each word said ("yes") and each of those ("no") (``video_heard``: finding a word among the
-    sounds, which the video question does before it looks at the frames)."""
+    said in order (``video_words``), the digits shown (``video_digits``) and both in time order (``video_timeline``:
+    segment by segment, so a segment's word is the one heard while its digit was shown). Given ``unsaid`` words,
+    also whether the voice said each word said ("yes") and each of those ("no") (``video_heard``: finding a word
+    among the sounds, which the video question does before it looks at the frames)."""
     questions = []
     for spoken in video.words:
         digit = str(next(t["digit"] for t in video.timeline if t["start"] <= spoken["start"] < t["end"]))
@@ -945,6 +948,7 @@ def video_questions(video: NarratedVideo, unsaid: list[str] | tuple[str, ...] = 
     said_text = " ".join(spoken["word"] for spoken in video.words)
     questions.append(("video_words", VIDEO_WORDS_QUESTION, said_text, {"text": said_text}))
     questions.append(("video_digits", VIDEO_DIGITS_QUESTION, " ".join(str(t["digit"]) for t in video.timeline), {}))
+    questions.append(("video_timeline", VIDEO_TIMELINE_QUESTION, timeline_text(video), {}))
     if unsaid:
         heard = [(spoken["word"], "yes") for spoken in video.words] + [(word, "no") for word in unsaid]
         questions += [("video_heard", VIDEO_HEARD_QUESTION.format(word=word), answer, {"word": word})
@@ -1017,6 +1021,13 @@ def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
     return media_conversation(shown_part(video, show), asked, question_first)
 
 
+def timeline_text(video: NarratedVideo) -> str:
+    """Each digit shown, in turn, followed by the word said while it was, if any: "3 cat, 7, 1 dog, 5 red"."""
+    return ", ".join(" ".join([str(shown["digit"]), *(w["word"] for w in video.words
+                                                      if shown["start"] <= w["start"] < shown["end"])])
+                     for shown in video.timeline)
+
+
 def shown_part(video: NarratedVideo, show: str) -> dict[str, Any]:
     """The content part that shows ``video`` as ``show`` says (:data:`VIDEO_SHOWN`)."""
     if show == "video":
@@ -1028,10 +1039,7 @@ def shown_part(video: NarratedVideo, show: str) -> dict[str, Any]:
     if show == "words":
         return {"type": "text", "text": NARRATION_WORDS.format(words=" ".join(w["word"] for w in video.words))}
     if show == "timeline":
-        segments = [" ".join([str(shown["digit"]), *(w["word"] for w in video.words
-                                                     if shown["start"] <= w["start"] < shown["end"])])
-                    for shown in video.timeline]
-        return {"type": "text", "text": VIDEO_TIMELINE.format(segments=", ".join(segments))}
+        return {"type": "text", "text": VIDEO_TIMELINE.format(segments=timeline_text(video))}
     raise ValueError(f"show: unknown {show!r} (known: {', '.join(VIDEO_SHOWN)})")
 
 
