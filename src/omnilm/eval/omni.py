@@ -5,6 +5,9 @@ text QA evaluation, greedy exactness is checked teacher-forced in one forward pa
 closing ``<|im_end|>``) is what greedy decoding writes iff every reply token is the argmax after the tokens before
 it. Results are given overall, per ``task`` (spoken_qa, text_qa, image_qa, video_qa) and per task and ``kind``
 where records have one (image questions: colour, shape, count, digit, position).
+
+:func:`evaluate_video_timeline` answers the video question another way: from the Thinker's own greedy timeline of
+each video ("3 cat, 7, 1 dog, 5 red"), so that what is scored is the time join written out, then read back.
 """
 
 from __future__ import annotations
