@@ -85,8 +85,7 @@ def qa_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float
     from omnilm.eval.attributes import read_jsonl
     from omnilm.eval.qa import evaluate_qa
 
-    where = spec.get("where") or {}
-    records = [r for r in read_jsonl(spec["data"]) if all(r.get(k) == v for k, v in where.items())]
+    records = _matching(read_jsonl(spec["data"]), spec.get("where"))
     records = _limit(records, spec.get("max_examples"))
     retrieval: dict[str, float] = {}
     if spec.get("rag"):
@@ -106,8 +105,7 @@ def omni_qa_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, 
     from omnilm.eval.attributes import read_jsonl
     from omnilm.eval.omni import evaluate_omni
 
-    where = spec.get("where") or {}
-    records = [r for r in read_jsonl(spec["data"]) if all(r.get(k) == v for k, v in where.items())]
+    records = _matching(read_jsonl(spec["data"]), spec.get("where"))
     return evaluate_omni(model, tokenizer, _limit(records, spec.get("max_examples")), Path(spec["data"]).parent)
 
 
@@ -116,8 +114,7 @@ def omni_video_timeline_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -
     from omnilm.eval.attributes import read_jsonl
     from omnilm.eval.omni import evaluate_video_timeline
 
-    where = {"task": "video_qa"} | (spec.get("where") or {})
-    records = [r for r in read_jsonl(spec["data"]) if all(r.get(k) == v for k, v in where.items())]
+    records = _matching(read_jsonl(spec["data"]), {"task": "video_qa"} | (spec.get("where") or {}))
     return evaluate_video_timeline(model, tokenizer, _limit(records, spec.get("max_examples")),
                                    Path(spec["data"]).parent)
 
@@ -133,8 +130,7 @@ def speech_wer_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[st
     if voice is None:
         raise ConfigError(f"speech_wer: {spec['model_dir']} has no voice (talker/ and token2wav/)")
     everything = read_jsonl(spec["data"])
-    where = spec.get("where") or {}
-    records = [r for r in everything if all(r.get(k) == v for k, v in where.items())]
+    records = _matching(everything, spec.get("where"))
     # The judge's language model: the QA replies (not the fresh "say" texts), so its floor stays that of the domain.
     judge = SpeechJudge(sorted({r["messages"][-1]["content"] for r in everything if r.get("task") != "say"}))
     codec = None
@@ -153,6 +149,11 @@ def tool_use_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str,
 
     records = _limit(read_jsonl(spec["data"]), spec.get("max_examples"))
     return evaluate_tool_use(model, tokenizer, records, int(spec.get("max_new_tokens", 64)))
+
+
+def _matching(records: list[dict[str, Any]], where: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The records whose fields equal every value ``where`` names."""
+    return [r for r in records if all(r.get(k) == v for k, v in (where or {}).items())]
 
 
 def _limit(records: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
