@@ -164,3 +164,24 @@ def test_the_package_exports_the_thinker_lazily() -> None:
         import omnilm.omni
 
         omnilm.omni.missing  # noqa: B018
+
+
+def test_a_thinker_loaded_with_another_rotary_split_is_transformers_with_that_split(hf_folder: Path) -> None:
+    """``mrope_section`` at load time: the same weights reading positions with another temporal/height/width split,
+    as transformers does with that split in its config (and unlike the folder's own split)."""
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    source = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(hf_folder).eval()
+    config = source.config
+    config.text_config.rope_parameters = dict(config.text_config.rope_parameters) | {"mrope_section": [4, 2, 2]}
+    reference = Qwen2_5OmniThinkerForConditionalGeneration(config).eval()
+    reference.load_state_dict(source.state_dict())
+    ours = load_thinker(hf_folder, mrope_section=[4, 2, 2])
+    assert ours.config.text.mrope_section == (4, 2, 2)
+    inputs = media_batch(ours.config, *CASES["audio_in_video"])
+    real = inputs["attention_mask"].bool()
+    with torch.no_grad():
+        logits = ours(**inputs)
+        own_split = load_thinker(hf_folder)(**inputs)
+    torch.testing.assert_close(logits[real], hf_logits(reference, inputs)[real], atol=1e-4, rtol=1e-4)
+    assert (logits[real] - own_split[real]).abs().max() > 1e-2

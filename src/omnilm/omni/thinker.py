@@ -14,7 +14,7 @@ transformers writes and :func:`save_thinker` writes what it reads.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -208,9 +208,14 @@ def _thinker_state(folder: str | Path, config: ThinkerConfig) -> dict[str, torch
     return towers | {f"decoder.{k}": v for k, v in state_from_hf(decoder, config.text).items()}
 
 
-def load_thinker(folder: str | Path, dtype: torch.dtype | None = None) -> Thinker:
-    """A Thinker from a thinker folder (omnilm's or transformers'); every tensor is checked by name and shape."""
+def load_thinker(folder: str | Path, dtype: torch.dtype | None = None,
+                 mrope_section: tuple[int, ...] | list[int] | None = None) -> Thinker:
+    """A Thinker from a thinker folder (omnilm's or transformers'); every tensor is checked by name and shape.
+    ``mrope_section``: a new temporal/height/width split of the decoder's rotary frequencies (no weight depends on
+    it: the same model reads positions otherwise, and is trained to)."""
     config = read_thinker_config(folder)
+    if mrope_section:
+        config = replace(config, text=replace(config.text, mrope_section=tuple(mrope_section)))
     with torch.device("meta"):
         thinker = Thinker(config, read_media_budget(folder))
     state = _thinker_state(folder, config)

@@ -11,10 +11,11 @@ Options:
 
 ``audio`` ({})            AudioEncoderConfig fields of a new audio encoder (a text model start only)
 ``vision`` ({})           VisionEncoderConfig fields of a new vision encoder (a text model start only)
-``mrope_section`` ([])    temporal/height/width split of the decoder's rotary frequencies (a text model start only;
-                          default Qwen2.5-Omni's: a quarter temporal). The temporal part holds the highest frequencies:
-                          with few of them no attention score can single out "the same second" (4 of head_dim 32's 16
-                          turn 1 s, 25 position ids, by 4.4 radians or more); 8 of 16 can (the slowest 0.44)
+``mrope_section`` ([])    temporal/height/width split of the decoder's rotary frequencies (default: a thinker start
+                          keeps its own, a text model start gets Qwen2.5-Omni's: a quarter temporal). The temporal
+                          part holds the highest frequencies: with few of them no attention score can single out "the
+                          same second" (4 of head_dim 32's 16 turn 1 s, 25 position ids, by 4.4 radians or more); 8
+                          of 16 can (the slowest 0.44)
 ``image_max_pixels``      pixel budget of an image (default 112·112: tiny renders stay at their size)
 ``video_min_pixels``      pixel budget of a video frame, lower bound (default 56·56)
 ``video_max_pixels``      pixel budget of a video frame, upper bound (default 56·56)
@@ -109,7 +110,8 @@ def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> 
     from omnilm.tokenizer import Tokenizer
 
     if is_thinker_folder(folder):
-        return load_thinker(folder, dtype=torch.float32).train(), Tokenizer.from_dir(folder)
+        return (load_thinker(folder, dtype=torch.float32, mrope_section=options["mrope_section"]).train(),
+                Tokenizer.from_dir(folder))
     thinker, tokenizer = thinker_from_decoder(folder, options["audio"], options["vision"], seed,
                                               options["mrope_section"])
     return thinker.train(), tokenizer
