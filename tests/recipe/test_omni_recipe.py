@@ -27,6 +27,14 @@ def test_omni_smoke_trains_a_thinker_with_evaluations(omni_smoke: Path) -> None:
     for name in ("spoken_qa", "text_qa", "spoken_qa_all", "image_qa", "video_qa"):
         assert 0.0 <= evals[name]["accuracy"] <= 1.0 and evals[name]["examples"] > 0, name
     assert evals["qa_trained"]["examples"] > 0  # the text evaluation of the earlier stage runs on the Thinker too
+    # The video stages: fresh videos asking their timelines, on the Thinker re-split to 8/4/4 (the published
+    # folder is theirs, and the speech stages after them read it).
+    timeline = json.loads((omni_smoke / "evals.json").read_text())["videos"]["video_timeline"]
+    assert timeline["examples"] > 0 and 0.0 <= timeline["accuracy"] <= 1.0
+    from omnilm.omni.thinker import read_thinker_config
+
+    assert read_thinker_config(omni_smoke / "final").text.mrope_section == (8, 4, 4)
+    assert read_thinker_config(omni_smoke / "omni" / "final").text.mrope_section != (8, 4, 4)
     report = (omni_smoke / "report.md").read_text()
     assert "Thinker: decoder" in report and "video_qa" in report
     # The Talker reads its replies paced (its duration model is in the final folder) and the stage's speech
@@ -50,3 +58,13 @@ def test_the_trained_thinker_loads_in_transformers(omni_smoke: Path) -> None:
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, mask), theirs(input_ids=ids, attention_mask=mask).logits, atol=1e-4,
                                    rtol=1e-4)
+
+
+def test_the_no_videos_preset_leaves_out_the_video_stages_and_nothing_else() -> None:
+    from omnilm.recipe.recipe import load_recipe
+
+    whole, fast = load_recipe("omni", "smoke"), load_recipe("omni", "smoke,no_videos")
+    assert list(fast.stages) == list(whole.stages)
+    for name, stage in fast.stages.items():
+        expected = whole.stages[name] | ({"skip": True} if name in ("video_frames", "videos") else {})
+        assert stage == expected, name
