@@ -78,8 +78,8 @@ def timeline_digits(reply: str) -> dict[str, str]:
 
 
 @torch.inference_mode()
-def greedy_replies(thinker: Any, tokenizer: Any, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
-    """The greedy reply of every row of a left-padded prompt batch, decoded, up to the end of the turn."""
+def greedy_reply_ids(thinker: Any, tokenizer: Any, batch: dict[str, Any], max_new_tokens: int) -> list[list[int]]:
+    """The greedy reply tokens of every row of a left-padded prompt batch, up to the end of the turn (excluded)."""
     from omnilm.infer.generate import FINISHED
     from omnilm.infer.sampling import SamplingParams
     from omnilm.omni.generate import generate_thinker
@@ -97,7 +97,12 @@ def greedy_replies(thinker: Any, tokenizer: Any, batch: dict[str, Any], max_new_
                 replies[row].append(token)
         if all(ended):
             break
-    return [tokenizer.decode(reply).strip() for reply in replies]
+    return replies
+
+
+def greedy_replies(thinker: Any, tokenizer: Any, batch: dict[str, Any], max_new_tokens: int) -> list[str]:
+    """The greedy reply of every row of a left-padded prompt batch, decoded, up to the end of the turn."""
+    return [tokenizer.decode(reply).strip() for reply in greedy_reply_ids(thinker, tokenizer, batch, max_new_tokens)]
 
 
 def evaluate_video_timeline(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]], root: str | Path,

@@ -30,21 +30,13 @@ import torch
 
 
 def _greedy_reply(voice: Any, batch: dict[str, Any], max_tokens: int) -> list[int]:
-    from omnilm.infer.generate import FINISHED
-    from omnilm.infer.sampling import SamplingParams
-    from omnilm.omni.generate import generate_thinker
+    """The Thinker's greedy reply to a one-row batch, ended by the end-of-turn token (what the Talker reads)."""
+    from omnilm.eval.omni import greedy_reply_ids
     from omnilm.tokenizer.tokenizer import IM_END
 
     tokenizer = voice.tokenizer
-    eos = [i for i in (tokenizer.token_to_id(IM_END), tokenizer.eos_id) if i is not None]
-    reply = []
-    for step in generate_thinker(voice.thinker, batch, SamplingParams(max_new_tokens=max_tokens, temperature=0.0),
-                                 eos, tokenizer.pad_id or 0):
-        token = int(step[0])
-        if token == FINISHED or token in eos:
-            break
-        reply.append(token)
-    return reply + eos[:1]
+    end = next(i for i in (tokenizer.token_to_id(IM_END), tokenizer.eos_id) if i is not None)
+    return greedy_reply_ids(voice.thinker, tokenizer, batch, max_tokens)[0] + [end]
 
 
 @torch.no_grad()
