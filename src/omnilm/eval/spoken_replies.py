@@ -35,8 +35,8 @@ def _greedy_reply(voice: Any, batch: dict[str, Any], max_tokens: int) -> list[in
     from omnilm.tokenizer.tokenizer import IM_END
 
     tokenizer = voice.tokenizer
-    end = next(i for i in (tokenizer.token_to_id(IM_END), tokenizer.eos_id) if i is not None)
-    return greedy_reply_ids(voice.thinker, tokenizer, batch, max_tokens)[0] + [end]
+    end = [i for i in (tokenizer.token_to_id(IM_END), tokenizer.eos_id) if i is not None][:1]
+    return greedy_reply_ids(voice.thinker, tokenizer, batch, max_tokens)[0] + end
 
 
 @torch.no_grad()
