@@ -210,6 +210,43 @@ def test_video_question_answered_from_the_thinkers_own_timeline(omni_setup: dict
     assert mixed["accuracy"] == expected / 7
 
 
+def test_final_answer_is_what_follows_the_last_so() -> None:
+    from omnilm.eval.omni import final_answer
+
+    assert final_answer("3 cat, 7, 1 dog, 5 red. So 1.") == "1"
+    assert final_answer("7") == "7" and final_answer(" 7. ") == "7"
+    assert final_answer("So 2. So 4.") == "4" and final_answer("So ") == "" and final_answer("") == ""
+
+
+def test_video_question_asked_as_it_is_is_scored_by_the_answer_its_reply_ends_with(omni_setup: dict,
+                                                                                  tmp_path: Path) -> None:
+    """A Thinker taught to answer one video question by way of the timeline and another with the digit alone: both
+    replies are read for their last answer; a reply that ends with another digit is wrong."""
+    from omnilm.eval.omni import evaluate_video_answers, prompt_replies
+    from omnilm.omni.thinker import load_thinker
+    from omnilm.tokenizer import Tokenizer
+    from omnilm.train.stage import run_stage
+
+    folder = omni_setup["data"].parent
+    part = {"type": "video", "video": "video0", "audio": "video0/narration.wav"}
+
+    def question(word: str, answer: str, reply: str) -> dict:
+        return {"task": "video_qa", "video": "video0", "word": word, "answer": answer,
+                "messages": [{"role": "user", "content": [part, {"type": "text", "text": f"Which {word}?"}]},
+                             {"role": "assistant", "content": reply}]}
+
+    taught = [question("cat", "3", "3 cat, 7, 1 dog. So 3."), question("dog", "1", "1")]
+    (folder / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in taught))
+    result = run_stage(stage(omni_setup, 40, data={"answers": str(folder / "answers.jsonl")}, lr=1e-2),
+                       tmp_path / "run")
+    thinker, tokenizer = load_thinker(result.final_dir), Tokenizer.from_dir(result.final_dir)
+    replies = prompt_replies(thinker, tokenizer, [r["messages"][:1] for r in taught], folder, 2, 32)
+    assert replies == ["3 cat, 7, 1 dog. So 3.", "1"]
+    records = [*taught, question("dog", "7", "7"), question("cat", "7", "7")]
+    assert evaluate_video_answers(thinker, tokenizer, records, folder, batch_size=3) == {
+        "accuracy": 0.5, "reasoned": 0.5, "examples": 4.0}
+
+
 @settings(max_examples=30, deadline=None)
 @given(sizes=st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(1, 9), min_size=1),
        batch=st.integers(1, 4), cut=st.integers(0, 12))
@@ -460,6 +497,32 @@ def test_fresh_videos_timeline_pairs_each_digit_with_the_word_heard_while_it_was
         assert [s[1:] for s in segments] == heard and sum(map(len, heard)) == words
         assert [s[0] for s in segments] == replies[VIDEO_DIGITS_QUESTION].split(" ")
         assert len(set(replies[VIDEO_DIGITS_QUESTION].split(" "))) == config.video_segments
+
+
+@given(seed=st.integers(0, 1000), words=st.integers(1, 3))
+def test_fresh_videos_reasoned_answer_is_the_timeline_then_the_digit_it_pairs_with_the_word(seed: int,
+                                                                                             words: int) -> None:
+    """``video_qa_reasoned``: the video question's reply is the video's timeline, then "So D." where D is the plain
+    ``video_qa`` answer to the same question, the digit the timeline pairs the word with."""
+    from omnilm.data.synth.omni import VIDEO_TIMELINE_QUESTION, omni_config
+    from omnilm.eval.omni import final_answer, timeline_digits
+    from omnilm.train.omni_sft import FreshVideoBatches
+
+    config = omni_config(overrides={"video_segments": 4, "words_per_video": words, "video_size": 56})
+    names = ["cat", "dog", "red", "blue", "frog"]
+    clips = {voice: {name: np.full(2400 + 800 * i, 0.5) for i, name in enumerate(names)} for voice in ("v1", "v2")}
+    tasks = ("video_qa", "video_qa_reasoned", "video_timeline")
+    for conversation in FreshVideoBatches(3, clips, config, 99, lambda c: c, seed, 0, tasks).next_batch():
+        replies: dict[str, list[str]] = {}
+        for asked, reply in zip(conversation[::2], conversation[1::2], strict=True):
+            text = asked["content"] if isinstance(asked["content"], str) else asked["content"][-1]["text"]
+            replies.setdefault(text, []).append(reply["content"])
+        [timeline] = replies.pop(VIDEO_TIMELINE_QUESTION)
+        assert len(replies) == words
+        for question, (plain, reasoned) in ((q, sorted(r, key=len)) for q, r in replies.items()):
+            word = question.removesuffix("?").rsplit(" ", 1)[-1]
+            assert reasoned == f"{timeline}. So {plain}." and final_answer(reasoned) == plain
+            assert timeline_digits(timeline)[word] == plain
 
 
 def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:

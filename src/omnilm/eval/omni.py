@@ -7,7 +7,9 @@ it. Results are given overall, per ``task`` (spoken_qa, text_qa, image_qa, video
 where records have one (image questions: colour, shape, count, digit, position).
 
 :func:`evaluate_video_timeline` answers the video question another way: from the Thinker's own greedy timeline of
-each video ("3 cat, 7, 1 dog, 5 red"), so that what is scored is the time join written out, then read back.
+each video ("3 cat, 7, 1 dog, 5 red"), so that what is scored is the time join written out, then read back;
+:func:`evaluate_video_answers` asks the video question as it is and reads the answer its greedy reply ends with
+(the digit alone, or "… So 1." after the timeline).
 """
 
 from __future__ import annotations
@@ -105,6 +107,22 @@ def greedy_replies(thinker: Any, tokenizer: Any, batch: dict[str, Any], max_new_
     return [tokenizer.decode(reply).strip() for reply in greedy_reply_ids(thinker, tokenizer, batch, max_new_tokens)]
 
 
+def prompt_replies(thinker: Any, tokenizer: Any, prompts: Sequence[list[dict[str, Any]]], root: str | Path,
+                   batch_size: int, max_new_tokens: int) -> list[str]:
+    """The greedy reply to each prompt (a conversation ending with a user turn; media paths under ``root``), in
+    left-padded batches of ``batch_size``."""
+    processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget or MediaBudget(), root)
+    was_training = thinker.training
+    thinker.eval()
+    replies: list[str] = []
+    for begin in range(0, len(prompts), batch_size):
+        batch = processor.collate([processor.encode(p, add_generation_prompt=True)
+                                   for p in prompts[begin:begin + batch_size]], 0, left_pad=True)
+        replies += greedy_replies(thinker, tokenizer, batch, max_new_tokens)
+    thinker.train(was_training)
+    return replies
+
+
 def evaluate_video_timeline(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]], root: str | Path,
                             batch_size: int = 16, max_new_tokens: int = 32) -> dict[str, float]:
     """The video question ("which digit was on screen when the voice said X", ``video_qa`` records) answered from
@@ -114,25 +132,37 @@ def evaluate_video_timeline(thinker: Any, tokenizer: Any, records: Sequence[dict
     names at all."""
     from omnilm.data.synth.omni import VIDEO_TIMELINE_QUESTION
 
-    processor = OmniProcessor(tokenizer, thinker.config, thinker.media_budget or MediaBudget(), root)
     by_video: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for record in records:
         by_video[str(record["video"])].append(record)
-    was_training = thinker.training
-    thinker.eval()
-    right = named = 0
     videos = sorted(by_video)
-    for begin in range(0, len(videos), batch_size):
-        chunk = videos[begin:begin + batch_size]
-        prompts = [[{"role": "user", "content": [by_video[v][0]["messages"][0]["content"][0],
-                                                 {"type": "text", "text": VIDEO_TIMELINE_QUESTION}]}] for v in chunk]
-        batch = processor.collate([processor.encode(p, add_generation_prompt=True) for p in prompts], 0,
-                                  left_pad=True)
-        for video, reply in zip(chunk, greedy_replies(thinker, tokenizer, batch, max_new_tokens), strict=True):
-            digits = timeline_digits(reply)
-            for record in by_video[video]:
-                named += record["word"] in digits
-                right += digits.get(record["word"]) == record["answer"]
-    thinker.train(was_training)
+    prompts = [[{"role": "user", "content": [by_video[v][0]["messages"][0]["content"][0],
+                                             {"type": "text", "text": VIDEO_TIMELINE_QUESTION}]}] for v in videos]
+    right = named = 0
+    for video, reply in zip(videos, prompt_replies(thinker, tokenizer, prompts, root, batch_size, max_new_tokens),
+                            strict=True):
+        digits = timeline_digits(reply)
+        for record in by_video[video]:
+            named += record["word"] in digits
+            right += digits.get(record["word"]) == record["answer"]
     total = max(len(records), 1)
     return {"accuracy": right / total, "timeline_read": named / total, "examples": float(len(records))}
+
+
+def final_answer(reply: str) -> str:
+    """The answer a reply ends with: what follows its last "So " ("3 cat, 7, 1 dog, 5 red. So 1." -> "1"), else the
+    whole reply, without a closing full stop."""
+    return reply.rsplit("So ", 1)[-1].strip().removesuffix(".").strip()
+
+
+def evaluate_video_answers(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]], root: str | Path,
+                           batch_size: int = 16, max_new_tokens: int = 48) -> dict[str, float]:
+    """The video question asked as it is (``video_qa`` records: their user turn), answered greedily: right when the
+    reply's :func:`final_answer` is the record's answer, whether the reply is the digit alone or the timeline first
+    (``video_qa_reasoned``: "3 cat, 7, 1 dog, 5 red. So 1."). ``reasoned`` is the share of replies that write the
+    timeline out first and read the answer off it ("So" in them)."""
+    replies = prompt_replies(thinker, tokenizer, [r["messages"][:1] for r in records], root, batch_size,
+                             max_new_tokens)
+    total = max(len(records), 1)
+    return {"accuracy": sum(final_answer(reply) == r["answer"] for r, reply in zip(records, replies, strict=True))
+            / total, "reasoned": sum("So " in reply for reply in replies) / total, "examples": float(len(records))}

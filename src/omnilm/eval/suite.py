@@ -11,6 +11,8 @@ Types:
                   of ``messages`` with media parts, paths relative to it; ``where``; ``max_examples``)
   ``omni_video_timeline`` the video question (``video_qa`` records of such a file) answered from the Thinker's own
                   greedy timeline of each video, "3 cat, 7, 1 dog, 5 red" (``where``; ``max_examples``)
+  ``omni_video_answer`` the video question asked as it is, scored by the answer its greedy reply ends with (the digit
+                  alone, or "… So 1." after the timeline written out; ``where``; ``max_examples``)
   ``speech_wer``  word error rate of a Thinker's spoken replies (its folder's talker/ and token2wav/), of the
                   recorded replies (the judge's floor) and of their codec round trip (``codec``: the ceiling);
                   latency (``data``: jsonl with ``reply_audio``; ``where``; ``max_examples``)
@@ -117,6 +119,16 @@ def omni_video_timeline_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -
     records = _matching(read_jsonl(spec["data"]), {"task": "video_qa"} | (spec.get("where") or {}))
     return evaluate_video_timeline(model, tokenizer, _limit(records, spec.get("max_examples")),
                                    Path(spec["data"]).parent)
+
+
+@register_eval("omni_video_answer", "accuracy")
+def omni_video_answer_eval(model: Any, tokenizer: Any, spec: dict[str, Any]) -> dict[str, float]:
+    from omnilm.eval.attributes import read_jsonl
+    from omnilm.eval.omni import evaluate_video_answers
+
+    records = _matching(read_jsonl(spec["data"]), {"task": "video_qa"} | (spec.get("where") or {}))
+    return evaluate_video_answers(model, tokenizer, _limit(records, spec.get("max_examples")),
+                                  Path(spec["data"]).parent)
 
 
 @register_eval("speech_wer", "wer")

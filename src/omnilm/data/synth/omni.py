@@ -109,7 +109,13 @@ VIDEO_WORD_AT_QUESTION = "What did the voice say while {digit} was on screen?"
 VIDEO_HEARD_QUESTION = "Did the voice say {word}?"
 #: The video written out in time order, each digit shown, then the word said while it was ("3 cat, 7, 1 dog, 5 red").
 VIDEO_TIMELINE_QUESTION = "What was shown, and what was said while it was?"
-VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits", "video_heard", "video_timeline")
+#: The video question answered by way of the timeline: the time join written out, then the word looked up in it.
+VIDEO_REASONED_ANSWER = "{timeline}. So {digit}."
+VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits", "video_heard", "video_timeline",
+               "video_qa_reasoned")
+#: Recorded videos' questions: the video question keeps its plain answer (what the evaluations compare with), the
+#: reasoned form is drawn with fresh videos (``video_tasks`` of an ``omni_sft`` stage).
+RECORDED_VIDEO_TASKS = tuple(task for task in VIDEO_TASKS if task != "video_qa_reasoned")
 #: What a conversation shows of a video: all of it (frames and narration), the frames alone, the narration alone
 #: (an audio part), the words said written out (:data:`NARRATION_WORDS`: the heard question as a look-up in text), or
 #: its timeline written out (:data:`VIDEO_TIMELINE`: each digit shown, then the word said while it was, if any).
@@ -934,21 +940,26 @@ def compose_video(config: OmniConfig, digits: list[int], said: dict[int, str], c
 def video_questions(video: NarratedVideo, unsaid: list[str] | tuple[str, ...] = (),
                     ) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(task, question, answer, fields) of every question a video answers: for each word said, the digit on screen
-    then (``video_qa``) and the question turned round (``video_word_at``); then its parts asked alone: the words
+    then (``video_qa``), the same question answered by way of the timeline ("3 cat, 7, 1 dog, 5 red. So 1.",
+    ``video_qa_reasoned``) and the question turned round (``video_word_at``); then its parts asked alone: the words
     said in order (``video_words``), the digits shown (``video_digits``) and both in time order (``video_timeline``:
     segment by segment, so a segment's word is the one heard while its digit was shown). Given ``unsaid`` words,
     also whether the voice said each word said ("yes") and each of those ("no") (``video_heard``: finding a word
     among the sounds, which the video question does before it looks at the frames)."""
     questions = []
+    timeline = timeline_text(video)
     for spoken in video.words:
         digit = str(next(t["digit"] for t in video.timeline if t["start"] <= spoken["start"] < t["end"]))
         span = {"word": spoken["word"], "time": [spoken["start"], spoken["end"]]}
-        questions.append(("video_qa", VIDEO_QUESTION.format(word=spoken["word"]), digit, span))
+        question = VIDEO_QUESTION.format(word=spoken["word"])
+        questions.append(("video_qa", question, digit, span))
+        questions.append(("video_qa_reasoned", question, VIDEO_REASONED_ANSWER.format(timeline=timeline, digit=digit),
+                          span))
         questions.append(("video_word_at", VIDEO_WORD_AT_QUESTION.format(digit=digit), spoken["word"], span))
     said_text = " ".join(spoken["word"] for spoken in video.words)
     questions.append(("video_words", VIDEO_WORDS_QUESTION, said_text, {"text": said_text}))
     questions.append(("video_digits", VIDEO_DIGITS_QUESTION, " ".join(str(t["digit"]) for t in video.timeline), {}))
-    questions.append(("video_timeline", VIDEO_TIMELINE_QUESTION, timeline_text(video), {}))
+    questions.append(("video_timeline", VIDEO_TIMELINE_QUESTION, timeline, {}))
     if unsaid:
         heard = [(spoken["word"], "yes") for spoken in video.words] + [(word, "no") for word in unsaid]
         questions += [("video_heard", VIDEO_HEARD_QUESTION.format(word=word), answer, {"word": word})
@@ -1000,7 +1011,7 @@ def build_video(config: OmniConfig, plan: VideoPlan, out: Path, rng: random.Rand
                           {"role": "assistant", "content": answer}],
              "task": task, "split": plan.split, "voice": plan.voice.name, "text": question, "answer": answer,
              **fields, "video": plan.folder, "use_audio_in_video": True}
-            for task, question, answer, fields in video_questions(video)]
+            for task, question, answer, fields in video_questions(video) if task in RECORDED_VIDEO_TASKS]
 
 
 def video_conversation(video: NarratedVideo, rng: random.Random, questions: int,
