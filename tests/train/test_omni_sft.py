@@ -210,12 +210,12 @@ def test_video_question_answered_from_the_thinkers_own_timeline(omni_setup: dict
     assert mixed["accuracy"] == expected / 7
 
 
-def test_final_answer_is_what_follows_the_last_so() -> None:
+def test_final_answer_is_the_last_word_of_a_reply() -> None:
     from omnilm.eval.omni import final_answer
 
-    assert final_answer("3 cat, 7, 1 dog, 5 red. So 1.") == "1"
+    assert final_answer("3 cat, 7, 1 dog, 5 red. So dog: 1.") == "1"
     assert final_answer("7") == "7" and final_answer(" 7. ") == "7"
-    assert final_answer("So 2. So 4.") == "4" and final_answer("So ") == "" and final_answer("") == ""
+    assert final_answer("So dog: 2. So cat: 4.") == "4" and final_answer("So cat:") == "cat:" and final_answer("") == ""
 
 
 def test_video_question_asked_as_it_is_is_scored_by_the_answer_its_reply_ends_with(omni_setup: dict,
@@ -235,13 +235,13 @@ def test_video_question_asked_as_it_is_is_scored_by_the_answer_its_reply_ends_wi
                 "messages": [{"role": "user", "content": [part, {"type": "text", "text": f"Which {word}?"}]},
                              {"role": "assistant", "content": reply}]}
 
-    taught = [question("cat", "3", "3 cat, 7, 1 dog. So 3."), question("dog", "1", "1")]
+    taught = [question("cat", "3", "3 cat, 7, 1 dog. So cat: 3."), question("dog", "1", "1")]
     (folder / "answers.jsonl").write_text("".join(json.dumps(r) + "\n" for r in taught))
     result = run_stage(stage(omni_setup, 40, data={"answers": str(folder / "answers.jsonl")}, lr=1e-2),
                        tmp_path / "run")
     thinker, tokenizer = load_thinker(result.final_dir), Tokenizer.from_dir(result.final_dir)
     replies = prompt_replies(thinker, tokenizer, [r["messages"][:1] for r in taught], folder, 2, 32)
-    assert replies == ["3 cat, 7, 1 dog. So 3.", "1"]
+    assert replies == ["3 cat, 7, 1 dog. So cat: 3.", "1"]
     records = [*taught, question("dog", "7", "7"), question("cat", "7", "7")]
     assert evaluate_video_answers(thinker, tokenizer, records, folder, batch_size=3) == {
         "accuracy": 0.5, "reasoned": 0.5, "examples": 4.0}
@@ -502,8 +502,8 @@ def test_fresh_videos_timeline_pairs_each_digit_with_the_word_heard_while_it_was
 @given(seed=st.integers(0, 1000), words=st.integers(1, 3))
 def test_fresh_videos_reasoned_answer_is_the_timeline_then_the_digit_it_pairs_with_the_word(seed: int,
                                                                                              words: int) -> None:
-    """``video_qa_reasoned``: the video question's reply is the video's timeline, then "So D." where D is the plain
-    ``video_qa`` answer to the same question, the digit the timeline pairs the word with."""
+    """``video_qa_reasoned``: the video question's reply is the video's timeline, then "So WORD: D." where D is the
+    plain ``video_qa`` answer to the same question, the digit the timeline pairs the word with."""
     from omnilm.data.synth.omni import VIDEO_TIMELINE_QUESTION, omni_config
     from omnilm.eval.omni import final_answer, timeline_digits
     from omnilm.train.omni_sft import FreshVideoBatches
@@ -521,7 +521,7 @@ def test_fresh_videos_reasoned_answer_is_the_timeline_then_the_digit_it_pairs_wi
         assert len(replies) == words
         for question, (plain, reasoned) in ((q, sorted(r, key=len)) for q, r in replies.items()):
             word = question.removesuffix("?").rsplit(" ", 1)[-1]
-            assert reasoned == f"{timeline}. So {plain}." and final_answer(reasoned) == plain
+            assert reasoned == f"{timeline}. So {word}: {plain}." and final_answer(reasoned) == plain
             assert timeline_digits(timeline)[word] == plain
 
 

@@ -48,7 +48,8 @@ Options:
                           shown, then the word said while it was, "3 cat, 7, 1 dog, 5 red": the time join written
                           out segment by segment; the video question can be read off the Thinker's own timeline),
                           ``video_qa_reasoned`` (the video question answered by way of the timeline, "3 cat, 7,
-                          1 dog, 5 red. So 1.": the time join written out, then the word looked up in it)
+                          1 dog, 5 red. So dog: 1.": the time join written out, then the word asked about named
+                          again and looked up in it)
 ``silent_videos`` (false) also task ``video_silent``: fresh videos without their sound track asking "Which digits
                           were shown?" (the frames alone: a step costs a third of one with the sound); needs
                           ``fresh_videos`` and a ``task_weights`` entry for ``video_silent``
