@@ -442,6 +442,13 @@ def test_fresh_videos_shown_as_words_sound_or_timeline_answer_what_was_said(seed
         assert len(digit_of) == words and set(digit_of) <= set(names)
         asked = question["text"].removeprefix("Which digit was on screen when the voice said ").removesuffix("?")
         assert conversation[1]["content"] == digit_of[asked]
+    # Answered by way of it (option timeline_lookup): the timeline shown, written again, then the word and its digit.
+    for conversation in draw("timeline", ("video_qa_reasoned",)).next_batch():
+        part, question = conversation[0]["content"]
+        shown = part["text"].removeprefix("Shown, then said: ").removesuffix(".")
+        asked = question["text"].removeprefix("Which digit was on screen when the voice said ").removesuffix("?")
+        digit = next(s.split(" ")[0] for s in shown.split(", ") if s.split(" ")[1:] == [asked])
+        assert conversation[1]["content"] == f"{shown}. So {asked}: {digit}."
     for show in ("words", "sound"):
         for conversation in draw(show).next_batch():
             part, question = conversation[0]["content"]
@@ -586,3 +593,9 @@ def test_one_word_videos_train_as_a_task_of_their_own(omni_setup: dict, tmp_path
     assert heard.status == "complete"
     with pytest.raises(ConfigError, match="heard_sound draw fresh videos"):
         run_stage(videos(heard_sound=True, task_weights={"heard_sound": 1}), tmp_path / "refused-heard")
+    # So is the video question about a timeline written out, answered by way of it.
+    lookup = run_stage(videos(fresh_videos=str(clips / NARRATION_FILE), timeline_lookup=True,
+                              task_weights={"video_qa": 0, "timeline_lookup": 1}), tmp_path / "lookup")
+    assert lookup.status == "complete"
+    with pytest.raises(ConfigError, match="timeline_lookup draw fresh videos"):
+        run_stage(videos(timeline_lookup=True, task_weights={"timeline_lookup": 1}), tmp_path / "refused-lookup")

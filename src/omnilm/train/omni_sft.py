@@ -65,6 +65,11 @@ Options:
                           ``fresh_videos`` and a ``task_weights`` entry for ``heard_words``
 ``heard_sound`` (false)   also task ``heard_sound``: the same question about a fresh narration's sound alone (an
                           audio part, no frames); needs ``fresh_videos`` and a ``task_weights`` entry for it
+``timeline_lookup`` (false) also task ``timeline_lookup``: the video question about a fresh video's timeline written
+                          out ("Shown, then said: 3 cat, 7, 1 dog, 5 red."), answered as ``video_qa_reasoned`` is
+                          ("3 cat, 7, 1 dog, 5 red. So dog: 1."): the look-up in its own text that the reasoned
+                          answer ends with, learnt at the cost of a text step; needs ``fresh_videos`` and a
+                          ``task_weights`` entry for it
 ``video_show`` (video)     what ``video_qa``'s fresh videos show (:data:`omnilm.data.synth.omni.VIDEO_SHOWN`):
                           ``video`` (frames and sound), ``frames``, ``sound``, ``words`` (the words said written
                           out) or ``timeline`` (written out: each digit shown and the word said while it was, "Shown,
@@ -98,13 +103,15 @@ OMNI_OPTIONS = {"audio": {}, "vision": {}, "mrope_section": [], "image_max_pixel
                 "questions_per_image": 4, "exclude_layouts": "", "fresh_videos": "", "questions_per_video": 3,
                 "video_tasks": ["video_qa"], "silent_videos": False, "one_word_videos": False,
                 "video_question_first": False, "video_show": "video", "heard_words": False, "heard_sound": False,
-                "strict": False}
+                "timeline_lookup": False, "strict": False}
 FRESH_IMAGE_TASK = "image_qa"
 FRESH_VIDEO_TASK = "video_qa"
 SILENT_VIDEO_TASK = "video_silent"
 ONE_WORD_VIDEO_TASK = "video_one_word"
-#: "Did the voice say X?" about a fresh narration shown otherwise than as a video: option (and task) -> what is shown.
-HEARD_TASKS = {"heard_words": "words", "heard_sound": "sound"}
+#: Questions about a fresh video shown otherwise than as a video, one question each: option (and task) -> (what is
+#: shown, the question's kind).
+SHOWN_TASKS = {"heard_words": ("words", "video_heard"), "heard_sound": ("sound", "video_heard"),
+               "timeline_lookup": ("timeline", "video_qa_reasoned")}
 
 def starting_thinker(folder: str | Path, options: dict[str, Any], seed: int) -> tuple[nn.Module, Any]:
     """(Thinker, tokenizer) to start from: a thinker folder as it is, or a text model turned into one."""
@@ -412,11 +419,11 @@ def run_omni_sft_stage(config: StageConfig, out_dir: Path, resume: bool) -> Trai
             generated[ONE_WORD_VIDEO_TASK] = fresh_video_source(
                 (dataclasses.replace(settings, words_per_video=1), clips), 1, ("video_qa",), train.batch_size,
                 collate_messages, train.seed, info.rank, question_first=first)
-        for task, show in HEARD_TASKS.items():
+        for task, (show, kind) in SHOWN_TASKS.items():
             if options[task]:  # one question each: asked several, the Thinker learnt to count its yeses
-                generated[task] = fresh_video_source(material, 1, ("video_heard",), train.batch_size,
-                                                     collate_messages, train.seed, info.rank, show=show)
-    elif drawn := [name for name in ("silent_videos", "one_word_videos", *HEARD_TASKS) if options[name]]:
+                generated[task] = fresh_video_source(material, 1, (kind,), train.batch_size, collate_messages,
+                                                     train.seed, info.rank, show=show)
+    elif drawn := [name for name in ("silent_videos", "one_word_videos", *SHOWN_TASKS) if options[name]]:
         raise ConfigError(f"stage {config.name!r}: {', '.join(drawn)} draw fresh videos: they need fresh_videos")
     loader = TaskBatches(tasks, dict(options["task_weights"]), train.batch_size, collate, train.seed, info.rank,
                          info.world_size, generated)
