@@ -31,8 +31,8 @@ def test_omni_smoke_trains_a_thinker_with_evaluations(omni_smoke: Path) -> None:
     # folder is theirs, and the speech stages after them read it).
     timeline = json.loads((omni_smoke / "evals.json").read_text())["videos"]["video_timeline"]
     assert timeline["examples"] > 0 and 0.0 <= timeline["accuracy"] <= 1.0
-    # Then the video question asked as it is, answered by way of the timeline; scored by the reply's last answer.
-    asked = json.loads((omni_smoke / "evals.json").read_text())["video_answers"]["video_qa"]
+    # The video question asked as it is: scored by the answer its greedy reply ends with.
+    asked = json.loads((omni_smoke / "evals.json").read_text())["videos"]["video_qa"]
     assert asked["examples"] > 0 and 0.0 <= asked["reasoned"] <= 1.0
     from omnilm.omni.thinker import read_thinker_config
 
@@ -68,7 +68,7 @@ def test_the_no_videos_preset_leaves_out_the_video_stages_and_nothing_else() -> 
 
     whole, fast = load_recipe("omni", "smoke"), load_recipe("omni", "smoke,no_videos")
     assert list(fast.stages) == list(whole.stages)
-    assert [name for name in whole.stages if name.startswith("video")] == ["video_frames", "videos", "video_answers"]
+    assert [name for name in whole.stages if name.startswith("video")] == ["video_frames", "videos"]
     for name, stage in fast.stages.items():
         expected = whole.stages[name] | ({"skip": True} if name.startswith("video") else {})
         assert stage == expected, name
