@@ -12,7 +12,7 @@ Types:
   ``omni_video_timeline`` the video question (``video_qa`` records of such a file) answered from the Thinker's own
                   greedy timeline of each video, "3 cat, 7, 1 dog, 5 red" (``where``; ``max_examples``)
   ``omni_video_answer`` the video question asked as it is, scored by the answer its greedy reply ends with (the digit
-                  alone, or "… So dog: 1." after the timeline written out; ``where``; ``max_examples``)
+                  alone, or "… So 1." after the timeline written out; ``where``; ``max_examples``)
   ``speech_wer``  word error rate of a Thinker's spoken replies (its folder's talker/ and token2wav/), of the
                   recorded replies (the judge's floor) and of their codec round trip (``codec``: the ceiling);
                   latency (``data``: jsonl with ``reply_audio``; ``where``; ``max_examples``)

@@ -109,8 +109,6 @@ VIDEO_WORD_AT_QUESTION = "What did the voice say while {digit} was on screen?"
 VIDEO_HEARD_QUESTION = "Did the voice say {word}?"
 #: The video written out in time order, each digit shown, then the word said while it was ("3 cat, 7, 1 dog, 5 red").
 VIDEO_TIMELINE_QUESTION = "What was shown, and what was said while it was?"
-#: The video question answered by way of the timeline: the time join written out, then the word looked up in it.
-VIDEO_REASONED_ANSWER = "{timeline}. So {word}: {digit}."
 VIDEO_TASKS = ("video_qa", "video_word_at", "video_words", "video_digits", "video_heard", "video_timeline",
                "video_qa_reasoned")
 #: Recorded videos' questions: the video question keeps its plain answer (what the evaluations compare with), the
@@ -940,13 +938,12 @@ def compose_video(config: OmniConfig, digits: list[int], said: dict[int, str], c
 def video_questions(video: NarratedVideo, unsaid: list[str] | tuple[str, ...] = (),
                     ) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(task, question, answer, fields) of every question a video answers: for each word said, the digit on screen
-    then (``video_qa``), the same question answered by way of the timeline ("3 cat, 7, 1 dog, 5 red. So dog: 1.":
-    the word asked about named again, so that the digit is looked up from it, ``video_qa_reasoned``) and the
-    question turned round (``video_word_at``); then its parts asked alone: the words said in order
-    (``video_words``), the digits shown (``video_digits``) and both in time order (``video_timeline``: segment by
-    segment, so a segment's word is the one heard while its digit was shown). Given ``unsaid`` words, also whether
-    the voice said each word said ("yes") and each of those ("no") (``video_heard``: finding a word among the
-    sounds, which the video question does before it looks at the frames)."""
+    then (``video_qa``), the same question answered by way of the timeline (:func:`reasoned_answer`,
+    ``video_qa_reasoned``) and the question turned round (``video_word_at``); then its parts asked alone: the words
+    said in order (``video_words``), the digits shown (``video_digits``) and both in time order (``video_timeline``:
+    segment by segment, so a segment's word is the one heard while its digit was shown). Given ``unsaid`` words,
+    also whether the voice said each word said ("yes") and each of those ("no") (``video_heard``: finding a word
+    among the sounds, which the video question does before it looks at the frames)."""
     questions = []
     timeline = timeline_text(video)
     for spoken in video.words:
@@ -954,8 +951,7 @@ def video_questions(video: NarratedVideo, unsaid: list[str] | tuple[str, ...] = 
         span = {"word": spoken["word"], "time": [spoken["start"], spoken["end"]]}
         question = VIDEO_QUESTION.format(word=spoken["word"])
         questions.append(("video_qa", question, digit, span))
-        reasoned = VIDEO_REASONED_ANSWER.format(timeline=timeline, word=spoken["word"], digit=digit)
-        questions.append(("video_qa_reasoned", question, reasoned, span))
+        questions.append(("video_qa_reasoned", question, reasoned_answer(video, spoken["word"]), span))
         questions.append(("video_word_at", VIDEO_WORD_AT_QUESTION.format(digit=digit), spoken["word"], span))
     said_text = " ".join(spoken["word"] for spoken in video.words)
     questions.append(("video_words", VIDEO_WORDS_QUESTION, said_text, {"text": said_text}))
@@ -1038,6 +1034,21 @@ def timeline_text(video: NarratedVideo) -> str:
     return ", ".join(" ".join([str(shown["digit"]), *(w["word"] for w in video.words
                                                       if shown["start"] <= w["start"] < shown["end"])])
                      for shown in video.timeline)
+
+
+def reasoned_answer(video: NarratedVideo, word: str) -> str:
+    """The video question about ``word`` answered by way of the timeline: the timeline written out, then its words
+    walked in turn, each with its digit and whether it is the word asked about, up to that one, then its digit:
+    "3 cat, 7, 1 dog, 5 red. 3 cat no, 1 dog yes. So 1." Walking needs no look-up of a word among others (which
+    this tokenizer's words, two or three pieces each, made hard): each step copies the next segment and compares
+    one word with the question's."""
+    walked = []
+    for shown in video.timeline:
+        for said in (w["word"] for w in video.words if shown["start"] <= w["start"] < shown["end"]):
+            walked.append(f"{shown['digit']} {said} {'yes' if said == word else 'no'}")
+            if said == word:
+                return f"{timeline_text(video)}. {', '.join(walked)}. So {shown['digit']}."
+    raise ValueError(f"{word!r} is not said in the video")
 
 
 def shown_part(video: NarratedVideo, show: str) -> dict[str, Any]:
