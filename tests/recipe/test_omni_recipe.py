@@ -68,7 +68,13 @@ def test_the_no_videos_preset_leaves_out_the_video_stages_and_nothing_else() -> 
 
     whole, fast = load_recipe("omni", "smoke"), load_recipe("omni", "smoke,no_videos")
     assert list(fast.stages) == list(whole.stages)
-    assert [name for name in whole.stages if name.startswith("video")] == ["video_frames", "videos"]
+    assert [name for name in whole.stages if name.startswith("video")] == ["video_frames", "videos", "video_answers"]
+    # The direct video question's stage is declared in its place, off unless its preset turns it on.
+    assert whole.stages["video_answers"]["skip"] is True
+    answering = load_recipe("omni", "smoke,video_answers").stages
+    assert answering["video_answers"] == whole.stages["video_answers"] | {"skip": False}
+    assert {n: s for n, s in answering.items() if n != "video_answers"} == {
+        n: s for n, s in whole.stages.items() if n != "video_answers"}
     for name, stage in fast.stages.items():
         expected = whole.stages[name] | ({"skip": True} if name.startswith("video") else {})
         assert stage == expected, name
