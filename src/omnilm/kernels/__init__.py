@@ -4,8 +4,10 @@
 batches) or None where it cannot be built (no C++ compiler, not a CPU build of the headers, ...); callers then
 use their pure-PyTorch reference path, and one line on stderr says why. The build is cached by PyTorch
 (``TORCH_EXTENSIONS_DIR``, by default under ``~/.cache``) under a name that includes a digest of the source and of
-this CPU's model and instruction-set flags, since the code is compiled with ``-march=native``: a cache shared
-with another machine is never loaded on the wrong CPU. ``OMNILM_KERNELS=0`` switches the kernels off.
+this CPU's model and instruction-set flags (the code is compiled with ``-march=native``: a cache shared with
+another machine is never loaded on the wrong CPU) and of the Python and PyTorch versions it was built against.
+A build killed half-way leaves PyTorch's build lock behind, and PyTorch would wait on it forever; a lock older than
+:data:`STALE_LOCK_SECONDS` is removed, with a line on stderr. ``OMNILM_KERNELS=0`` switches the kernels off.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import hashlib
 import os
 import platform
 import sys
+import time
 from functools import cache
 from pathlib import Path
 from types import ModuleType
 
 SOURCE_DIR = Path(__file__).parent
+# A build takes about a minute on a 2-core host; a lock this old was left by a build that was killed.
+STALE_LOCK_SECONDS = 600.0
 
 
 def _cpu_identity() -> str:
@@ -35,15 +40,44 @@ def enabled() -> bool:
     return os.environ.get("OMNILM_KERNELS", "1") != "0"
 
 
+def build_directory(name: str) -> Path:
+    """Where the kernels of ``name`` (``{name}.cpp``) are built and cached: under ``TORCH_EXTENSIONS_DIR`` or
+    PyTorch's default build root, one folder per source, CPU, Python and PyTorch version."""
+    import torch
+    from torch.utils import cpp_extension
+
+    source = SOURCE_DIR / f"{name}.cpp"
+    built_for = f"{_cpu_identity()} {sys.version_info[:2]} {torch.__version__}".encode()
+    digest = hashlib.blake2b(source.read_bytes() + built_for, digest_size=6).hexdigest()
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root()
+    return Path(root) / f"omnilm_{name}_{digest}"
+
+
+def clear_stale_lock(folder: Path, now: float | None = None) -> bool:
+    """Remove the build lock in ``folder`` if it is older than :data:`STALE_LOCK_SECONDS` (left by a killed
+    build: PyTorch's lock has no staleness check); True when one was removed."""
+    lock = folder / "lock"
+    try:
+        age = (time.time() if now is None else now) - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_SECONDS:
+        return False
+    lock.unlink(missing_ok=True)
+    print(f"omnilm: removed a stale kernel build lock ({lock}, {age / 60:.0f} min old)", file=sys.stderr)
+    return True
+
+
 @cache
 def _build(name: str) -> ModuleType | None:
-    source = SOURCE_DIR / f"{name}.cpp"
-    digest = hashlib.blake2b(source.read_bytes() + _cpu_identity().encode(), digest_size=6).hexdigest()
     try:
         from torch.utils import cpp_extension
 
+        folder = build_directory(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        clear_stale_lock(folder)
         return cpp_extension.load(
-            name=f"omnilm_{name}_{digest}", sources=[str(source)],
+            name=folder.name, sources=[str(SOURCE_DIR / f"{name}.cpp")], build_directory=str(folder),
             extra_cflags=["-O3", "-march=native", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as err:  # any build failure leaves the reference path, which is always correct
         reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
