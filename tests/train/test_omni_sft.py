@@ -213,7 +213,7 @@ def test_video_question_answered_from_the_thinkers_own_timeline(omni_setup: dict
 def test_final_answer_is_the_last_word_of_a_reply() -> None:
     from omnilm.eval.omni import final_answer
 
-    assert final_answer("3 cat, 7, 1 dog, 5 red. 3 cat no, 1 dog yes. So 1.") == "1"
+    assert final_answer("3 cat, 7, 1 dog, 5 red. 3 cat, dog? no; 1 dog, dog? yes. So 1.") == "1"
     assert final_answer("7") == "7" and final_answer(" 7. ") == "7"
     assert final_answer("So dog: 2. So cat: 4.") == "4" and final_answer("So cat:") == "cat:" and final_answer("") == ""
 
@@ -449,7 +449,7 @@ def test_fresh_videos_shown_as_words_sound_or_timeline_answer_what_was_said(seed
         asked = question["text"].removeprefix("Which digit was on screen when the voice said ").removesuffix("?")
         digit = next(s.split(" ")[0] for s in shown.split(", ") if s.split(" ")[1:] == [asked])
         assert conversation[1]["content"].startswith(f"{shown}. ") and conversation[1]["content"].endswith(
-            f"{digit} {asked} yes. So {digit}.")
+            f"{digit} {asked}, {asked}? yes. So {digit}.")
     for show in ("words", "sound"):
         for conversation in draw(show).next_batch():
             part, question = conversation[0]["content"]
@@ -511,8 +511,8 @@ def test_fresh_videos_timeline_pairs_each_digit_with_the_word_heard_while_it_was
 def test_fresh_videos_reasoned_answer_is_the_timeline_then_the_digit_it_pairs_with_the_word(seed: int,
                                                                                              words: int) -> None:
     """``video_qa_reasoned``: the video question's reply is the video's timeline, its words walked up to the one
-    asked about ("3 cat no, 1 dog yes"), then "So D." where D is the plain ``video_qa`` answer to the same question,
-    the digit the timeline pairs the word with."""
+    asked about, each beside it ("3 cat, dog? no; 1 dog, dog? yes"), then "So D." where D is the plain ``video_qa``
+    answer to the same question, the digit the timeline pairs the word with."""
     from omnilm.data.synth.omni import VIDEO_TIMELINE_QUESTION, omni_config
     from omnilm.eval.omni import final_answer, timeline_digits
     from omnilm.train.omni_sft import FreshVideoBatches
@@ -535,9 +535,9 @@ def test_fresh_videos_reasoned_answer_is_the_timeline_then_the_digit_it_pairs_wi
             head, walk, tail = reasoned.split(". ")
             assert head == timeline and tail == f"So {plain}."
             said = [(digit, *rest) for digit, *rest in (s.split(" ") for s in timeline.split(", ")) if rest]
-            steps = [step.split(" ") for step in walk.split(", ")]
-            assert steps == [[d, w, "yes" if w == word else "no"] for d, w in said[:len(steps)]]
-            assert steps[-1] == [plain, word, "yes"]
+            steps = [step.replace(",", "").replace("?", "").split(" ") for step in walk.split("; ")]
+            assert steps == [[d, w, word, "yes" if w == word else "no"] for d, w in said[:len(steps)]]
+            assert steps[-1] == [plain, word, word, "yes"]
 
 
 def test_task_batches_mix_fresh_tasks_and_refuse_bad_weights() -> None:

@@ -150,18 +150,18 @@ def evaluate_video_timeline(thinker: Any, tokenizer: Any, records: Sequence[dict
 
 
 def final_answer(reply: str) -> str:
-    """The answer a reply ends with: its last word, without a closing full stop ("3 cat, 7, 1 dog, 5 red. 3 cat no,
-    1 dog yes. So 1." -> "1", "7" -> "7")."""
+    """The answer a reply ends with: its last word, without a closing full stop ("3 cat, 7, 1 dog, 5 red. 3 cat, dog?
+    no; 1 dog, dog? yes. So 1." -> "1", "7" -> "7")."""
     words = reply.split()
     return words[-1].removesuffix(".") if words else ""
 
 
 def evaluate_video_answers(thinker: Any, tokenizer: Any, records: Sequence[dict[str, Any]], root: str | Path,
-                           batch_size: int = 16, max_new_tokens: int = 80) -> dict[str, float]:
+                           batch_size: int = 16, max_new_tokens: int = 96) -> dict[str, float]:
     """The video question asked as it is (``video_qa`` records: their user turn), answered greedily: right when the
     reply's :func:`final_answer` is the record's answer, whether the reply is the digit alone or the timeline first
-    (``video_qa_reasoned``: "3 cat, 7, 1 dog, 5 red. 3 cat no, 1 dog yes. So 1."). ``reasoned`` is the share of
-    replies that write the timeline out first and read the answer off it ("So" in them)."""
+    (``video_qa_reasoned``: "3 cat, 7, 1 dog, 5 red. 3 cat, dog? no; 1 dog, dog? yes. So 1."). ``reasoned`` is the
+    share of replies that write the timeline out first and read the answer off it ("So" in them)."""
     replies = prompt_replies(thinker, tokenizer, [r["messages"][:1] for r in records], root, batch_size,
                              max_new_tokens)
     total = max(len(records), 1)

@@ -48,8 +48,8 @@ Options:
                           shown, then the word said while it was, "3 cat, 7, 1 dog, 5 red": the time join written
                           out segment by segment; the video question can be read off the Thinker's own timeline),
                           ``video_qa_reasoned`` (the video question answered by way of the timeline, "3 cat, 7,
-                          1 dog, 5 red. 3 cat no, 1 dog yes. So 1.": the time join written out, then its words
-                          walked up to the one asked about)
+                          1 dog, 5 red. 3 cat, dog? no; 1 dog, dog? yes. So 1.": the time join written out, then
+                          its words walked up to the one asked about, each beside it)
 ``silent_videos`` (false) also task ``video_silent``: fresh videos without their sound track asking "Which digits
                           were shown?" (the frames alone: a step costs a third of one with the sound); needs
                           ``fresh_videos`` and a ``task_weights`` entry for ``video_silent``
@@ -67,8 +67,8 @@ Options:
                           audio part, no frames); needs ``fresh_videos`` and a ``task_weights`` entry for it
 ``timeline_lookup`` (false) also task ``timeline_lookup``: the video question about a fresh video's timeline written
                           out ("Shown, then said: 3 cat, 7, 1 dog, 5 red."), answered as ``video_qa_reasoned`` is
-                          ("3 cat, 7, 1 dog, 5 red. 3 cat no, 1 dog yes. So 1."): the walk through its own text
-                          that the reasoned answer ends with, learnt at the cost of a text step; needs
+                          ("3 cat, 7, 1 dog, 5 red. 3 cat, dog? no; 1 dog, dog? yes. So 1."): the walk through
+                          its own text that the reasoned answer ends with, learnt at the cost of a text step; needs
                           ``fresh_videos`` and a ``task_weights`` entry for it
 ``video_show`` (video)     what ``video_qa``'s fresh videos show (:data:`omnilm.data.synth.omni.VIDEO_SHOWN`):
                           ``video`` (frames and sound), ``frames``, ``sound``, ``words`` (the words said written

@@ -1038,16 +1038,18 @@ def timeline_text(video: NarratedVideo) -> str:
 
 def reasoned_answer(video: NarratedVideo, word: str) -> str:
     """The video question about ``word`` answered by way of the timeline: the timeline written out, then its words
-    walked in turn, each with its digit and whether it is the word asked about, up to that one, then its digit:
-    "3 cat, 7, 1 dog, 5 red. 3 cat no, 1 dog yes. So 1." Walking needs no look-up of a word among others (which
-    this tokenizer's words, two or three pieces each, made hard): each step copies the next segment and compares
-    one word with the question's."""
+    walked in turn, each with its digit and, beside it, the word asked about and whether they are the same, up to
+    that one, then its digit: "3 cat, 7, 1 dog, 5 red. 3 cat, dog? no; 1 dog, dog? yes. So 1." Walking needs no
+    look-up of a word among others (which this tokenizer's words, two or three pieces each, made hard), and the word
+    asked about is written again beside each word it is compared with: in a video every word is also in the sound,
+    whose tokens are trained to resemble the words' own, so a comparison with the question's far-off word went
+    wrong there (right 0.72 of the time after a right timeline, against 0.97 on timelines given as text)."""
     walked = []
     for shown in video.timeline:
         for said in (w["word"] for w in video.words if shown["start"] <= w["start"] < shown["end"]):
-            walked.append(f"{shown['digit']} {said} {'yes' if said == word else 'no'}")
+            walked.append(f"{shown['digit']} {said}, {word}? {'yes' if said == word else 'no'}")
             if said == word:
-                return f"{timeline_text(video)}. {', '.join(walked)}. So {shown['digit']}."
+                return f"{timeline_text(video)}. {'; '.join(walked)}. So {shown['digit']}."
     raise ValueError(f"{word!r} is not said in the video")
 
 
