@@ -31,9 +31,12 @@ def test_omni_smoke_trains_a_thinker_with_evaluations(omni_smoke: Path) -> None:
     # folder is theirs, and the speech stages after them read it).
     timeline = json.loads((omni_smoke / "evals.json").read_text())["videos"]["video_timeline"]
     assert timeline["examples"] > 0 and 0.0 <= timeline["accuracy"] <= 1.0
-    # The video question asked as it is: scored by the answer its greedy reply ends with.
-    asked = json.loads((omni_smoke / "evals.json").read_text())["videos"]["video_qa"]
-    assert asked["examples"] > 0 and 0.0 <= asked["reasoned"] <= 1.0
+    # The video question asked as it is: scored by the answer its greedy reply ends with, after `videos` (digits
+    # alone) and after `video_answers` (by way of the timeline), whose Thinker is the published one.
+    for stage in ("videos", "video_answers"):
+        asked = json.loads((omni_smoke / "evals.json").read_text())[stage]["video_qa"]
+        assert asked["examples"] > 0 and 0.0 <= asked["reasoned"] <= 1.0
+    assert json.loads((omni_smoke / "talker" / "stage.json").read_text())["upstream"]["stage video_answers"]
     from omnilm.omni.thinker import read_thinker_config
 
     assert read_thinker_config(omni_smoke / "final").text.mrope_section == (8, 4, 4)
@@ -69,12 +72,7 @@ def test_the_no_videos_preset_leaves_out_the_video_stages_and_nothing_else() -> 
     whole, fast = load_recipe("omni", "smoke"), load_recipe("omni", "smoke,no_videos")
     assert list(fast.stages) == list(whole.stages)
     assert [name for name in whole.stages if name.startswith("video")] == ["video_frames", "videos", "video_answers"]
-    # The direct video question's stage is declared in its place, off unless its preset turns it on.
-    assert whole.stages["video_answers"]["skip"] is True
-    answering = load_recipe("omni", "smoke,video_answers").stages
-    assert answering["video_answers"] == whole.stages["video_answers"] | {"skip": False}
-    assert {n: s for n, s in answering.items() if n != "video_answers"} == {
-        n: s for n, s in whole.stages.items() if n != "video_answers"}
+    assert "skip" not in whole.stages["video_answers"]
     for name, stage in fast.stages.items():
         expected = whole.stages[name] | ({"skip": True} if name.startswith("video") else {})
         assert stage == expected, name
