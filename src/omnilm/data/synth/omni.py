@@ -1041,9 +1041,9 @@ def reasoned_answer(video: NarratedVideo, word: str) -> str:
     walked in turn, each with its digit and, beside it, the word asked about and whether they are the same, up to
     that one, then its digit: "3 cat, 7, 1 dog, 5 red. 3 cat, dog? no; 1 dog, dog? yes. So 1." Walking needs no
     look-up of a word among others (which this tokenizer's words, two or three pieces each, made hard), and the word
-    asked about is written again beside each word it is compared with: in a video every word is also in the sound,
-    whose tokens are trained to resemble the words' own, so a comparison with the question's far-off word went
-    wrong there (right 0.72 of the time after a right timeline, against 0.97 on timelines given as text)."""
+    asked about is written again beside each word it is compared with: in videos a comparison with the question's
+    far-off word went wrong (right 0.72 of the time after a right timeline, against 0.97 on timelines given as
+    text), presumably because every word is also in the sound, whose tokens are trained to resemble the words'."""
     walked = []
     for shown in video.timeline:
         for said in (w["word"] for w in video.words if shown["start"] <= w["start"] < shown["end"]):
