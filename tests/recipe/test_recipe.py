@@ -226,6 +226,21 @@ def test_skipped_stage_is_left_out_and_the_next_continues_from_the_one_before(ti
     assert trained(lines) == ["c"] and "[b] already complete (2 steps), skipped" in lines
 
 
+def test_a_preset_leaves_out_jobs_and_evaluations_with_skip(tiny_run: Path, tmp_path: Path) -> None:
+    run = copy_run(tiny_run, tmp_path)
+    val = {"type": "val_loss", "data": "tokens", "seq_len": 16, "batch_size": 2, "batches": 2}
+    spare = {"job": "tokenizer", "data": ["bios/train.jsonl"], "vocab_size": 280, "skip": True}
+    lines = run_logged(tiny_recipe(prepare={"spare": spare},
+                                   stages={"a": {"evals": {"val": val, "off": val | {"skip": True}}}}), run)
+    assert "[spare] skip: true, not run" in lines and not (run / "spare").exists()
+    assert trained(lines) == []  # the other jobs and every stage are still current
+    assert set(evaluated(lines).values()) == {"evaluating 1 eval set(s)"}
+    assert all(set(results) == {"val"} for results in json.loads((run / "evals.json").read_text()).values())
+    # turned on, the job runs and is read by nothing, so no stage changes
+    lines = run_logged(tiny_recipe(prepare={"spare": spare | {"skip": False}}), run)
+    assert trained(lines) == ["spare"] and (run / "spare" / "tokenizer.json").is_file()
+
+
 def test_unfinished_stage_with_a_changed_config_starts_afresh(tiny_run: Path, tmp_path: Path) -> None:
     import shutil
 

@@ -18,7 +18,8 @@ presets:            # deep-merged over the recipe by `omnilm run --preset NAME`
 Relative paths inside a recipe are relative to the run folder. Jobs and stages are mappings keyed by name so
 that presets can reach into them. A preset's new stage would come last; a stage that must run between others
 only in some presets is declared in its place with ``skip: true`` (left out of the run, its evaluations too)
-and the preset sets ``skip: false``.
+and the preset sets ``skip: false``. A preset leaves out a job, a stage or an evaluation the same way, by
+setting its ``skip: true``.
 """
 
 from __future__ import annotations
