@@ -76,3 +76,22 @@ def test_the_no_videos_preset_leaves_out_the_video_stages_and_nothing_else() -> 
     for name, stage in fast.stages.items():
         expected = whole.stages[name] | ({"skip": True} if name.startswith("video") else {})
         assert stage == expected, name
+
+
+def test_the_quick_preset_trains_a_thinker_that_hears_and_sees_without_the_speech_out_part(
+        tmp_path: Path) -> None:
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng (Debian package) is not installed; .ci/run installs it")
+    out = tmp_path / "quick"
+    assert main(["run", "omni", "--preset", "quick,smoke", "--out", str(out)]) == 0
+    # No assistant voice, no codec, none of the stages after `omni`; the published folder is the omni stage's.
+    assert (out / "media" / "speech.jsonl").read_text() == ""
+    assert not (out / "codec").exists()
+    evals = json.loads((out / "evals.json").read_text())
+    assert list(evals) == ["pretrain", "sft", "encoders", "omni"]
+    assert set(evals["omni"]) == {"qa_trained", "spoken_qa", "text_qa", "image_qa"}
+    assert all(evals["omni"][name]["examples"] > 0 for name in evals["omni"])
+    from omnilm.model.hf import read_hf_tensors
+
+    published, omni = read_hf_tensors(out / "final"), read_hf_tensors(out / "omni" / "final")
+    assert published.keys() == omni.keys() and all(torch.equal(published[k], omni[k]) for k in omni)

@@ -459,7 +459,7 @@ def _on_grid(samples: np.ndarray) -> np.ndarray:
 def assemble_replies(config: OmniConfig, records: list[dict[str, Any]], out: Path) -> None:
     """Write the word-by-word reply of each record (its words' clips on the 20 ms grid, ``word_gap`` apart) and
     set its ``reply_words`` timings; a reply already written is read back for its timings' sake only."""
-    if not config.reply_word_timing:
+    if not config.reply_word_timing or not records:  # no assistant voice: nothing to assemble
         return
     voice = parse_voice(config.reply_voice)
     silence = {span: np.zeros(round(span / WORD_GRID) * round(WORD_GRID * SAMPLE_RATE), dtype=np.float32)
