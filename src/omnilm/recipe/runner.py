@@ -195,10 +195,10 @@ def run_recipe(recipe: Recipe, out_dir: str | Path, log: Any = print) -> dict[st
     # Output folder and fingerprint of every job and stage so far: what later ones may read.
     producers: dict[str, tuple[Path, str]] = {}
     for name, job in recipe.prepare.items():
-        if job.get("skip", False):  # a job only some presets need (e.g. the speech codec without the Talker)
+        job = dict(job)
+        if job.pop("skip", False):  # a job only some presets need (e.g. the speech codec without the Talker)
             log(f"[{name}] skip: true, not run")
             continue
-        job = {key: value for key, value in job.items() if key != "skip"}
         upstream = upstream_of(job_inputs(job, root), producers)
         summary["jobs"][name], job_fingerprint = run_job(name, job, root, log, upstream)
         producers[f"job {name}"] = (job_out(name, job, root).resolve(), job_fingerprint)
