@@ -12,6 +12,7 @@ from omnilm.objectives.chunked_ce import IGNORE_INDEX, linear_cross_entropy
 from omnilm.objectives.lm import causal_lm_loss, masked_lm_loss
 
 REL = 1e-6
+ULPS = 4  # the roundings in a row on the way to one gradient entry: exp, sum, divide, subtract
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -48,16 +49,18 @@ def test_chunked_loss_and_gradients_equal_the_plain_path(tokens, d, vocab, chunk
     exact = F.cross_entropy(exact_inputs[0] @ exact_inputs[1].T, targets, ignore_index=IGNORE_INDEX,
                             reduction=reduction)
     exact_grads = torch.autograd.grad(exact * upstream, exact_inputs)
-    # ours is no farther from the float64 truth than the plain path, plus 1e-6 of the truth, plus one float32
-    # ulp of the magnitudes summed (where the gradient is a difference of near-equal sums, as with a 1-wide
-    # hidden state, that floor is far above the result and no float32 path can do better).
+    # ours is no farther from the float64 truth than the plain path, plus 1e-6 of the truth, plus a few float32
+    # ulps of the magnitudes summed (where a result is a difference of near-equal terms, as the gradient of a
+    # confident prediction, softmax − 1, or of a 1-wide hidden state, that floor is far above the result and
+    # no float32 path can do better; which path rounds luckier then is chance: the plain path was seen 3×
+    # closer on one input and ours 10× on another, with a median ratio of 1.0 over 400 confident inputs).
     scales = rounding_scales(*(x.detach() for x in exact_inputs), targets, reduction, upstream)
     for a, b, c, scale in zip((ours, *ours_grads), (plain, *plain_grads), (exact, *exact_grads), scales,
                               strict=True):
         assert a.dtype == b.dtype == torch.float32
         c = c.detach()
         error, plain_error = (float((x.detach().double() - c).norm()) for x in (a, b))
-        bound = REL * float(c.norm()) + plain_error + torch.finfo(torch.float32).eps * float(scale.norm())
+        bound = REL * float(c.norm()) + plain_error + ULPS * torch.finfo(torch.float32).eps * float(scale.norm())
         assert error <= bound, (error, plain_error, bound)
 
 
@@ -68,7 +71,8 @@ def rounding_scales(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     logits = hidden @ weight.T
     safe = torch.where(valid, targets, 0)
     loss_terms = (logits.logsumexp(1).abs() + logits.gather(1, safe[:, None]).squeeze(1).abs()) * valid
-    per_logit = (logits.softmax(1) - F.one_hot(safe, weight.shape[0]).double()).abs() * valid[:, None]
+    # softmax − one_hot is a subtraction: its rounding is relative to the operands, softmax + one_hot
+    per_logit = (logits.softmax(1) + F.one_hot(safe, weight.shape[0]).double()) * valid[:, None]
     divisor = valid.sum() if reduction == "mean" else 1
     per_logit = per_logit * upstream / divisor
     return loss_terms.sum() / divisor, per_logit @ weight.abs(), per_logit.T @ hidden.abs()

@@ -106,3 +106,38 @@ def test_a_longer_prefix_unfreezes_part_of_a_frozen_module() -> None:
     block = {n for n, _ in model.named_parameters() if n.startswith("blocks.1.")}
     assert block and {n for n in block if n.startswith("blocks.1.attn.")} == trainable & block
     assert any(n.startswith("blocks.0.") for n in trainable)
+
+
+def test_a_batch_that_reaches_only_frozen_modules_is_a_clear_error(tmp_path: Path) -> None:
+    """A model part frozen for good (the decoder) and a batch whose loss passes through it alone: the trainer names
+    the cause instead of autograd's "element 0 of tensors does not require grad"."""
+    import pytest
+
+    from omnilm.objectives.lm import causal_lm_loss
+    from omnilm.train.trainer import Trainer
+
+    class WithAdapter(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.decoder = small_model("llama", vocab_size=64)
+            self.adapter = torch.nn.Linear(4, 4)  # trains, but this objective never reaches it
+
+        def forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: ANN003
+            return self.decoder(ids, **kwargs)
+
+    class Batches:
+        def next_batch(self):  # noqa: ANN202
+            return torch.randint(0, 64, (2, 9))
+
+        def state_dict(self):  # noqa: ANN202
+            return {}
+
+        def load_state_dict(self, state):  # noqa: ANN001, ANN202
+            pass
+
+    model = WithAdapter()
+    config = TrainConfig(max_steps=1, lr=1e-3, batch_size=2, seq_len=8, progress=False, device="cpu",
+                         frozen_until={"decoder": -1})
+    trainer = Trainer(model, causal_lm_loss, Batches(), config, tmp_path)
+    with pytest.raises(RuntimeError, match="reaches no trainable parameter.*frozen_until: {'decoder': -1}"):
+        trainer.train_step()

@@ -288,6 +288,11 @@ class Trainer:
                 with sync:
                     with self._autocast():
                         share, extra = self._micro_loss(model, batch, scales)
+                    if not share.requires_grad:  # else autograd's "element 0 of tensors does not require grad"
+                        raise RuntimeError(
+                            f"step {self.step}: this batch's loss reaches no trainable parameter; every module it "
+                            f"passes through is frozen (train.frozen_until: {self.config.frozen_until}). Unfreeze "
+                            "a module on its path or give the batch's task no weight")
                     share.backward()
             shares.append(share.detach().float())
             for key, value in extra.items():
