@@ -18,9 +18,9 @@ test: venv
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q $(if $(SLOW),,-m "not slow")
 
+## Lint only: the code is laid out by hand (compact, 120 columns), not by a formatter.
 lint: venv
 	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
 
 bench: venv
 	$(PY) benchmarks/decode.py
