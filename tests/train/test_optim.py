@@ -7,6 +7,22 @@ from omnilm.train.config import TrainConfig
 from omnilm.train.optim import build_optimizer, decay_groups, freeze_modules
 
 
+class SameBatch:
+    """A batch source giving the same token ids at every step (nothing to save for resume)."""
+
+    def __init__(self, tokens: torch.Tensor) -> None:
+        self.tokens = tokens
+
+    def next_batch(self) -> torch.Tensor:
+        return self.tokens
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
 def test_weight_decay_only_on_matrices(family):
     model = small_model(family, vocab_size=64)
     decay, no_decay = decay_groups(model)
@@ -54,20 +70,10 @@ def test_lr_scale_and_frozen_modules_in_a_real_training_run(tmp_path):
     start = {k: v.clone() for k, v in model.state_dict().items()}
     tokens = torch.randint(0, 64, (4, 17))
 
-    class Batches:
-        def next_batch(self):  # noqa: ANN202
-            return tokens
-
-        def state_dict(self):  # noqa: ANN202
-            return {}
-
-        def load_state_dict(self, state):  # noqa: ANN001, ANN202
-            pass
-
     config = TrainConfig(max_steps=5, lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0, grad_clip=0,
                          batch_size=4, seq_len=16, log_every=1, progress=False, device="cpu",
                          frozen_until={"blocks.0": 3, "blocks.1.mlp": -1}, lr_scale={"blocks.1.attn": 0.5})
-    trainer = Trainer(model, causal_lm_loss, Batches(), config, tmp_path)
+    trainer = Trainer(model, causal_lm_loss, SameBatch(tokens), config, tmp_path)
     moved = []
     for _ in range(5):
         before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -125,19 +131,9 @@ def test_a_batch_that_reaches_only_frozen_modules_is_a_clear_error(tmp_path: Pat
         def forward(self, ids: torch.Tensor, **kwargs) -> torch.Tensor:  # noqa: ANN003
             return self.decoder(ids, **kwargs)
 
-    class Batches:
-        def next_batch(self):  # noqa: ANN202
-            return torch.randint(0, 64, (2, 9))
-
-        def state_dict(self):  # noqa: ANN202
-            return {}
-
-        def load_state_dict(self, state):  # noqa: ANN001, ANN202
-            pass
-
     model = WithAdapter()
     config = TrainConfig(max_steps=1, lr=1e-3, batch_size=2, seq_len=8, progress=False, device="cpu",
                          frozen_until={"decoder": -1})
-    trainer = Trainer(model, causal_lm_loss, Batches(), config, tmp_path)
+    trainer = Trainer(model, causal_lm_loss, SameBatch(torch.randint(0, 64, (2, 9))), config, tmp_path)
     with pytest.raises(RuntimeError, match="reaches no trainable parameter.*frozen_until: {'decoder': -1}"):
         trainer.train_step()
